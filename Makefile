@@ -1,0 +1,33 @@
+# `make test` and `make demo` set up everything they need in a local .venv.
+# TORCH_SPEC: the CPU wheel that lies on this disk (CI); a GPU user with their own torch can pass TORCH_SPEC=torch.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test demo venv lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(PY) setup.py
+	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m llama_adapter demo
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,149 @@
+"""`adapter_attention`: the public op (DESIGN §3), its input checks and backend dispatch.
+
+    o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av
+
+Backends: "triton" (fused kernels, `llama_adapter.ops`), "reference" (plain PyTorch, `llama_adapter.reference`),
+and "auto" (Triton for CUDA tensors and under TRITON_INTERPRET=1, else the reference). "sdpa" and "eager"
+(`llama_adapter.baselines`) are what other implementations do; benchmarks compare against them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+BACKENDS = ("auto", "triton", "reference", "sdpa", "eager")
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_backend = "auto"
+
+
+def set_attention_backend(name: str) -> None:
+    """Choose how `adapter_attention` computes: "auto", "triton", "reference", "sdpa" or "eager"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_attention_backend() -> str:
+    return _backend
+
+
+def resolve_backend(device: torch.device) -> str:
+    """The backend a call on `device` runs on now ("auto" resolved)."""
+    if _backend != "auto":
+        return _backend
+    if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton"
+    return "reference"
+
+
+def _shape(t) -> str:
+    return "None" if t is None else str(tuple(t.shape))
+
+
+def check_inputs(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None):
+    """Validate the op's inputs (DESIGN §3) and return sm_scale as a float. Raises TypeError / ValueError."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must have shape (B, Hq, Nq, D), got {_shape(q)}")
+    B, Hq, Nq, D = q.shape
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() != 4 or t.shape[0] != B or t.shape[3] != D:
+            raise ValueError(f"{name} must have shape (B={B}, Hkv, Nk, D={D}), got {_shape(t)}")
+    if k.shape != v.shape:
+        raise ValueError(f"v must have the shape of k {_shape(k)}, got {_shape(v)}")
+    Hkv, Nk = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(f"k heads must divide q heads (Hq={Hq}), got Hkv={Hkv}")
+    if Nq < 1 or Nk < 1 or B < 1:
+        raise ValueError(f"q and k need B, Nq, Nk >= 1, got q {_shape(q)}, k {_shape(k)}")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"head dim D must be a power of two from 16 to 256, got D={D} (q {_shape(q)})")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+    if (adapter_k is None) != (adapter_v is None):
+        raise ValueError("adapter_k and adapter_v must be given together (or both None)")
+    if adapter_k is not None:
+        if gate is None:
+            raise ValueError(f"gate of shape ({Hq},) or ({B}, {Hq}) is required with adapter_k / adapter_v")
+        for name, t in (("adapter_k", adapter_k), ("adapter_v", adapter_v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() == 3:
+                ok = t.shape[0] == Hkv and t.shape[2] == D
+            elif t.dim() == 4:
+                ok = t.shape[0] == B and t.shape[1] == Hkv and t.shape[3] == D
+            else:
+                ok = False
+            if not ok or t.shape[-2] < 1:
+                raise ValueError(
+                    f"{name} must have shape (Hkv={Hkv}, Ka, D={D}) or (B={B}, Hkv={Hkv}, Ka, D={D}), got {_shape(t)}"
+                )
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        if adapter_k.shape != adapter_v.shape:
+            raise ValueError(f"adapter_v must have the shape of adapter_k {_shape(adapter_k)}, got {_shape(adapter_v)}")
+    if gate is not None:
+        if adapter_k is None:
+            raise ValueError("gate was given without adapter_k / adapter_v")
+        if not isinstance(gate, torch.Tensor):
+            raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
+        if not gate.is_floating_point():
+            raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
+        if tuple(gate.shape) not in ((Hq,), (B, Hq)):
+            raise ValueError(f"gate must have shape (Hq={Hq},) or (B={B}, Hq={Hq}), got {_shape(gate)}")
+        if gate.device != q.device:
+            raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
+    if kv_lens is not None:
+        if not isinstance(kv_lens, torch.Tensor):
+            raise TypeError(f"kv_lens must be a torch.Tensor of shape ({B},), got {type(kv_lens).__name__}")
+        if kv_lens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"kv_lens must be int32 (or int64) of shape ({B},), got {kv_lens.dtype}")
+        if tuple(kv_lens.shape) != (B,):
+            raise ValueError(f"kv_lens must have shape (B={B},), got {_shape(kv_lens)}")
+        if kv_lens.device != q.device:
+            raise ValueError(f"kv_lens must be on q's device {q.device}, got {kv_lens.device}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if sm_scale is None:
+        return 1.0 / math.sqrt(D)
+    sm_scale = float(sm_scale)
+    if not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+    return sm_scale
+
+
+def adapter_attention(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None):
+    """Causal softmax attention over words plus a separately softmaxed, gated prompt attention.
+
+    q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D);
+    gate (Hq,) or (B, Hq), effective values (gate_act already applied). causal aligns bottom-right: query i
+    sees keys j <= i + Nk - Nq (with kv_lens, Nk is kv_lens[b] and keys j >= kv_lens[b] are ignored).
+    A query that sees no word key gets zero word output. Returns (B, Hq, Nq, D) in q's dtype.
+    """
+    scale = check_inputs(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens)
+    backend = resolve_backend(q.device)
+    if backend == "triton":
+        if q.dtype == torch.float64:
+            raise TypeError("float64 inputs run on the reference backend only; the Triton kernels take fp16/bf16/fp32")
+        from llama_adapter.ops import fused_adapter_attention as impl
+    elif backend == "reference":
+        from llama_adapter.reference import adapter_attention as impl
+    elif backend == "sdpa":
+        from llama_adapter.baselines import sdpa_adapter_attention as impl
+    else:
+        from llama_adapter.baselines import eager_adapter_attention as impl
+    return impl(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=scale, kv_lens=kv_lens)
