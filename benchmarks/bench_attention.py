@@ -1,0 +1,306 @@
+"""Gated prompt attention, provider against provider: fused kernels vs what users run today.
+
+Providers (all compute o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av, DESIGN §1):
+  fused               ours: llama_adapter.ops, words and prompt in one pass
+  fused_noprompt      ours with no prompt (Ka = 0): the floor the prompt's cost is measured against
+  sdpa_adapter        torch SDPA on its default backend for the words + a second SDPA for the prompt (PEFT, litgpt)
+  sdpa_flash_adapter  the same, SDPA forced to its FlashAttention-2 backend
+  eager               the official LLaMA-Adapter math: N^2 scores, fp32 softmax
+  flex                FlexAttention (compiled) for the words + the prompt as matmuls in the same compiled graph;
+                      the two softmaxes are separate, so the outputs merge as a gated sum (no LSE merge needed)
+
+Modes fwd (no autograd), bwd (backward from a kept graph), fwd+bwd. Shapes: B * N = --tokens at every N, so each
+size does the same projections' worth of work, and H = --hidden / D. TFLOP/s = 4*B*H*N^2*D (x0.5 causal; bwd
+2.5x, fwd+bwd 3.5x), the prompt's 4*B*H*N*Ka*D not counted. Median of do_bench; inputs rotate over enough
+sets to exceed twice the L2 cache. Peak memory is one call's, inputs included.
+
+    python -m benchmarks.bench_attention --quick          # gpu_suite: bf16, D=128, N 512..16384
+    python -m benchmarks.bench_attention --providers fused,sdpa_adapter --modes fwd --seqlens 1024,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import time
+from collections import defaultdict
+
+import torch
+
+from benchmarks.common import (
+    DTYPES,
+    HAS_CUDA,
+    Budget,
+    Results,
+    add_common_args,
+    attention_flops,
+    describe_error,
+    free_memory,
+    int_list,
+    is_fatal,
+    is_oom,
+    log,
+    maybe_plot,
+    peak_memory_mb,
+    reset_peak_memory,
+    str_list,
+    time_ms,
+)
+
+PROVIDERS = ("fused", "fused_noprompt", "sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+class Unavailable(Exception):
+    """This provider cannot run here (no CUDA, torch too old); the message becomes the rows' error."""
+
+
+def sdpa_choice(q, k, v, causal: bool) -> str:
+    """The backend torch SDPA picks for these inputs, read from its dispatcher (private API: best effort)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v, is_causal=causal)).name
+    except Exception:
+        return "default"
+
+
+def make_provider(name: str, *, causal: bool, scale: float):
+    """fn(q, k, v, ak, av, g) -> out, and a label for the row's `backend`."""
+    kw = dict(causal=causal, sm_scale=scale, kv_lens=None)
+    if name in ("fused", "fused_noprompt"):
+        from llama_adapter.ops import fused_adapter_attention
+
+        if name == "fused":
+            return (lambda q, k, v, ak, av, g: fused_adapter_attention(q, k, v, ak, av, g, **kw)), "triton"
+        return (lambda q, k, v, ak, av, g: fused_adapter_attention(q, k, v, None, None, None, **kw)), "triton"
+    if name == "eager":
+        from llama_adapter.baselines import eager_adapter_attention
+
+        return (lambda q, k, v, ak, av, g: eager_adapter_attention(q, k, v, ak, av, g, **kw)), "eager"
+    if name == "sdpa_adapter":
+        from llama_adapter.baselines import sdpa_adapter_attention
+
+        return (lambda q, k, v, ak, av, g: sdpa_adapter_attention(q, k, v, ak, av, g, **kw)), "sdpa"
+    if name == "sdpa_flash_adapter":
+        if not HAS_CUDA:
+            raise Unavailable("skipped: SDPA's FlashAttention backend needs CUDA")
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from llama_adapter.baselines import sdpa_adapter_attention
+
+        def flash(q, k, v, ak, av, g):
+            # the backward kernel is fixed by the forward's choice, so the context need not cover backward
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                return sdpa_adapter_attention(q, k, v, ak, av, g, **kw)
+
+        return flash, "sdpa:FLASH_ATTENTION"
+    if name == "flex":
+        return make_flex(causal=causal, scale=scale), "flex(compiled)"
+    raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
+
+
+def make_flex(*, causal: bool, scale: float):
+    if not HAS_CUDA:
+        raise Unavailable("skipped: FlexAttention is only compiled on CUDA here (CPU inductor too slow for a smoke)")
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        raise Unavailable(f"skipped: torch {torch.__version__} has no FlexAttention") from None
+
+    def words_and_prompt(q, k, v, ak, av, g, block_mask):
+        groups = q.shape[1] // k.shape[1]
+        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
+        # Ka ~ 10 keys would be padded to a 128-key block in flex: plain matmuls, fused by inductor instead.
+        ak, av = ak.repeat_interleave(groups, 0), av.repeat_interleave(groups, 0)  # (Hq, Ka, D)
+        probs = torch.softmax((q @ ak.transpose(-1, -2)).float() * scale, dim=-1).to(q.dtype)
+        return out + g.to(q.dtype).view(1, -1, 1, 1) * (probs @ av)
+
+    compiled = torch.compile(words_and_prompt, dynamic=False)
+    masks = {}
+
+    def flex(q, k, v, ak, av, g):
+        Nq, Nk = q.shape[2], k.shape[2]
+        if causal and (Nq, Nk) not in masks:
+
+            def bottom_right(b, h, q_idx, kv_idx):
+                return kv_idx <= q_idx + (Nk - Nq)
+
+            masks[Nq, Nk] = create_block_mask(bottom_right, None, None, Nq, Nk, device=q.device)
+        return compiled(q, k, v, ak, av, g, masks.get((Nq, Nk)))
+
+    return flex
+
+
+def make_inputs(seed, *, B, H, Hkv, N, D, Ka, dtype, grad, device):
+    """(q, k, v, ak, av, g, do): prompt shared by the batch, gate per head, nonzero everywhere."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+        return t.to(dtype).requires_grad_(grad)
+
+    q, k, v = rand(B, H, N, D), rand(B, Hkv, N, D), rand(B, Hkv, N, D)
+    ak, av = rand(Hkv, Ka, D), rand(Hkv, Ka, D)
+    g = rand(H, scale=0.5)
+    return q, k, v, ak, av, g, rand(B, H, N, D).detach()
+
+
+def measure(fn, mode: str, make_set, *, l2_bytes: int, warmup_ms: float, rep_ms: float) -> dict:
+    """ms (median) and peak_mem_mb for one provider/mode/shape. Input sets rotate to defeat the L2 cache."""
+
+    def fwd_bwd(s):
+        return torch.autograd.grad(fn(*s[:6]), s[:6], s[6], allow_unused=True)
+
+    def fwd(s):
+        with torch.no_grad():
+            return fn(*s[:6])
+
+    step = fwd if mode == "fwd" else fwd_bwd
+    first = make_set(0)
+    reset_peak_memory()
+    step(first)  # also the warm-up that compiles / autotunes
+    peak = peak_memory_mb()
+    set_bytes = sum(t.numel() * t.element_size() for t in first) * (1 if mode == "fwd" else 2)
+    n_sets = min(4, max(1, math.ceil(2 * l2_bytes / set_bytes))) if l2_bytes else 1
+    sets = [first] + [make_set(i) for i in range(1, n_sets)]
+    order = itertools.cycle(range(n_sets))
+    if mode == "bwd":
+        outs = [fn(*s[:6]) for s in sets]
+
+        def call():
+            i = next(order)
+            torch.autograd.grad(outs[i], sets[i][:6], sets[i][6], retain_graph=True, allow_unused=True)
+
+    else:
+
+        def call():
+            step(sets[next(order)])
+
+    return {"ms": time_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms), "peak_mem_mb": peak, "input_sets": n_sets}
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    """CPU: a tiny fp32 smoke (interpreter); --quick: gpu_suite's subset; else the full sweep."""
+    if args.quick:
+        sweep = dict(dtypes="bf16", head_dims="128", seqlens="512,1024,2048,4096,8192,16384", rep_ms=50, warmup_ms=10)
+    elif HAS_CUDA:
+        sweep = dict(dtypes="bf16,fp16", head_dims="64,128", seqlens="256,512,1024,2048,4096,8192,16384")
+    else:
+        sweep = dict(dtypes="fp32", head_dims="16", seqlens="16,32", tokens=32, hidden=32, rep_ms=1, warmup_ms=1)
+    for key, value in {"tokens": 16384, "hidden": 4096, "rep_ms": 100, "warmup_ms": 25, **sweep}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
+def run(args: argparse.Namespace) -> Results:
+    fill_defaults(args)
+    results = Results("attention", args.out, args)
+    dev = results.device
+    device = "cuda" if HAS_CUDA else "cpu"
+    budget = Budget(args.budget)
+    spent = defaultdict(float)  # provider -> seconds used
+    oom_at = {}  # (provider, mode, dtype, D) -> smallest N that ran out of memory
+    providers = {}
+    fatal = None
+    causal = not args.non_causal
+    log(f"attention on {dev.name}: torch {torch.__version__}, results -> {results.path}")
+    for dtype_name, D, N in itertools.product(str_list(args.dtypes), int_list(args.head_dims), int_list(args.seqlens)):
+        H = args.heads or max(1, args.hidden // D)
+        Hkv = max(1, H // args.kv_groups)
+        B = max(1, args.tokens // N)
+        for provider, mode in itertools.product(str_list(args.providers), str_list(args.modes)):
+            Ka = 0 if provider == "fused_noprompt" else args.ka
+            row = dict(provider=provider, mode=mode, dtype=dtype_name, B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=Ka)
+            row.update(causal=causal, ms=None, tflops=None, peak_mem_mb=None, backend=None, error=None)
+            if provider not in providers:
+                try:
+                    providers[provider] = make_provider(provider, causal=causal, scale=D**-0.5)
+                except Exception as exc:  # Unavailable, or the fused ops not importable
+                    providers[provider] = str(exc) if isinstance(exc, Unavailable) else describe_error(exc)
+            key = (provider, mode, dtype_name, D)
+            if fatal:
+                row["error"] = f"skipped: CUDA context lost earlier ({fatal})"
+            elif isinstance(providers[provider], str):
+                row["error"] = providers[provider]
+            elif budget.expired():
+                row["error"] = "skipped: time budget"
+            elif spent[provider] > args.provider_budget:
+                row["error"] = f"skipped: provider time budget ({args.provider_budget:.0f} s) used"
+            elif key in oom_at and N > oom_at[key]:
+                row["error"] = f"skipped: OOM at N={oom_at[key]}"
+            elif dtype_name == "bf16" and not HAS_CUDA and provider.startswith("fused"):
+                row["error"] = "skipped: the interpreter has no bf16 arithmetic"
+            else:
+                fn, row["backend"] = providers[provider]
+                started = time.monotonic()
+                shape = dict(B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=args.ka, dtype=DTYPES[dtype_name], device=device)
+
+                def make_set(seed, shape=shape, mode=mode):
+                    return make_inputs(seed, **shape, grad=mode != "fwd")
+
+                try:
+                    if provider == "sdpa_adapter":
+                        q, k, v = make_set(0)[:3]
+                        row["backend"] = f"sdpa:{sdpa_choice(q, k, v, causal)}"
+                        del q, k, v
+                    row.update(measure(fn, mode, make_set, l2_bytes=dev.l2_bytes, warmup_ms=args.warmup_ms,
+                                       rep_ms=args.rep_ms))  # fmt: skip
+                except Exception as exc:
+                    row["error"] = describe_error(exc)
+                free_memory()
+                spent[provider] += time.monotonic() - started
+                if is_oom(row["error"]):
+                    oom_at[key] = min(N, oom_at.get(key, N))
+                if is_fatal(row["error"]):
+                    fatal = row["error"][:120]
+            if row["ms"]:
+                tflops = attention_flops(B, H, N, N, D, causal=causal, mode=mode) / (row["ms"] * 1e-3) / 1e12
+                row["tflops"] = round(tflops, 2)
+                if dev.peak_tflops:
+                    row["pct_peak"] = round(100 * tflops / dev.peak_tflops, 1)
+                if dev.measured_tflops:
+                    row["pct_measured"] = round(100 * tflops / dev.measured_tflops, 1)
+            results.add(row)
+            log(format_row(row))
+    maybe_plot(results, args)
+    return results
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['provider']:>18} {row['mode']:>7} {row['dtype']} D={row['D']} N={row['N']:>5} B={row['B']:>3}"
+    if row["error"]:
+        return f"{head}: {row['error']}"
+    mem = f" peak {row['peak_mem_mb']:.0f} MiB" if row["peak_mem_mb"] is not None else ""
+    return f"{head}: {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s{mem} [{row['backend']}]"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--dtypes", default=None, help="bf16,fp16,fp32")
+    p.add_argument("--head-dims", default=None, help="e.g. 64,128")
+    p.add_argument("--seqlens", default=None, help="e.g. 256,1024,4096,16384")
+    p.add_argument("--tokens", type=int, default=None, help="B * N at every N (default 16384)")
+    p.add_argument("--hidden", type=int, default=None, help="H = hidden / D (default 4096, LLaMA-7B)")
+    p.add_argument("--heads", type=int, default=None, help="query heads (overrides --hidden)")
+    p.add_argument("--kv-groups", type=int, default=1, help="query heads per KV head (GQA); 1 = MHA")
+    p.add_argument("--ka", type=int, default=10, help="prompt length")
+    p.add_argument("--non-causal", action="store_true")
+    p.add_argument("--quick", action="store_true", help="bf16, D=128, N 512..16384 (gpu_suite.sh)")
+    p.add_argument("--warmup-ms", type=float, default=None)
+    p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--provider-budget", type=float, default=60.0, help="seconds per provider, then skipped")
+    add_common_args(p, budget=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,154 @@
+"""Greedy decoding of a 7B-shaped LLaMA with the adapter after a 512-token prompt, at batch 1 and 16.
+
+Random weights on the device (no download); `llama_adapter.generation.generate` with its static KV cache.
+Each decoding step is timestamped through generate's `callback` (every step ends in a host sync when the
+tokens are read), so prefill and per-token decode latency come from one call. Rows: prefill ms, ms per
+decoded token (median step), tokens/s (B / step), and achieved GB/s:
+
+    bytes per step = weight bytes (all but the embedding table, of which B rows are read)
+                   + KV-cache bytes read: 2 * n_layers * B * Hkv * D * (prompt + tokens so far) * element size
+
+against the device's memory bandwidth (H100 SXM 3.35 TB/s). Achieved GB/s near the bandwidth means the
+decode is memory-bound as it should be; far under means launch or host overhead.
+
+    python -m benchmarks.bench_generate                      # 7B, prompt 512, batches 1,16, triton and sdpa
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import (
+    DTYPES,
+    HAS_CUDA,
+    Budget,
+    Results,
+    add_common_args,
+    build_model,
+    describe_error,
+    free_memory,
+    int_list,
+    is_fatal,
+    log,
+    maybe_plot,
+    peak_memory_mb,
+    reset_peak_memory,
+    str_list,
+    synchronize,
+)
+from benchmarks.bench_finetune import PROVIDER
+
+
+def timed_generate(model, prompts, new_tokens: int) -> list[float]:
+    """Seconds from the call to each step's tokens: [prefill + first token, then one per decoded token]."""
+    from llama_adapter.generation import generate
+
+    stamps = []
+    synchronize()
+    start = time.perf_counter()
+    out = generate(model, prompts, new_tokens, temperature=0.0, callback=lambda step: stamps.append(time.perf_counter()))
+    if any(len(row) != new_tokens for row in out):
+        raise RuntimeError(f"generate returned {[len(r) for r in out]} tokens per row, expected {new_tokens}")
+    return [t - start for t in stamps]
+
+
+def decode_bytes(model, B: int, context: float) -> float:
+    """Bytes one decoding step must read: weights once, the KV cache of `context` positions per row."""
+    p = model.params
+    weights = sum(w.numel() * w.element_size() for name, w in model.named_parameters() if "tok_embeddings" not in name)
+    elem = model.tok_embeddings.weight.element_size()
+    return weights + 2 * p.n_layers * B * p.n_kv_heads * p.head_dim * context * elem
+
+
+def run(args: argparse.Namespace) -> Results:
+    from llama_adapter.attention import set_attention_backend
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    size = args.model or ("7B" if HAS_CUDA else "tiny")
+    prompt_len = args.prompt or (512 if HAS_CUDA else 8)
+    new_tokens = args.new_tokens or (64 if HAS_CUDA else 4)
+    dtype = DTYPES[args.dtype or ("bf16" if HAS_CUDA else "fp32")]
+    results = Results("generate", args.out, args)
+    dev = results.device
+    budget = Budget(args.budget)
+    log(f"generate on {dev.name}: {size} prompt={prompt_len} new={new_tokens} -> {results.path}")
+    base = dict(model=size, dtype=str(dtype).removeprefix("torch."), prompt_len=prompt_len, new_tokens=new_tokens)
+    model = None
+    try:
+        model = build_model(size, layers=args.layers, seq=prompt_len + new_tokens, device=device, dtype=dtype)
+        base["layers"] = model.params.n_layers
+    except Exception as exc:
+        build_error = f"model build failed: {describe_error(exc)}"
+    fatal = None
+    gen = torch.Generator().manual_seed(0)
+    for backend in str_list(args.backends):
+        for B in int_list(args.batches or "1,16"):
+            row = {**base, "provider": PROVIDER.get(backend, backend), "backend": backend, "B": B, "error": None}
+            row.update(ms_per_token=None, tokens_per_s=None)
+            if model is None:
+                row["error"] = build_error
+            elif fatal:
+                row["error"] = f"skipped: CUDA context lost earlier ({fatal})"
+            elif budget.expired():
+                row["error"] = "skipped: time budget"
+            else:
+                set_attention_backend(backend)
+                vocab = model.params.vocab_size
+                prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(B)]
+                try:
+                    timed_generate(model, prompts, 2)  # warm-up: compiles / autotunes prefill and decode
+                    reset_peak_memory()
+                    stamps = timed_generate(model, prompts, new_tokens)
+                    row["peak_mem_mb"] = peak_memory_mb()
+                except Exception as exc:
+                    row["error"] = describe_error(exc)
+                if not row["error"]:
+                    steps = [b - a for a, b in zip(stamps, stamps[1:])]
+                    step = statistics.median(steps)
+                    context = prompt_len + new_tokens / 2
+                    gbs = decode_bytes(model, B, context) / step / 1e9
+                    row.update(prefill_ms=round(stamps[0] * 1e3, 3), ms_per_token=round(step * 1e3, 3),
+                               tokens_per_s=round(B / step, 1), gb_per_s=round(gbs, 1))  # fmt: skip
+                    if dev.bandwidth_gbs:
+                        row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
+                free_memory()
+                fatal = row["error"][:120] if is_fatal(row["error"]) else None
+            results.add(row)
+            log(format_row(row))
+    set_attention_backend("auto")
+    maybe_plot(results, args)
+    return results
+
+
+def format_row(row: dict) -> str:
+    head = f"{row['provider']:>14} B={row['B']:>3}"
+    if row["error"]:
+        return f"{head}: {row['error']}"
+    return (f"{head}: prefill {row['prefill_ms']:.1f} ms, {row['ms_per_token']:.2f} ms/token, "
+            f"{row['tokens_per_s']:.1f} tokens/s, {row['gb_per_s']:.0f} GB/s")  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="triton,sdpa", help="attention backends (set_attention_backend)")
+    p.add_argument("--model", default=None, help="ModelArgs.from_name size (default 7B; 'tiny' on the CPU)")
+    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
+    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512)")
+    p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64)")
+    p.add_argument("--batches", default=None, help="batch sizes (default 1,16)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    add_common_args(p, budget=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    run(parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One call on a lent GPU, under 8 minutes on an H100: install, GPU tests, the three benchmarks, a summary LAST.
+#
+#   bash benchmarks/gpu_suite.sh            # the device tool sets $OUT; elsewhere it defaults to results/suite
+#
+# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 450); a failing step
+# never stops the next. The benchmarks write each row as it is measured, so a killed step keeps its rows.
+# $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3 and results.tar.gz (PNGs, JSONs,
+# per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
+set -uo pipefail
+shopt -s nullglob
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+PY=${PYTHON:-python3}
+[[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY
+OUT=${OUT:-$ROOT/benchmarks/results/suite}
+BUDGET=${SUITE_BUDGET:-450}
+RESULTS=${RESULTS_DIR:-$ROOT/benchmarks/results}
+LOGS=$(mktemp -d)/logs
+START=$SECONDS
+mkdir -p "$OUT" "$RESULTS" "$LOGS"
+
+# A step's timeout: its own cap, or what is left of the budget after a reserve for the summary, whichever is less.
+cap() {
+  local left=$((BUDGET - (SECONDS - START) - 25))
+  if ((left < $1)); then echo $((left > 15 ? left : 15)); else echo "$1"; fi
+}
+
+# step NAME SECONDS CMD...: run under timeout, log to $LOGS/NAME.log, report rc and elapsed time.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: timeout ${limit}s, t=$((SECONDS - START))s ==="
+  timeout -k 10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  local rc=${PIPESTATUS[0]} note=""
+  ((rc == 124 || rc == 137)) && note=" (timed out)"
+  echo "=== $name: rc=$rc$note, t=$((SECONDS - START))s ==="
+  printf '%-10s rc=%s%s, done at t=%ss\n' "$name" "$rc" "$note" "$((SECONDS - START))" >>"$LOGS/steps.txt"
+}
+
+# kernels/ must import as llama_adapter.kernels: an editable install maps it (setup.py package_dir); where pip
+# cannot, a symlink inside this (throw-away) copy of the tree does, removed again on exit.
+install() {
+  if (cd /tmp && "$PY" -c "import llama_adapter.kernels" 2>/dev/null); then
+    echo "installed already: $(cd /tmp && "$PY" -c "import llama_adapter; print(llama_adapter.__file__)")"
+  elif "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . &&
+    (cd /tmp && "$PY" -c "import llama_adapter.kernels"); then
+    echo "installed: pip editable"
+  elif [ ! -e llama_adapter/kernels ]; then
+    ln -s ../kernels llama_adapter/kernels
+    trap 'rm -f "$ROOT/llama_adapter/kernels"' EXIT
+    echo "installed: symlink llama_adapter/kernels -> ../kernels"
+  fi
+  "$PY" -c "import llama_adapter.kernels, llama_adapter.ops; print('llama_adapter.ops imports')"
+}
+
+main() {
+  nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu --format=csv || true
+  "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  install
+
+  local timeout_flag=()
+  "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
+  step pytest "$(cap 100)" "$PY" -m pytest -m gpu -q -rfE --durations=5 -p no:cacheprovider "${timeout_flag[@]}"
+
+  # without CUDA (a dry run of this script) every benchmark falls back to its tiny CPU sizes
+  local quick=()
+  "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && quick=(--quick)
+  local lim
+  lim=$(cap 170)
+  step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget $((lim - 25))
+  lim=$(cap 100)
+  step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget $((lim - 25))
+  lim=$(cap 70)
+  step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget $((lim - 20))
+
+  local dev
+  dev=$("$PY" -c "from benchmarks.common import device_info; print(device_info().slug)")
+  local jsons=()
+  for bench in attention finetune generate; do
+    [ -f "$RESULTS/$bench-$dev.json" ] && jsons+=("$RESULTS/$bench-$dev.json")
+  done
+  if ((${#jsons[@]})); then
+    timeout 60 "$PY" -m benchmarks.plot "${jsons[@]}" >"$LOGS/plot.log" 2>&1 || echo "plot failed: see plot.log"
+    timeout 30 "$PY" -m benchmarks.plot --summary-only "${jsons[@]}" >"$OUT/summary.md" 2>>"$LOGS/plot.log"
+    cp "${jsons[@]}" "$OUT/"
+  else
+    echo "no results were written" >"$OUT/summary.md"
+  fi
+  (cd "$RESULTS" && tar -czf "$OUT/results.tar.gz" -- *-"$dev".json *-"$dev"*.png -C "${LOGS%/logs}" logs)
+  echo "=== done in $((SECONDS - START))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
+  echo
+  cat "$LOGS/steps.txt"
+  echo
+  cat "$OUT/summary.md"
+}
+
+main 2>&1 | tee "$OUT/suite.log"

@@ -1,0 +1,156 @@
+"""What the attention launchers share: interpreter detection, dot precision, block sizes and autotune tables.
+
+Autotune configs are (BLOCK_M, BLOCK_N, num_warps, num_stages) tuples chosen per head dim and GPU generation
+(sm80 = A100, sm90 = H100) and filtered by an estimate of the kernel's shared memory, so a config that cannot
+launch on the chip never reaches the autotuner. Under TRITON_INTERPRET=1 there is one small config (16 x 16):
+the interpreter runs each program in numpy, and small blocks still exercise the multi-block code paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Shared memory per block (opt-in maximum) by compute capability; other chips ask the driver.
+SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}
+INTERPRETER_BLOCK = 16
+# Tests set this so every launcher output starts as NaN and an element a kernel forgets to write shows up.
+POISON_OUTPUTS = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A kernel output buffer: uninitialised, or NaN-filled under POISON_OUTPUTS."""
+    if POISON_OUTPUTS:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch's TF32 switch on the GPU; the interpreter (numpy) only does IEEE."""
+    if dtype == torch.float32 and not interpreting() and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def prompt_block(n_prompt: int) -> int:
+    """Prompt keys handled per inner step. Ka = 10 (the paper) fits one 16-wide block; longer prompts loop."""
+    cap = INTERPRETER_BLOCK if interpreting() else 64
+    return min(max(16, triton.next_power_of_2(n_prompt)), cap)
+
+
+def size_bucket(n: int) -> int:
+    """Autotune key for a sequence length: the next power of two, so nearby lengths reuse one tuning."""
+    return max(16, triton.next_power_of_2(n))
+
+
+def device_arch(device: torch.device) -> tuple[int, int]:
+    """(config table: 80 or 90, shared memory bytes) for a CUDA device."""
+    major, minor = torch.cuda.get_device_capability(device)
+    arch = 90 if major >= 9 else 80
+    smem = SMEM_BYTES.get(10 * major + minor)
+    if smem is None:
+        smem = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return arch, smem
+
+
+def fitting_configs(table, head_dim: int, arch: int, smem_estimate, smem_bytes: int | None = None) -> list[tuple]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples of `table[arch][head_dim]` whose estimated shared memory
+    (`smem_estimate(block_m, block_n, head_dim, num_stages)`, 2-byte elements) fits the chip; never empty."""
+    limit = SMEM_BYTES[arch] if smem_bytes is None else smem_bytes
+    entries = table[arch][head_dim]
+    return [c for c in entries if smem_estimate(c[0], c[1], head_dim, c[3]) <= limit] or [min(entries)]
+
+
+def select_configs(table, head_dim: int, arch: int, smem_bytes: int, smem_estimate) -> list[triton.Config]:
+    """The autotune list: the fitting configs on a GPU, one small config under the interpreter."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": INTERPRETER_BLOCK, "BLOCK_N": INTERPRETER_BLOCK}, num_warps=4, num_stages=1)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in fitting_configs(table, head_dim, arch, smem_estimate, smem_bytes)
+    ]
+
+
+def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+    """One entry of a kernel module's `compile_specs()`: enough for triton.compile(ASTSource(...)) without a GPU.
+
+    Pointer arguments get `pointers[name]` ("*fp16", ...), `floats` are fp32 scalars, constexprs "constexpr"
+    (their values in `constexprs`, keyed by name), every other argument an i32.
+    """
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg in pointers:
+            signature[arg] = pointers[arg]
+        else:
+            signature[arg] = "fp32" if arg in floats else "i32"
+    missing = set(pointers) - set(fn.arg_names)
+    if missing:
+        raise ValueError(f"compile_spec for {name}: {sorted(missing)} are not arguments of {fn.__name__}")
+    return dict(name=name, fn=fn, signature=signature, constexprs=dict(constexprs), num_warps=num_warps,
+                num_stages=num_stages)
+
+
+SPEC_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+SPEC_HEAD_DIMS = (64, 128, 256)
+
+
+def prompt_strides(adapter: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(batch, head, key, dim) strides of a (Hkv, Ka, D) or (B, Hkv, Ka, D) prompt; batch stride 0 when shared."""
+    if adapter is None:
+        return 0, 0, 0, 0
+    if adapter.dim() == 3:
+        return (0, *adapter.stride())
+    return tuple(adapter.stride())
+
+
+def gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
+    """(batch, head) strides of a (Hq,) or (B, Hq) gate; batch stride 0 when shared."""
+    if gate is None:
+        return 0, 0
+    if gate.dim() == 1:
+        return 0, gate.stride(0)
+    return gate.stride(0), gate.stride(1)
+
+
+# ---- device helpers shared by the forward and backward kernels (inlined by Triton) ----
+
+@triton.jit
+def visible_key_range(start_m, Nq, L, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows start_m .. start_m + BLOCK_M - 1 over L valid keys: (end of the key blocks every row sees
+    whole, end of the keys any row sees). Causal rows see j <= i + L - Nq (bottom-right); the first bound is
+    rounded down to a block so the blocks before it need no mask."""
+    if CAUSAL:
+        shift = L - Nq
+        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + shift, 0), L)
+        full = tl.minimum(tl.maximum(start_m + shift + 1, 0), L)
+    else:
+        hi = L
+        full = L
+    return full // BLOCK_N * BLOCK_N, hi
+
+
+@triton.jit
+def load_tile(base, offs_rows, offs_cols, stride_rows, stride_cols, n_rows, ROW_MASK: tl.constexpr):
+    """A (rows, cols) tile; rows >= n_rows read as zero when ROW_MASK (zeros contribute nothing downstream)."""
+    ptrs = base + offs_rows[:, None] * stride_rows + offs_cols[None, :] * stride_cols
+    if ROW_MASK:
+        return tl.load(ptrs, mask=offs_rows[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def load_tile_t(base, offs_rows, offs_cols, stride_rows, stride_cols, n_rows, ROW_MASK: tl.constexpr):
+    """The transposed (cols, rows) tile of `load_tile`, read straight from memory (no register transpose)."""
+    ptrs = base + offs_rows[None, :] * stride_rows + offs_cols[:, None] * stride_cols
+    if ROW_MASK:
+        return tl.load(ptrs, mask=offs_rows[None, :] < n_rows, other=0.0)
+    return tl.load(ptrs)

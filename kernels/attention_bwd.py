@@ -1,0 +1,472 @@
+"""Backward kernels for gated prompt attention (forward in `attention_fwd`; DESIGN §1 has the math).
+
+With P, A the word and prompt probabilities (recomputed from the saved log2 log-sum-exps), s = sm_scale:
+
+    preprocess (per query block):  O_a recomputed (Ka is tiny), delta_a = rowsum(do * O_a),
+                                   D_w = rowsum(do * o) - g delta_a       (= do . O_w, NOT do . o)
+    dK/dV (per key block):         dv = sum P^T do,  dk = s sum dS^T q,  dS = P (do v^T - D_w); the loop runs
+                                   over the query heads of the GQA group and the query blocks that see the keys
+    dQ (per query block):          dq = s (dS k + dA ak),  dA = g A (do av^T - delta_a); the same program
+                                   writes its partial prompt gradients dak = s dA^T q, dav = g A^T do
+                                   into its own slot of an fp32 buffer
+    torch afterwards:              partials summed over query blocks, the GQA group and (shared prompt) the
+                                   batch; dgate = sum over rows of delta_a. No atomics: two runs give bitwise
+                                   equal gradients.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (
+    SPEC_DTYPES,
+    SPEC_HEAD_DIMS,
+    compile_spec,
+    device_arch,
+    fitting_configs,
+    dot_precision,
+    gate_strides,
+    interpreting,
+    load_tile,
+    load_tile_t,
+    prompt_block,
+    prompt_strides,
+    select_configs,
+    size_bucket,
+    visible_key_range,
+)
+
+LOG2E = 1.4426950408889634
+PREPROCESS_BLOCK_M = 64  # launched with Triton's defaults: 4 warps, 3 stages
+
+
+@triton.jit
+def adapter_attention_bwd_preprocess_kernel(
+    Q, AK, AV, Gate, Out, DO, LseA, DeltaW, DeltaA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_akb, stride_akh, stride_akn, stride_akd,
+    stride_avb, stride_avh, stride_avn, stride_avd,
+    stride_gb, stride_gh,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    Hq, GROUP, Nq, Ka, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Nq
+    o = load_tile(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, Nq, True)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Nq, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_PROMPT:
+        hk = h // GROUP
+        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
+        q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, True)
+        lse_a = tl.load(LseA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+        ak_base = AK + b * stride_akb + hk * stride_akh
+        av_base = AV + b * stride_avb + hk * stride_avh
+        o_a = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        for start_a in range(0, Ka, BLOCK_A):
+            offs_a = start_a + tl.arange(0, BLOCK_A)
+            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)
+            av = load_tile(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
+            a = tl.math.exp2(tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale - lse_a[:, None])
+            a = tl.where(offs_a[None, :] < Ka, a, 0.0)
+            # fp32 on purpose: dgate sums delta_a over every row, so its error must not carry an fp16 rounding
+            # of A per row; with Ka ~ 10 this dot is a sliver of the kernel's work.
+            o_a += tl.dot(a, av.to(tl.float32), input_precision=DOT_PREC)
+        delta_a = tl.sum(o_a * do.to(tl.float32), 1)
+        delta -= g * delta_a
+        tl.store(DeltaA + pid_bh * Nq + offs_m, delta_a, mask=row_ok)
+    tl.store(DeltaW + pid_bh * Nq + offs_m, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
+    offs_n, offs_d, lo, hi, Nq, L, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Accumulate one key block's dk, dv over query blocks lo .. hi of one query head. Query rows >= Nq read as
+    zero (q = do = 0) and so add nothing."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Nq
+        q_t = load_tile_t(q_base, offs_m, offs_d, stride_qm, stride_qd, Nq, True)  # (D, BLOCK_M)
+        do = load_tile(do_base, offs_m, offs_d, stride_dom, stride_dod, Nq, True)  # (BLOCK_M, D)
+        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
+        dw = tl.load(dw_base + offs_m, mask=row_ok, other=0.0)
+        p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+        if MASKED:
+            visible = offs_n[:, None] < L
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= offs_m[None, :] + shift)
+            p_t = tl.where(visible, p_t, 0.0)
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+        ds_t = p_t * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - dw[None, :])
+        dk += tl.dot(ds_t.to(q_t.dtype), tl.trans(q_t), input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def adapter_attention_bwd_dkdv_kernel(
+    Q, K, V, DO, LseW, DeltaW, KVLens, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    Hq, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale,
+    NQ_KEY, NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hkv
+    hk = pid_bh % Hkv
+    start_n = pid_n * BLOCK_N
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Nk, True)
+    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Nk, True)
+    if HAS_KVLENS:
+        L = tl.load(KVLens + b).to(tl.int32)
+    else:
+        L = Nk
+    shift = L - Nq
+    # Query blocks [lo, mid) need the mask, [mid, Nq) see every key of this block.
+    n_rows = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
+    if CAUSAL:
+        lo = tl.minimum(tl.maximum(start_n - shift, 0), Nq) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), Nq), BLOCK_M) * BLOCK_M
+    else:
+        lo = 0
+        mid = 0
+    mid = tl.where(start_n + BLOCK_N > L, n_rows, mid)  # keys past L in this block: mask everywhere
+    lo = tl.where(start_n >= L, n_rows, lo)  # no valid key at all: dk = dv = 0
+    mid = tl.maximum(mid, lo)
+
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    for j in range(0, GROUP):
+        h = hk * GROUP + j
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_base = LseW + (b * Hq + h) * Nq
+        dw_base = DeltaW + (b * Hq + h) * Nq
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, lo, mid, Nq, L, shift, qk_scale, True, CAUSAL, BLOCK_M, DOT_PREC,
+        )  # fmt: skip
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
+            offs_n, offs_d, mid, Nq, Nq, L, shift, qk_scale, False, CAUSAL, BLOCK_M, DOT_PREC,
+        )  # fmt: skip
+    col_ok = offs_n[:, None] < Nk
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, lo, hi, L, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dS k (unscaled) of one query block over key blocks lo .. hi."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
+        v_t = load_tile_t(v_base, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)  # (D, BLOCK_N)
+        p = tl.math.exp2(tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale - lse[:, None])
+        if MASKED:
+            visible = offs_n[None, :] < L
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            p = tl.where(visible, p, 0.0)
+        ds = p * (tl.dot(do, v_t, input_precision=DOT_PREC) - dw[:, None])
+        dq += tl.dot(ds.to(k_t.dtype), tl.trans(k_t), input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def adapter_attention_bwd_dq_kernel(
+    Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, DQ, DAK, DAV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_akb, stride_akh, stride_akn, stride_akd,
+    stride_avb, stride_avh, stride_avn, stride_avd,
+    stride_gb, stride_gh,
+    stride_dob, stride_doh, stride_dom, stride_dod,
+    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+    Hq, GROUP, Nq, Nk, Ka, N_SLOTS, qk_scale, sm_scale,
+    NQ_KEY, NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Nq
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, True)
+    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Nq, True)
+    lse = tl.load(LseW + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+    dw = tl.load(DeltaW + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+    if HAS_KVLENS:
+        L = tl.load(KVLens + b).to(tl.int32)
+    else:
+        L = Nk
+    shift = L - Nq
+    full, hi = visible_key_range(start_m, Nq, L, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq = _dq_blocks(
+        dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq = _dq_blocks(
+        dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    dq = dq * sm_scale
+
+    if HAS_PROMPT:
+        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
+        lse_a = tl.load(LseA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+        delta_a = tl.load(DeltaA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+        ak_base = AK + b * stride_akb + hk * stride_akh
+        av_base = AV + b * stride_avb + hk * stride_avh
+        slot = (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM  # this program's (Ka, D) partials
+        for start_a in range(0, Ka, BLOCK_A):
+            offs_a = start_a + tl.arange(0, BLOCK_A)
+            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
+            av_t = load_tile_t(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
+            a = tl.math.exp2(tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale - lse_a[:, None])
+            a = tl.where(offs_a[None, :] < Ka, a, 0.0)  # (BLOCK_M, BLOCK_A)
+            da = g * a * (tl.dot(do, av_t, input_precision=DOT_PREC) - delta_a[:, None])
+            dq += sm_scale * tl.dot(da.to(ak_t.dtype), tl.trans(ak_t), input_precision=DOT_PREC)
+            dak = sm_scale * tl.dot(tl.trans(da).to(q.dtype), q, input_precision=DOT_PREC)  # (BLOCK_A, D)
+            dav = g * tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PREC)
+            part = slot + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(DAK + part, dak, mask=offs_a[:, None] < Ka)
+            tl.store(DAV + part, dav, mask=offs_a[:, None] < Ka)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; BLOCK_M is the query block, BLOCK_N the key block.
+DKDV_CONFIGS = {
+    80: {
+        16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        128: [(32, 128, 8, 3), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 2)],
+        256: [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+    },
+    90: {
+        16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
+        128: [(32, 128, 8, 3), (64, 64, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
+        256: [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+    },
+}
+DQ_CONFIGS = {
+    80: {
+        16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3), (128, 64, 8, 2)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)],
+    },
+    90: {
+        16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
+        128: [(128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)],
+    },
+}
+
+
+def dkdv_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
+    """k, v tiles, pipelined q and do tiles, and P^T / dS^T staged for their dots (2-byte elements)."""
+    return 2 * (2 * block_n * head_dim + num_stages * 2 * block_m * head_dim + 2 * block_m * block_n)
+
+
+def dq_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
+    """q, do tiles, pipelined k and v tiles, and dS staged for its dot (2-byte elements)."""
+    return 2 * (2 * block_m * head_dim + num_stages * 2 * block_n * head_dim + block_m * block_n)
+
+
+@functools.cache
+def _tuned(which: str, head_dim: int, arch: int, smem: int):
+    if which == "dkdv":
+        configs = select_configs(DKDV_CONFIGS, head_dim, arch, smem, dkdv_smem_bytes)
+        return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL"])(
+            adapter_attention_bwd_dkdv_kernel
+        )
+    configs = select_configs(DQ_CONFIGS, head_dim, arch, smem, dq_smem_bytes)
+    # Autotuning tries several BLOCK_M, each filling a different number of partial slots: zero between tries.
+    return triton.autotune(
+        configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT"], reset_to_zero=["DAK", "DAV"]
+    )(adapter_attention_bwd_dq_kernel)
+
+
+def _launch(which, kernel, args, consts, grid_of, config, head_dim, device):
+    if config is not None:
+        kernel[grid_of(config)](*args, **consts, **config)
+    else:
+        tuned = _tuned(which, head_dim, *(device_arch(device) if not interpreting() else (80, 0)))
+        tuned[grid_of](*args, **consts)
+
+
+def adapter_attention_bwd(
+    do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a, *, causal, sm_scale, kv_lens=None, config=None
+):
+    """Gradients (dq, dk, dv, dadapter_k, dadapter_v, dgate) of `adapter_attention_fwd`'s output.
+
+    o, lse_w, lse_a are the forward's outputs. Grads come back in their inputs' dtypes and shapes (prompt ones
+    None without a prompt; dgate is d(effective gate)). `config` = {"BLOCK_M", "BLOCK_N", "num_warps",
+    "num_stages"} bypasses autotuning for both the dK/dV and the dQ kernel.
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    group = Hq // Hkv
+    has_prompt = adapter_k is not None
+    Ka = adapter_k.shape[-2] if has_prompt else 0
+    block_a = prompt_block(Ka) if has_prompt else 16
+    qk_scale = sm_scale * LOG2E
+    prec = dot_precision(q.dtype)
+    dev = q.device
+    ak_strides, av_strides, g_strides = prompt_strides(adapter_k), prompt_strides(adapter_v), gate_strides(gate)
+    ak = adapter_k if has_prompt else q
+    av = adapter_v if has_prompt else q
+    g = gate if has_prompt else q
+    lens = kv_lens if kv_lens is not None else q
+
+    delta_w = _common.new_output((B, Hq, Nq), torch.float32, dev)
+    delta_a = _common.new_output((B, Hq, Nq), torch.float32, dev) if has_prompt else delta_w
+    pre_block = 16 if interpreting() else PREPROCESS_BLOCK_M
+    adapter_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_block), B * Hq)](
+        q, ak, av, g, o, do, lse_a if has_prompt else lse_w, delta_w, delta_a,
+        *q.stride(), *ak_strides, *av_strides, *g_strides, *o.stride(), *do.stride(),
+        Hq, group, Nq, Ka, qk_scale,
+        HEAD_DIM=D, BLOCK_M=pre_block, BLOCK_A=block_a, HAS_PROMPT=has_prompt, DOT_PREC=prec,
+    )  # fmt: skip
+
+    dk = _common.new_output(k.shape, k.dtype, dev)
+    dv = _common.new_output(v.shape, v.dtype, dev)
+    _launch(
+        "dkdv",
+        adapter_attention_bwd_dkdv_kernel,
+        (
+            q, k, v, do, lse_w, delta_w, lens, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            Hq, Hkv, group, Nq, Nk, qk_scale, sm_scale, size_bucket(Nq), size_bucket(Nk),
+        ),  # fmt: skip
+        dict(HEAD_DIM=D, CAUSAL=causal, HAS_KVLENS=kv_lens is not None, DOT_PREC=prec),
+        lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv),
+        config,
+        D,
+        dev,
+    )
+
+    dq = _common.new_output(q.shape, q.dtype, dev)
+    # One (Ka, D) slot per query block of the smallest BLOCK_M any config may pick; unused slots stay zero.
+    n_slots = triton.cdiv(Nq, _min_block_m(D, dev, config)) if has_prompt else 0
+    dak_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=dev) if has_prompt else delta_w
+    dav_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=dev) if has_prompt else delta_w
+    _launch(
+        "dq",
+        adapter_attention_bwd_dq_kernel,
+        (
+            q, k, v, ak, av, g, do, lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a, lens, dq,
+            dak_part, dav_part,
+            *q.stride(), *k.stride(), *v.stride(), *ak_strides, *av_strides, *g_strides, *do.stride(), *dq.stride(),
+            Hq, group, Nq, Nk, Ka, n_slots, qk_scale, sm_scale, size_bucket(Nq), size_bucket(Nk),
+        ),  # fmt: skip
+        dict(
+            HEAD_DIM=D,
+            BLOCK_A=block_a,
+            CAUSAL=causal,
+            HAS_PROMPT=has_prompt,
+            HAS_KVLENS=kv_lens is not None,
+            DOT_PREC=prec,
+        ),
+        lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq),
+        config,
+        D,
+        dev,
+    )
+    if not has_prompt:
+        return dq, dk, dv, None, None, None
+
+    def reduce(part, like):  # (B*Hq, slots, Ka, D) -> like's shape, fixed summation order
+        total = part.sum(1).view(B, Hkv, group, Ka, D).sum(2)  # (B, Hkv, Ka, D)
+        return (total.sum(0) if like.dim() == 3 else total).to(like.dtype)
+
+    dgate = delta_a.sum(2)  # (B, Hq)
+    dgate = (dgate.sum(0) if gate.dim() == 1 else dgate).to(gate.dtype)
+    return dq, dk, dv, reduce(dak_part, adapter_k), reduce(dav_part, adapter_v), dgate
+
+
+def _min_block_m(head_dim: int, device: torch.device, config) -> int:
+    if config is not None:
+        return config["BLOCK_M"]
+    if interpreting():
+        return 16
+    return min(c.kwargs["BLOCK_M"] for c in _tuned("dq", head_dim, *device_arch(device)).configs)
+
+
+def compile_specs() -> list[dict]:
+    """Every config of the three backward kernels, for sm80 and sm90, fp16 and bf16, D in 64/128/256 (see
+    `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10."""
+    specs = []
+    for arch in (80, 90):
+        for dname in SPEC_DTYPES:
+            elem = "*" + dname
+            f32 = "*fp32"
+            common = dict(Q=elem, K=elem, V=elem, AK=elem, AV=elem, DO=elem, Out=elem, Gate=f32, KVLens="*i32",
+                          LseW=f32, LseA=f32, DeltaW=f32, DeltaA=f32, DQ=elem, DK=elem, DV=elem, DAK=f32, DAV=f32)  # fmt: skip
+            for D in SPEC_HEAD_DIMS:
+                flags = dict(HEAD_DIM=D, DOT_PREC="ieee")
+                kernels = [
+                    ("pre", adapter_attention_bwd_preprocess_kernel, [(PREPROCESS_BLOCK_M, 0, 4, 3)],
+                     dict(BLOCK_A=prompt_block(10), HAS_PROMPT=True)),
+                    ("dkdv", adapter_attention_bwd_dkdv_kernel, fitting_configs(DKDV_CONFIGS, D, arch, dkdv_smem_bytes),
+                     dict(CAUSAL=True, HAS_KVLENS=False)),
+                    ("dq", adapter_attention_bwd_dq_kernel, fitting_configs(DQ_CONFIGS, D, arch, dq_smem_bytes),
+                     dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False)),
+                ]  # fmt: skip
+                for kind, fn, configs, switches in kernels:
+                    pointers = {n: t for n, t in common.items() if n in fn.arg_names}
+                    for bm, bn, warps, stages in configs:
+                        blocks = dict(BLOCK_M=bm) if kind == "pre" else dict(BLOCK_M=bm, BLOCK_N=bn)
+                        name = f"bwd_{kind}_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
+                        floats = ("qk_scale", "sm_scale")
+                        spec = compile_spec(name, fn, pointers, floats, {**flags, **switches, **blocks}, warps, stages)
+                        specs.append(dict(spec, arch=arch))
+    return specs

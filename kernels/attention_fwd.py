@@ -1,0 +1,237 @@
+"""Forward kernel: causal word attention and gated prompt attention in one FlashAttention-2 style pass.
+
+Per (query block, batch x query head) program, with s = sm_scale and scores kept in log2 units (s * log2 e is
+folded into one multiply so the softmax runs on exp2):
+
+    O_w = softmax_causal(s q k^T) v      online softmax over key blocks: unmasked blocks first, then the
+                                         few blocks that straddle the diagonal or the end of the keys (masked)
+    O_a = softmax(s q ak^T) av           the same online softmax over the Ka prompt keys (its own max and sum)
+    o   = O_w + g_h O_a
+
+Saved for the backward, both in log2 units (`lse = max + log2(sum)` of the scaled scores times log2 e):
+lse_w (B, Hq, Nq) and lse_a (B, Hq, Nq). A row that sees no word key (causal with Nq > Nk, or kv_lens[b] = 0)
+gets O_w = 0 and lse_w = +inf, so its recomputed probabilities are 0.
+
+Causal aligns bottom-right over L = kv_lens[b] (or Nk) keys: query i sees key j iff j <= i + L - Nq and j < L.
+GQA/MQA: query head h reads key/value head h // (Hq / Hkv). A prompt shared by the batch has batch stride 0;
+a gate (Hq,) likewise. Accumulation is fp32; probabilities meet V in V's dtype, as in FlashAttention.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import (
+    SPEC_DTYPES,
+    SPEC_HEAD_DIMS,
+    compile_spec,
+    device_arch,
+    fitting_configs,
+    dot_precision,
+    gate_strides,
+    interpreting,
+    load_tile,
+    load_tile_t,
+    prompt_block,
+    prompt_strides,
+    select_configs,
+    size_bucket,
+    visible_key_range,
+)
+
+# Finite "minus infinity" for the running max: exp2(-inf - this) = 0 and exp2(this - real max) = 0, never NaN.
+NEG_BIG = -1.0e30
+
+
+@triton.jit
+def _attend_blocks(
+    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    offs_m, offs_d, lo, hi, L, shift, qk_scale,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
+    keys past the row's diagonal (j > i + shift)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)  # (BLOCK_N, D)
+        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            visible = offs_n[None, :] < L
+            if CAUSAL:
+                visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def adapter_attention_fwd_kernel(
+    Q, K, V, AK, AV, Gate, KVLens, Out, LseW, LseA,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_akb, stride_akh, stride_akn, stride_akd,
+    stride_avb, stride_avh, stride_avn, stride_avd,
+    stride_gb, stride_gh,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hq, GROUP, Nq, Nk, Ka, qk_scale,
+    NQ_KEY, NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // Hq
+    h = pid_bh % Hq
+    hk = h // GROUP
+    start_m = pid_m * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, True)
+
+    if HAS_KVLENS:
+        L = tl.load(KVLens + b).to(tl.int32)
+    else:
+        L = Nk
+    shift = L - Nq
+    full, hi = visible_key_range(start_m, Nq, L, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_blocks(
+        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC,
+    )  # fmt: skip
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    row_ok = offs_m < Nq
+    lse_offs = pid_bh * Nq + offs_m
+    tl.store(LseW + lse_offs, tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf")), mask=row_ok)
+
+    if HAS_PROMPT:
+        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
+        acc_a = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+        l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc_a, m_a, l_a = _attend_blocks(
+            acc_a, m_a, l_a, q, AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
+            stride_akn, stride_akd, stride_avn, stride_avd,
+            offs_m, offs_d, 0, Ka, Ka, 0, qk_scale, True, False, BLOCK_A, DOT_PREC,
+        )  # fmt: skip
+        o += (g / l_a)[:, None] * acc_a
+        tl.store(LseA + lse_offs, m_a + tl.math.log2(l_a), mask=row_ok)
+
+    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; checked with ptxas for spills (see compile_specs).
+FWD_CONFIGS = {
+    80: {
+        16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2)],
+        256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+    },
+    90: {
+        16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+    },
+}
+
+
+def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
+    """q tile, pipelined k and v tiles, and p staged for the second dot (2-byte elements)."""
+    return 2 * (block_m * head_dim + num_stages * 2 * block_n * head_dim + block_m * block_n)
+
+
+@functools.cache
+def _tuned(head_dim: int, arch: int, smem: int):
+    configs = select_configs(FWD_CONFIGS, head_dim, arch, smem, fwd_smem_bytes)
+    return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT"])(
+        adapter_attention_fwd_kernel
+    )
+
+
+def adapter_attention_fwd(
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, out=None, config=None
+):
+    """Launch the forward. Inputs as `llama_adapter.adapter_attention` (checked by the caller).
+
+    Returns (o, lse_w, lse_a): o (B, Hq, Nq, D) in q's dtype (written into `out` if given), lse_w and lse_a
+    (B, Hq, Nq) fp32 in log2 units (lse_a None without a prompt). `config` = {"BLOCK_M", "BLOCK_N",
+    "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes).
+    """
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    has_prompt = adapter_k is not None
+    if out is None:
+        out = _common.new_output(q.shape, q.dtype, q.device)
+    lse_w = _common.new_output((B, Hq, Nq), torch.float32, q.device)
+    lse_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else None
+    args = (
+        q, k, v,
+        adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q,
+        kv_lens if kv_lens is not None else q, out, lse_w, lse_a if has_prompt else lse_w,
+        *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
+        *gate_strides(gate), *out.stride(),
+        Hq, Hq // Hkv, Nq, Nk, adapter_k.shape[-2] if has_prompt else 0, sm_scale * 1.4426950408889634,
+        size_bucket(Nq), size_bucket(Nk),
+    )  # fmt: skip
+    consts = dict(
+        HEAD_DIM=D,
+        BLOCK_A=prompt_block(adapter_k.shape[-2]) if has_prompt else 16,
+        CAUSAL=causal,
+        HAS_PROMPT=has_prompt,
+        HAS_KVLENS=kv_lens is not None,
+        DOT_PREC=dot_precision(q.dtype),
+    )
+    if config is not None:
+        grid = (triton.cdiv(Nq, config["BLOCK_M"]), B * Hq)
+        adapter_attention_fwd_kernel[grid](*args, **consts, **config)
+    else:
+        kernel = _tuned(D, *(device_arch(q.device) if not interpreting() else (80, 0)))
+        kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](*args, **consts)
+    return out, lse_w, lse_a
+
+
+def compile_specs() -> list[dict]:
+    """Every autotune config of the forward, for sm80 and sm90, fp16 and bf16, D in 64/128/256 (see
+    `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10."""
+    specs = []
+    for arch in (80, 90):
+        for dname in SPEC_DTYPES:
+            elem = "*" + dname
+            pointers = dict(Q=elem, K=elem, V=elem, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32", Out=elem,
+                            LseW="*fp32", LseA="*fp32")  # fmt: skip
+            for D in SPEC_HEAD_DIMS:
+                for bm, bn, warps, stages in fitting_configs(FWD_CONFIGS, D, arch, fwd_smem_bytes):
+                    consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
+                                  HAS_PROMPT=True, HAS_KVLENS=False, DOT_PREC="ieee")  # fmt: skip
+                    name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
+                    spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
+                                        stages)  # fmt: skip
+                    specs.append(dict(spec, arch=arch))
+    return specs

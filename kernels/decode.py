@@ -1,0 +1,383 @@
+"""Split-KV decode kernel (flash-decoding) for zero-init gated prompt attention.
+
+For a few query tokens (Nq ~ 1..16) over a long KV cache the forward kernel has almost no parallelism
+(one query block per head), so the key axis is split instead. For batch b and kv head h the query rows
+of the G = Hq/Hkv heads of the group and the Nq queries are packed into the M dimension of one program,
+row r = g * Nq + i, so each K/V block is read once per group (GQA/MQA). Scores use exp2 with
+sm_scale * log2(e) folded in, so every log-sum-exp below is in base 2.
+
+1. `_decode_split_kernel`, grid (B * Hkv, splits, M blocks): split s covers keys
+   [s * chunk, min((s + 1) * chunk, len_b)) with len_b = kv_lens[b] (Nk without kv_lens) and writes the
+   normalised partial output O_s and its lse_s = m_s + log2(l_s) (fp32; -inf when the split shows a row
+   no key). Causal: query i sees keys j <= i + len_b - Nq.
+2. `_decode_merge_kernel`, grid (B * Hkv, M blocks): combines the splits that hold keys,
+   O_w = sum_s 2^(lse_s - L) O_s with L = log2 sum_s 2^lse_s (O_w = 0 for a row with no visible word key),
+   computes the prompt's own softmax O_a = softmax(s q ak^T) av over all Ka prompt keys, and stores
+   o = O_w + g * O_a in q's dtype.
+
+Inference only: no autograd, no lse returned. fp32 accumulation throughout; fp32 inputs use TF32 dots
+when torch.backends.cuda.matmul.allow_tf32 is set (on a GPU), IEEE otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+_MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
+_MAX_BLOCK_M = 64
+_WAVES = 2  # aim for about two waves of split programs over the SMs
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# (BLOCK_N, num_warps, num_stages) tried by the autotuner on sm80 / sm90; one small config under the interpreter.
+SPLIT_CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3))
+INTERPRETER_CONFIG = (32, 4, 1)
+_SMEM_BUDGET = 160 * 1024  # below A100's 164 KB, so every kept config fits both chips
+_FP32_PER_THREAD = 64  # accumulator + score tile per thread beyond which registers spill
+
+
+def _cost(config: tuple[int, int, int], head_dim: int, block_m: int, elem_bytes: int) -> tuple[int, int]:
+    block_n, warps, stages = config
+    smem = max(stages, 1) * 2 * block_n * head_dim * elem_bytes  # pipelined K and V tiles
+    per_thread = block_m * (head_dim + block_n) // (32 * warps)  # fp32 accumulator and scores
+    return smem, per_thread
+
+
+def split_configs(head_dim: int, block_m: int, elem_bytes: int = 2) -> list[tuple[int, int, int]]:
+    """The (BLOCK_N, num_warps, num_stages) configs the split kernel may run with for this tile."""
+    costs = {c: _cost(c, head_dim, block_m, elem_bytes) for c in SPLIT_CONFIGS}
+    kept = [c for c, (smem, regs) in costs.items() if smem <= _SMEM_BUDGET and regs <= _FP32_PER_THREAD]
+    return kept or [min(SPLIT_CONFIGS, key=lambda c: costs[c][::-1])]
+
+
+def _prune(configs, named_args, **kwargs):
+    def arg(name):
+        return kwargs[name] if name in kwargs else named_args[name]
+
+    allowed = set(split_configs(arg("HEAD_DIM"), arg("BLOCK_M"), named_args["K"].element_size()))
+    return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in allowed]
+
+
+def _autotune_configs():
+    chosen = (INTERPRETER_CONFIG,) if _interpreting() else SPLIT_CONFIGS
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in chosen]
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K, V, KV_LENS, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    Hkv, G, Nq, Nk, chunk, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * Nq
+    g = rows // Nq
+    i = rows % Nq
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_ptrs = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+
+    if HAS_LENS:
+        len_b = tl.load(KV_LENS + b).to(tl.int32)
+    else:
+        len_b = Nk
+    start = split * chunk
+    stop = tl.minimum(tl.minimum(start + chunk, len_b), Nk)
+    last_key = i + len_b - Nq  # causal: the last key row i may see
+
+    K += b * stride_kb + h * stride_kh
+    V += b * stride_vb + h * stride_vh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < stop
+        k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=key_ok[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        visible = key_ok[None, :]
+        if IS_CAUSAL:
+            visible = visible & (offs_n[None, :] <= last_key[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    o = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    m_pad = tl.num_programs(2) * BLOCK_M
+    part = (pid_bh * n_splits + split) * m_pad + rows  # (BLOCK_M,) row index into the partial buffers
+    # splits past len_b write nothing: the merge reads only the splits that hold keys
+    store_ok = row_ok & (start + 0 * rows < stop)  # a row vector: the interpreter rejects scalar-bool masks
+    tl.store(LSE_PART + part, lse, mask=store_ok)
+    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_ok[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    Q, AK, AV, GATE, KV_LENS, O_PART, LSE_PART, OUT,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_akb, stride_akh, stride_akn, stride_akd,
+    stride_avb, stride_avh, stride_avn, stride_avd,
+    stride_gb, stride_gh,
+    stride_ob, stride_oh, stride_on, stride_od,
+    Hkv, G, Nq, Nk, Ka, chunk, n_splits, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KA: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, HAS_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    pid_bh = tl.program_id(0).to(tl.int64)
+    pid_m = tl.program_id(1)
+    b = pid_bh // Hkv
+    h = pid_bh % Hkv
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < G * Nq
+    g = rows // Nq
+    i = rows % Nq
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    if HAS_LENS:
+        len_b = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
+    else:
+        len_b = Nk
+    m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_w = tl.zeros([BLOCK_M], tl.float32)
+    o_w = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    m_pad = tl.num_programs(1) * BLOCK_M
+    for split in range(0, tl.cdiv(len_b, chunk)):
+        part = (pid_bh * n_splits + split) * m_pad + rows
+        lse = tl.load(LSE_PART + part, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        m_new = tl.maximum(m_w, lse)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.math.exp2(lse - m_safe)
+        alpha = tl.math.exp2(m_w - m_safe)
+        o_w = o_w * alpha[:, None] + w[:, None] * o_s
+        l_w = l_w * alpha + w
+        m_w = m_new
+    o = o_w / tl.where(l_w > 0.0, l_w, 1.0)[:, None]
+
+    q_ptrs = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    if HAS_PROMPT:
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
+        AK += b * stride_akb + h * stride_akh
+        AV += b * stride_avb + h * stride_avh
+        m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_a = tl.zeros([BLOCK_M], tl.float32)
+        o_a = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for n0 in range(0, Ka, BLOCK_KA):
+            offs_n = n0 + tl.arange(0, BLOCK_KA)
+            key_ok = offs_n < Ka
+            ak = tl.load(AK + offs_n[None, :] * stride_akn + offs_d[:, None] * stride_akd, mask=key_ok[None, :], other=0.0)
+            s = tl.dot(q, ak, input_precision=DOT_PRECISION) * qk_scale
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_a, tl.max(s, 1))  # finite: every block holds at least one prompt key
+            p = tl.math.exp2(s - m_new[:, None])
+            alpha = tl.math.exp2(m_a - m_new)
+            l_a = l_a * alpha + tl.sum(p, 1)
+            av = tl.load(AV + offs_n[:, None] * stride_avn + offs_d[None, :] * stride_avd, mask=key_ok[:, None], other=0.0)
+            o_a = o_a * alpha[:, None] + tl.dot(p.to(av.dtype), av, input_precision=DOT_PRECISION)
+            m_a = m_new
+        gate = tl.load(GATE + b * stride_gb + (h * G + g) * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+        o += gate[:, None] * (o_a / l_a[:, None])
+
+    out_ptrs = OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + i[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+
+
+_decode_split_tuned = triton.autotune(
+    configs=_autotune_configs(),
+    key=["HEAD_DIM", "BLOCK_M", "IS_CAUSAL"],
+    prune_configs_by={"early_config_prune": _prune},
+)(_decode_split_kernel)
+
+
+def merge_warps(head_dim: int, block_m: int) -> int:
+    # the merge holds three (BLOCK_M, D) fp32 tiles (words, a split, prompt): 4 warps spill past 64 x 128
+    return min(16, max(4, block_m * head_dim // 1024))
+
+
+def _block_m(rows: int) -> int:
+    return min(_MAX_BLOCK_M, max(_MIN_BLOCK, triton.next_power_of_2(rows)))
+
+
+def _block_ka(ka: int) -> int:
+    return min(64, max(_MIN_BLOCK, triton.next_power_of_2(ka)))
+
+
+def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1  # the interpreter runs programs one after another: splitting only adds work
+
+
+def _split_granule() -> int:
+    # chunks are whole blocks of every config the autotuner may pick, so the split count does not depend on it
+    return max(c.kwargs["BLOCK_N"] for c in _decode_split_tuned.configs)
+
+
+def choose_splits(nk: int, programs: int, n_sms: int, granule: int, num_splits: int | None = None) -> tuple[int, int]:
+    """(splits, chunk): split Nk keys into chunks of whole `granule` blocks.
+
+    Without `num_splits`, enough splits that `programs` (B * Hkv * M blocks) times splits fills about
+    two waves of `n_sms`, never more than the key blocks available.
+    """
+    blocks = triton.cdiv(nk, granule)
+    if num_splits is None:
+        num_splits = triton.cdiv(_WAVES * n_sms, programs)
+    elif num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * granule
+    return triton.cdiv(nk, chunk), chunk
+
+
+def decode_attention(
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale=None,
+    kv_lens=None,
+    num_splits=None,
+    out=None,
+):
+    """Flash-decoding forward of `adapter_attention` (DESIGN §3) for few queries over a long KV cache.
+
+    q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D) with any strides (e.g. a slice of a preallocated cache);
+    adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D); gate (Hq,) or (B, Hq); kv_lens (B,) int or None.
+    Inputs are assumed checked (`llama_adapter.attention.check_inputs`). num_splits overrides the split
+    heuristic; out, a (B, Hq, Nq, D) tensor of q's dtype, receives the result. Returns o (B, Hq, Nq, D).
+    """
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"decode_attention takes float16, bfloat16 or float32 q, got {q.dtype}")
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got {out.shape}")
+
+    block_m = _block_m(G * Nq)
+    m_blocks = triton.cdiv(G * Nq, block_m)
+    splits, chunk = choose_splits(Nk, B * Hkv * m_blocks, _sm_count(q.device), _split_granule(), num_splits)
+    o_part = torch.empty(B * Hkv, splits, m_blocks * block_m, D, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(B * Hkv, splits, m_blocks * block_m, device=q.device, dtype=torch.float32)
+    has_lens = kv_lens is not None
+    lens = kv_lens.to(torch.int32) if has_lens else o_part  # placeholder pointer, never read
+    precision = _dot_precision(q.dtype, q.device)
+    qk_scale = scale * LOG2E
+
+    _decode_split_tuned[(B * Hkv, splits, m_blocks)](
+        q, k, v, lens, o_part, lse_part,
+        *q.stride(), *k.stride(), *v.stride(),
+        Hkv, G, Nq, Nk, chunk, splits, qk_scale,
+        HEAD_DIM=D, BLOCK_M=block_m, IS_CAUSAL=bool(causal), HAS_LENS=has_lens, DOT_PRECISION=precision,
+    )  # fmt: skip
+
+    has_prompt = adapter_k is not None
+    if has_prompt:
+        ak_strides = adapter_k.stride() if adapter_k.dim() == 4 else (0, *adapter_k.stride())
+        av_strides = adapter_v.stride() if adapter_v.dim() == 4 else (0, *adapter_v.stride())
+        g_strides = gate.stride() if gate.dim() == 2 else (0, *gate.stride())
+        ka = adapter_k.shape[-2]
+        ak, av, gt = adapter_k, adapter_v, gate
+    else:  # placeholders, never read
+        ak_strides = av_strides = (0, 0, 0, 0)
+        g_strides = (0, 0)
+        ka = 1
+        ak = av = gt = q
+    _decode_merge_kernel[(B * Hkv, m_blocks)](
+        q, ak, av, gt, lens, o_part, lse_part, out,
+        *q.stride(), *ak_strides, *av_strides, *g_strides, *out.stride(),
+        Hkv, G, Nq, Nk, ka, chunk, splits, qk_scale,
+        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_KA=_block_ka(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
+        DOT_PRECISION=precision, num_warps=merge_warps(D, block_m), num_stages=1,
+    )  # fmt: skip
+    return out
+
+
+_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
+    # every argument not named is an int32 stride/size, except the fp32 softmax scale
+    sig = {}
+    for name in fn.arg_names:
+        if name in constexprs:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    return sig
+
+
+def compile_specs() -> list[dict]:
+    """What the GPU may run, for the compile checks (`llama_adapter.kernel_report`).
+
+    Every split config at D = 64, 128, 256 for 16-row tiles (Nq * G <= 16) and 64-row tiles, fp16, plus
+    bf16 at D = 128. 16-row tiles cannot use wgmma (64 rows per warpgroup), so sm90 runs them on HMMA.
+    """
+    specs = []
+    shapes = [("fp16", d, m) for d in (64, 128, 256) for m in (16, 64)] + [("bf16", 128, m) for m in (16, 64)]
+    for dtype, head_dim, block_m in shapes:
+        ptr = "*" + dtype
+        mma = "HGMMA" if block_m >= 64 else "HMMA"
+        flags = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "HAS_LENS": True, "DOT_PRECISION": "ieee"}
+        for block_n, warps, stages in split_configs(head_dim, block_m):
+            constexprs = {**flags, "IS_CAUSAL": True, "BLOCK_N": block_n, "stride_qd": 1, "stride_kd": 1,
+                          "stride_vd": 1}  # fmt: skip
+            pointers = {"Q": ptr, "K": ptr, "V": ptr, "KV_LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+            specs.append({
+                "name": f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]",
+                "fn": _decode_split_kernel, "signature": _signature(_decode_split_kernel, pointers, constexprs),
+                "constexprs": constexprs, "num_warps": warps, "num_stages": stages, "sm90_mma": mma,
+            })  # fmt: skip
+        constexprs = {**flags, "BLOCK_KA": 16, "HAS_PROMPT": True, "stride_qd": 1, "stride_akd": 1, "stride_avd": 1,
+                      "stride_od": 1}  # fmt: skip
+        pointers = {"Q": ptr, "AK": ptr, "AV": ptr, "GATE": "*fp32", "KV_LENS": "*i32", "O_PART": "*fp32",
+                    "LSE_PART": "*fp32", "OUT": ptr}  # fmt: skip
+        specs.append({
+            "name": f"decode_merge[{dtype},D{head_dim},M{block_m}]",
+            "fn": _decode_merge_kernel, "signature": _signature(_decode_merge_kernel, pointers, constexprs),
+            "constexprs": constexprs, "num_warps": merge_warps(head_dim, block_m), "num_stages": 1, "sm90_mma": mma,
+        })  # fmt: skip
+    return specs

@@ -1,0 +1,225 @@
+"""Save and load adapters: ours, PEFT's AdaptionPrompt directories, and the official LLaMA-Adapter v1 .pth.
+
+Ours: a directory with adapter_model.safetensors (the model's `adapter_state_dict()`) and
+adapter_config.json ({"format": "llama_adapter", "adapter": AdapterConfig, "base_model": shape}).
+
+PEFT (adapter_config.json with peft_type ADAPTION_PROMPT): `...layers.N.self_attn.adaption_prompt`
+(1, K, dim) and `...adaption_gate` (1,) on the top `adapter_layers` layers; the gate is one scalar per
+layer applied as is (no tanh): AdapterConfig(gate="scalar", gate_act="none").
+
+Official v1 (`llama/model.py` of the LLaMA-Adapter repo, loaded by its example.py): `adapter_query.weight`
+(L*K, dim) whose j-th block of K rows is the prompt of layer n_layers - L + j (the top L layers, in order),
+and `layers.N.attention.gate` (1, H, 1, 1). Its extraction script saves a gate for every layer, but only
+the top L are used; the inference code applies the gate without tanh (the training code's tanh is not in
+the released weights' semantics): AdapterConfig(gate="head", gate_act="none"). K is not stored: the
+official default 10 is assumed unless `adapter_len` says otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+
+from llama_adapter.loading import CheckpointError, read_tensor_file
+
+FORMAT = "llama_adapter"
+FORMAT_VERSION = 1
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+OFFICIAL_ADAPTER_LEN = 10
+
+_PEFT_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
+_OFFICIAL_GATE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
+
+
+def base_shape(model) -> dict:
+    p = model.params
+    return dict(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, vocab_size=p.vocab_size)
+
+
+def save_adapter(model, directory) -> None:
+    """Write adapter_model.safetensors + adapter_config.json into `directory` (created if needed)."""
+    from safetensors.torch import save_file
+
+    if model.adapter_config is None:
+        raise ValueError("the model has no adapter to save (attach_adapter or load_adapter first)")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    tensors = {name: t.detach().contiguous().cpu() for name, t in model.adapter_state_dict().items()}
+    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
+    config = dict(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        adapter=model.adapter_config.to_dict(),
+        base_model=base_shape(model),
+    )
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2)
+
+
+def load_adapter(model, path, *, adapter_len: int | None = None):
+    """Set (or replace) the model's adapter from one of the three formats; returns its AdapterConfig.
+
+    adapter_len: prompt length of an official .pth (default 10, the official one); ignored for directories.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        config_path = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"no {CONFIG_FILE} in adapter directory {path}")
+        with open(config_path, encoding="utf-8") as f:
+            try:
+                config = json.load(f)
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        if config.get("format") == FORMAT:
+            cfg, tensors = _read_ours(model, path, config)
+        elif config.get("peft_type") == "ADAPTION_PROMPT":
+            cfg, tensors = _read_peft(model, path, config)
+        else:
+            raise CheckpointError(
+                f"{config_path} is neither our format (format={FORMAT!r}) nor a PEFT adaption prompt "
+                f"(peft_type='ADAPTION_PROMPT'); got format={config.get('format')!r}, "
+                f"peft_type={config.get('peft_type')!r}"
+            )
+    elif os.path.isfile(path):
+        cfg, tensors = _read_official(model, path, OFFICIAL_ADAPTER_LEN if adapter_len is None else adapter_len)
+    else:
+        raise FileNotFoundError(f"adapter not found: {path}")
+    _install(model, cfg, tensors, path)
+    return cfg
+
+
+def _expected_shapes(model, cfg) -> dict[str, tuple]:
+    p = model.params
+    n_gates = p.n_heads if cfg.gate == "head" else 1
+    shapes = {}
+    for i in range(p.n_layers - cfg.adapter_layers, p.n_layers):
+        shapes[f"layers.{i}.attention.adapter_prompt"] = (cfg.adapter_len, p.dim)
+        shapes[f"layers.{i}.attention.adapter_gate"] = (n_gates,)
+    return shapes
+
+
+def _install(model, cfg, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Check every tensor against the shapes `cfg` gives on this model, then attach and copy."""
+    if cfg.adapter_layers > model.params.n_layers:
+        raise CheckpointError(
+            f"adapter {source} adapts {cfg.adapter_layers} layers, the model has only {model.params.n_layers}"
+        )
+    expected = _expected_shapes(model, cfg)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"adapter {source} lacks tensor {name!r}")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {source} has shape {tuple(tensors[name].shape)}, the model expects {shape}"
+            )
+    extra = sorted(set(tensors) - set(expected))
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in adapter {source}")
+    model.attach_adapter(cfg)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            params[name].copy_(t)
+
+
+def _shape_error(source: str, made_for: dict, model) -> CheckpointError:
+    return CheckpointError(f"adapter {source} was made for a model with {made_for}; this model has {base_shape(model)}")
+
+
+def _read_ours(model, path: str, config: dict):
+    from llama_adapter.model import AdapterConfig
+
+    made_for = config.get("base_model", {})
+    ours = base_shape(model)
+    if any(made_for.get(k) != v for k, v in ours.items()):
+        raise _shape_error(path, made_for, model)
+    if not isinstance(config.get("adapter"), dict):
+        raise CheckpointError(f"{path}/{CONFIG_FILE} has no 'adapter' section (the AdapterConfig)")
+    return AdapterConfig.from_dict(config["adapter"]), read_tensor_file(os.path.join(path, WEIGHTS_FILE))
+
+
+def _read_peft(model, path: str, config: dict):
+    from llama_adapter.model import AdapterConfig
+
+    if config.get("target_modules", "self_attn") != "self_attn":
+        raise CheckpointError(f"{path}: PEFT target_modules {config['target_modules']!r} is not LLaMA's 'self_attn'")
+    K, L = config.get("adapter_len"), config.get("adapter_layers")
+    if not isinstance(K, int) or not isinstance(L, int):
+        raise CheckpointError(f"{path}/{CONFIG_FILE} needs integer adapter_len and adapter_layers, got {K!r}, {L!r}")
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(weights) and os.path.isfile(os.path.join(path, "adapter_model.bin")):
+        weights = os.path.join(path, "adapter_model.bin")
+    raw = read_tensor_file(weights)
+
+    found: dict[int, dict[str, torch.Tensor]] = {}
+    for name, t in raw.items():
+        m = _PEFT_NAME.search(name)
+        if m is None:
+            raise CheckpointError(f"unexpected tensor {name!r} in {weights} (not an adaption prompt or gate)")
+        found.setdefault(int(m.group(1)), {})[m.group(2)] = t
+    layers = sorted(found)
+    n = model.params.n_layers
+    if layers != list(range(n - L, n)) or any(t.shape[-1] != model.params.dim for t in raw.values() if t.dim() == 3):
+        prompt = next((t for t in raw.values() if t.dim() == 3), None)
+        made_for = dict(dim=None if prompt is None else prompt.shape[-1], adapted_layers=f"{layers[:1]}..{layers[-1:]}")
+        raise CheckpointError(
+            f"PEFT adapter {path} was made for a model with {made_for} (the top {L} layers); this model has "
+            f"dim={model.params.dim}, n_layers={n} (top {L} layers: {n - L}..{n - 1})"
+        )
+    tensors = {}
+    for i, parts in found.items():
+        if set(parts) != {"prompt", "gate"}:
+            raise CheckpointError(
+                f"{weights}: layer {i} has {sorted(parts)}, needs both adaption_prompt and adaption_gate"
+            )
+        prompt, gate = parts["prompt"], parts["gate"]
+        if prompt.shape != (1, K, model.params.dim) or gate.shape != (1,):
+            raise CheckpointError(
+                f"{weights}: layer {i} adaption_prompt {tuple(prompt.shape)} / adaption_gate {tuple(gate.shape)}, "
+                f"expected (1, {K}, {model.params.dim}) / (1,)"
+            )
+        tensors[f"layers.{i}.attention.adapter_prompt"] = prompt[0]
+        tensors[f"layers.{i}.attention.adapter_gate"] = gate
+    return AdapterConfig(adapter_len=K, adapter_layers=L, gate="scalar", gate_act="none"), tensors
+
+
+def _read_official(model, path: str, adapter_len: int):
+    from llama_adapter.model import AdapterConfig
+
+    raw = read_tensor_file(path)
+    if "adapter_query.weight" not in raw:
+        raise CheckpointError(f"{path} lacks 'adapter_query.weight': not an official LLaMA-Adapter v1 .pth")
+    query = raw.pop("adapter_query.weight")  # (L*K, dim)
+    p = model.params
+    gates = {}
+    for name, t in raw.items():
+        m = _OFFICIAL_GATE.match(name)
+        if m is None:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {path}: an official adapter holds adapter_query.weight and "
+                "layers.N.attention.gate only"
+            )
+        gates[int(m.group(1))] = t
+    if query.dim() != 2 or query.shape[0] % adapter_len:
+        raise CheckpointError(
+            f"'adapter_query.weight' in {path} has shape {tuple(query.shape)}, not (L*{adapter_len}, dim)"
+        )
+    L = query.shape[0] // adapter_len
+    heads = {t.numel() for t in gates.values()}
+    source_layers = max(gates) + 1 if gates else 0
+    if query.shape[1] != p.dim or heads != {p.n_heads} or source_layers != p.n_layers or L > p.n_layers:
+        made_for = dict(dim=query.shape[1], n_heads=sorted(heads), n_layers=source_layers, adapter_layers=L)
+        raise _shape_error(path, made_for, model)
+    tensors = {}
+    for j, prompt in enumerate(query.view(L, adapter_len, p.dim)):
+        i = p.n_layers - L + j
+        if i not in gates:
+            raise CheckpointError(f"{path} lacks tensor 'layers.{i}.attention.gate' (layer {i} has a prompt)")
+        tensors[f"layers.{i}.attention.adapter_prompt"] = prompt
+        tensors[f"layers.{i}.attention.adapter_gate"] = gates[i].reshape(p.n_heads)
+    return AdapterConfig(adapter_len=adapter_len, adapter_layers=L, gate="head", gate_act="none"), tensors

@@ -1,0 +1,240 @@
+"""Alpaca-format instruction data: loading, tokenization with prompt masking, validation split, batching.
+
+One example is `bos + alpaca_prompt(instruction, input) + output + eos`; the loss sees only the output and eos
+(labels are IGNORE_INDEX on the prompt). The prompt and the output are encoded separately and concatenated, so
+the mask boundary is exact and the model learns to continue the very token sequence `generate` feeds it.
+
+Batches are built per epoch from a seeded permutation in three steps, each a plain function so that the
+trainer, the distributed sharding and a future packed collate (issue 7) can reuse them:
+`global_batches` (length-grouped, whole global batches only) -> `rank_micro_batches` (a deterministic share of
+each global batch per rank) -> `collate` (right-padded tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llama_adapter.prompts import alpaca_prompt
+
+IGNORE_INDEX = -100
+FIELDS = ("instruction", "input", "output")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used; the message names the file (and line)."""
+
+
+def _check_record(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected a JSON object with 'instruction' and 'output', got {type(record).__name__}")
+    for field in ("instruction", "output"):
+        if field not in record:
+            raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(record)})")
+        if not isinstance(record[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {type(record[field]).__name__}")
+    if not record["instruction"].strip():
+        raise DataError(f"{where}: field 'instruction' is empty")
+    value = record.get("input")
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field 'input' must be a string or null, got {type(value).__name__}")
+    return {"instruction": record["instruction"], "input": value or "", "output": record["output"]}
+
+
+def _json_array_records(text: str, path: Path):
+    """Yield (line, record) from a JSON array, so that a bad record's error can name its line."""
+    decoder = json.JSONDecoder()
+
+    def line_of(pos: int) -> int:
+        return text.count("\n", 0, pos) + 1
+
+    def skip_ws(pos: int) -> int:
+        while pos < len(text) and text[pos] in " \t\r\n":
+            pos += 1
+        return pos
+
+    pos = skip_ws(text.index("[") + 1)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            record, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+        yield line_of(pos), record
+        pos = skip_ws(end)
+        if pos < len(text) and text[pos] == "]":
+            if text[skip_ws(pos + 1) :].strip():
+                raise DataError(f"{path}:{line_of(pos + 1)}: unexpected text after the JSON array")
+            return
+        if pos >= len(text) or text[pos] != ",":
+            raise DataError(f"{path}:{line_of(pos)}: invalid JSON: expected ',' or ']' between records")
+        pos = skip_ws(pos + 1)
+
+
+def load_examples(path) -> list[dict]:
+    """Read a JSON list or JSONL file of {instruction, input?, output}; raises DataError naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 text ({err})") from None
+    if text.lstrip().startswith("["):
+        numbered = _json_array_records(text, path)
+    else:
+        numbered = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                numbered.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg}") from None
+    examples = [_check_record(record, f"{path}:{lineno}") for lineno, record in numbered]
+    if not examples:
+        raise DataError(f"{path}: the dataset is empty (no instruction records)")
+    return examples
+
+
+def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Seeded train/validation split; val gets round(n * val_fraction) examples (at least 1 when > 0)."""
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = 0 if val_fraction == 0 else max(1, round(len(examples) * val_fraction))
+    if n_val >= len(examples):
+        raise DataError(f"val_fraction={val_fraction} leaves no training examples out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    val_ids = set(order[:n_val])
+    train = [ex for i, ex in enumerate(examples) if i not in val_ids]
+    val = [ex for i, ex in enumerate(examples) if i in val_ids]
+    return train, val
+
+
+def encode_example(tokenizer, example: dict) -> tuple[list[int], int]:
+    """(tokens, prompt_len): tokens = bos + prompt + output + eos, the first prompt_len of which are masked."""
+    prompt = tokenizer.encode(alpaca_prompt(example["instruction"], example.get("input")), bos=True, eos=False)
+    answer = tokenizer.encode(example["output"], bos=False, eos=True)
+    return prompt + answer, len(prompt)
+
+
+@dataclass
+class DataStats:
+    examples: int = 0
+    truncated: int = 0  # longer than max_seq_len, cut to it
+    dropped: int = 0  # prompt alone fills max_seq_len: no answer token left to learn from
+    target_tokens: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.examples} examples, {self.target_tokens} target tokens, "
+            f"{self.truncated} truncated to max_seq_len, {self.dropped} dropped (prompt fills max_seq_len)"
+        )
+
+
+class InstructionDataset:
+    """Tokenized examples: item i is (tokens, prompt_len); `lengths` drives length-grouped batching."""
+
+    def __init__(self, examples: list[dict], tokenizer, max_seq_len: int):
+        if max_seq_len < 2:
+            raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
+        self.max_seq_len = max_seq_len
+        self.items: list[tuple[list[int], int]] = []
+        self.stats = DataStats()
+        for example in examples:
+            tokens, prompt_len = encode_example(tokenizer, example)
+            if len(tokens) > max_seq_len:
+                self.stats.truncated += 1
+                tokens = tokens[:max_seq_len]
+            if prompt_len >= len(tokens):
+                self.stats.dropped += 1
+                continue
+            self.items.append((tokens, prompt_len))
+            self.stats.target_tokens += len(tokens) - prompt_len
+        self.stats.examples = len(self.items)
+        self.lengths = [len(tokens) for tokens, _ in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> tuple[list[int], int]:
+        return self.items[i]
+
+    def target_tokens(self, ids) -> int:
+        """Loss-bearing tokens of the given examples (labels after the one-token shift)."""
+        return sum(len(self.items[i][0]) - self.items[i][1] for i in ids)
+
+
+def global_batches(lengths: list[int], global_batch_size: int, seed: int, epoch: int, group: int = 16):
+    """One epoch's global batches (lists of example ids), the same on every rank.
+
+    A seeded permutation is cut into mega-batches of `group` global batches, each sorted by length, so that
+    neighbours (one micro-batch) have similar lengths; then the batch order is shuffled again. The last
+    incomplete global batch is dropped (a different remainder each epoch).
+    """
+    n_batches = len(lengths) // global_batch_size
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(len(lengths), generator=gen).tolist()[: n_batches * global_batch_size]
+    mega = global_batch_size * group
+    batches = []
+    for start in range(0, len(order), mega):
+        chunk = sorted(order[start : start + mega], key=lambda i: -lengths[i])
+        batches += [chunk[j : j + global_batch_size] for j in range(0, len(chunk), global_batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+
+def rank_micro_batches(batch: list[int], micro_batch_size: int, world_size: int = 1, rank: int = 0):
+    """This rank's micro-batches of one global batch: micro-batch j goes to rank j % world_size."""
+    per_step = micro_batch_size * world_size
+    if len(batch) % per_step:
+        raise ValueError(f"global batch {len(batch)} is not a multiple of micro_batch_size x world_size = {per_step}")
+    micro = [batch[j : j + micro_batch_size] for j in range(0, len(batch), micro_batch_size)]
+    return micro[rank::world_size]
+
+
+def collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest item: {"tokens": (B, N) long, "labels": (B, N) long, IGNORE_INDEX on prompt/pad}.
+
+    Right padding keeps every real token's causal context free of pads, so no attention mask is needed.
+    """
+    width = max(len(tokens) for tokens, _ in items)
+    pad = pad_id if pad_id >= 0 else 0  # sentencepiece models without a pad piece report -1
+    tokens = torch.full((len(items), width), pad, dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ids, prompt_len) in enumerate(items):
+        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        labels[row, prompt_len : len(ids)] = tokens[row, prompt_len : len(ids)]
+    return {"tokens": tokens, "labels": labels}
+
+
+def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
+    return n_examples // global_batch_size
+
+
+def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
+    """Fraction of a padded batch's tokens that are padding (for reports and tests)."""
+    real = sum(lengths[i] for b in batches for i in b)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    return 0.0 if padded == 0 else 1.0 - real / padded
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DataError",
+    "DataStats",
+    "InstructionDataset",
+    "collate",
+    "encode_example",
+    "global_batches",
+    "load_examples",
+    "padding_waste",
+    "rank_micro_batches",
+    "split_examples",
+    "steps_per_epoch",
+]

@@ -1,0 +1,193 @@
+"""Batched generation with a static KV cache, and the `llama-adapter generate` command.
+
+Prompts of different lengths share one batch: they are right-padded for a single prefill (causal masking
+keeps every real token away from the pads), then each row decodes at its own position and attends to its
+own number of cached keys (`kv_lens`), which overwrite the pads as they come. A row therefore gets exactly
+what it gets alone. The adapter's prompt keys/values are computed once per call from the current
+parameters, never kept across calls, so a model that trains in between is never served stale ones.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from llama_adapter.attention import BACKENDS, set_attention_backend
+
+
+@dataclass
+class Step:
+    """One decoding step: the new token of each row (None once the row has stopped) and the logits it came from."""
+
+    tokens: list[int | None]
+    logits: torch.Tensor  # (B, vocab), the model's dtype
+
+
+def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, generator=None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, vocab): argmax at temperature 0, else nucleus sampling (Meta's rule:
+    keep the most probable tokens whose preceding cumulative probability is below top_p)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs > top_p] = 0.0
+        choice = torch.multinomial(sorted_probs, 1, generator=generator)  # multinomial renormalises
+        return order.gather(-1, choice).squeeze(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _check_request(model, prompts, max_new_tokens, temperature, top_p) -> list[int]:
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
+    vocab, max_seq_len = model.params.vocab_size, model.params.max_seq_len
+    for b, p in enumerate(prompts):
+        if not isinstance(p, (list, tuple)) or not p or not all(isinstance(t, int) for t in p):
+            raise TypeError(f"prompts[{b}] must be a non-empty list of ints, got {p!r:.60}")
+        if not all(0 <= t < vocab for t in p):
+            raise ValueError(f"prompts[{b}] has token ids outside [0, vocab_size={vocab})")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    lengths = [len(p) for p in prompts]
+    if max(lengths) + max_new_tokens > max_seq_len:
+        raise ValueError(
+            f"prompt length {max(lengths)} + max_new_tokens {max_new_tokens} exceeds the model's "
+            f"max_seq_len={max_seq_len}"
+        )
+    return lengths
+
+
+@torch.inference_mode()
+def generate_stream(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
+) -> Iterator[Step]:
+    """Yield a `Step` per decoding step until every row has produced eos_id or max_new_tokens tokens."""
+    lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p)
+    device = model.tok_embeddings.weight.device
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    B, longest = len(prompts), max(lengths)
+    cache = model.new_cache(B, max_len=longest + max_new_tokens)
+    adapter_kv = model.adapter_kv(prompt_offset, B)
+    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+    for b, p in enumerate(prompts):
+        padded[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+    pos = torch.tensor(lengths, dtype=torch.long, device=device)
+    zero = torch.zeros(B, dtype=torch.long, device=device)
+    logits = model(padded, cache=cache, input_pos=zero, adapter_kv=adapter_kv, logits_pos=pos - 1)[:, -1]
+    stopped = [False] * B
+    for step in range(max_new_tokens):
+        next_tokens = sample(logits, temperature, top_p, generator)
+        out: list[int | None] = []
+        for b, t in enumerate(next_tokens.tolist()):
+            stopped[b] = stopped[b] or t == eos_id
+            out.append(None if stopped[b] else t)
+        yield Step(out, logits)
+        if all(stopped) or step == max_new_tokens - 1:
+            return
+        logits = model(next_tokens[:, None], cache=cache, input_pos=pos + step, adapter_kv=adapter_kv)[:, -1]
+
+
+def generate(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    *,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    prompt_offset: torch.Tensor | None = None,
+    callback: Callable[[Step], None] | None = None,
+) -> list[list[int]]:
+    """The new tokens of each prompt (eos itself not included). `callback(step)` sees every step as it comes."""
+    results: list[list[int]] = [[] for _ in prompts]
+    stream = generate_stream(
+        model, prompts, max_new_tokens, temperature, top_p, eos_id, seed=seed, generator=generator,
+        prompt_offset=prompt_offset,
+    )  # fmt: skip
+    for step in stream:
+        if callback is not None:
+            callback(step)
+        for row, t in zip(results, step.tokens):
+            if t is not None:
+                row.append(t)
+    return results
+
+
+# ----- command line -----
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="answer an instruction with a (adapted) LLaMA checkpoint")
+    p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory (with tokenizer.model)")
+    p.add_argument("--adapter", help="adapter to load: our dir, a PEFT adaption-prompt dir or the official .pth")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--input", default=None, help="optional context for the instruction (Alpaca template)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)")
+    p.set_defaults(func=_cli_generate)
+
+
+def _cli_generate(args) -> int:
+    from llama_adapter.model import LLaMA
+    from llama_adapter.prompts import alpaca_prompt
+    from llama_adapter.tokenizer import Tokenizer
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    # the Triton kernels take fp16/bf16/fp32 only; "auto" would pick them for CUDA or under TRITON_INTERPRET
+    set_attention_backend("reference" if args.backend == "auto" and dtype == torch.float64 else args.backend)
+    tokenizer = Tokenizer.from_dir(args.model)
+    model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
+    if args.adapter:
+        model.load_adapter(args.adapter)
+    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
+
+    new_ids: list[int] = []
+    printed = ""
+
+    def show(step: Step) -> None:
+        nonlocal printed
+        if step.tokens[0] is None:
+            return
+        new_ids.append(step.tokens[0])
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(printed) :], end="", flush=True)
+            printed = text
+
+    start = time.perf_counter()
+    generate(
+        model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id, seed=args.seed,
+        callback=show,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    print(tokenizer.decode(new_ids)[len(printed) :])
+    rate = len(new_ids) / seconds if seconds > 0 else float("inf")
+    print(f"[{len(new_ids)} tokens in {seconds:.2f} s: {rate:.1f} tokens/s]", file=sys.stderr)
+    return 0

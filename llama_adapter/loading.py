@@ -1,0 +1,351 @@
+"""Load a Meta or Hugging Face LLaMA checkpoint directory into `LLaMA` (Meta's parameter names).
+
+Meta dir: params.json + consolidated.NN.pth, one file per model-parallel rank. Column-parallel weights
+(wq, wk, wv, w1, w3, output) are split along dim 0, row-parallel ones (wo, w2) along dim 1, norms are
+replicated. The embedding is split along dim 1 in LLaMA-1/2 (fairscale ParallelEmbedding) but along
+dim 0 in LLaMA-3 (VocabParallelEmbedding): the shard shapes tell which, since dim is in params.json.
+
+HF dir: config.json + model.safetensors, a sharded model.safetensors.index.json, or pytorch_model.bin
+(also sharded). HF's q/k rows are permuted so that rotate-half RoPE pairs dims (i, i + D/2); Meta's
+interleaved RoPE pairs (2i, 2i + 1), so the loader undoes that permutation.
+
+The model is built on the meta device and the checkpoint's tensors (memory-mapped) are assigned to it,
+so nothing is allocated twice. Every problem with the files is a FileNotFoundError or CheckpointError
+(a ValueError) naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+META_PARAMS = "params.json"
+HF_CONFIG = "config.json"
+# Meta's hard-coded LLaMA-3.1 scaling (llama-models' apply_scaling); params.json may override two of them.
+_META_ROPE_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+_MODEL_ARG_FIELDS = (
+    "dim n_layers n_heads n_kv_heads vocab_size multiple_of ffn_dim_multiplier norm_eps rope_theta max_seq_len".split()
+)
+
+_COLUMN_PARALLEL = ("wq", "wk", "wv", "w1", "w3")
+_ROW_PARALLEL = ("wo", "w2")
+
+_HF_LAYER_NAMES = {
+    "self_attn.q_proj": "attention.wq",
+    "self_attn.k_proj": "attention.wk",
+    "self_attn.v_proj": "attention.wv",
+    "self_attn.o_proj": "attention.wo",
+    "mlp.gate_proj": "feed_forward.w1",
+    "mlp.down_proj": "feed_forward.w2",
+    "mlp.up_proj": "feed_forward.w3",
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+_HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+                 "lm_head.weight": "output.weight"}  # fmt: skip
+_HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
+
+
+@dataclass
+class Checkpoint:
+    """Model arguments and tensors (Meta names) read from a directory; `sources` maps each name to its file."""
+
+    args: dict
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def _torch_load(path: str) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # truncated zips raise RuntimeError or OSError depending on where they end
+        raise CheckpointError(f"cannot read {path} (truncated or not a torch checkpoint?): {e}") from e
+    if not isinstance(sd, dict):
+        raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
+    if isinstance(sd.get("model"), dict):  # training checkpoints wrap the state dict
+        sd = sd["model"]
+    return sd
+
+
+def _safetensors_load(path: str, names=None) -> dict:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            available = set(f.keys())
+            return {n: f.get_tensor(n) for n in (available if names is None else names) if n in available}
+    except Exception as e:  # SafetensorError: truncated header or data
+        raise CheckpointError(f"cannot read {path} (truncated or not a safetensors file?): {e}") from e
+
+
+def read_tensor_file(path: str, names=None) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors or torch (.pth / .bin / .pt) file, memory-mapped; only `names` if given
+    (a sharded checkpoint's index lists them), each of which must be there."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    tensors = _safetensors_load(path, names) if path.endswith(".safetensors") else _torch_load(path)
+    if names is None:
+        return tensors
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise CheckpointError(f"{path} lacks tensor {missing[0]!r} (listed for it in the index)")
+    return {n: tensors[n] for n in names}
+
+
+# ---------------------------------------------------------------- Meta
+
+
+def meta_model_args(params: dict, path: str = META_PARAMS) -> dict:
+    """ModelArgs fields from a Meta params.json (LLaMA-1/2/3); vocab_size -1 is left for the embedding to fill."""
+    missing = [k for k in ("dim", "n_layers", "n_heads") if k not in params]
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    args = {k: params[k] for k in _MODEL_ARG_FIELDS if params.get(k) is not None}
+    if params.get("use_scaled_rope"):
+        scaling = dict(_META_ROPE_SCALING)
+        if params.get("rope_scaling_factor") is not None:  # LLaMA-3.2 1B/3B use 32
+            scaling["factor"] = float(params["rope_scaling_factor"])
+        if params.get("rope_high_freq_factor") is not None:
+            scaling["high_freq_factor"] = float(params["rope_high_freq_factor"])
+        args["rope_scaling"] = scaling
+    return args
+
+
+def _meta_split_dim(name: str, shard_shape: torch.Size, n_shards: int, dim: int) -> int | None:
+    """The dim along which model-parallel shards of `name` are concatenated; None for replicated tensors."""
+    if name == "tok_embeddings.weight":
+        if shard_shape[1] == dim:  # LLaMA-3 VocabParallelEmbedding
+            return 0
+        return 1  # LLaMA-1/2 ParallelEmbedding splits the model dim
+    if name == "output.weight":
+        return 0
+    parts = name.split(".")  # layers.{i}.{attention|feed_forward}.{w}.weight
+    if len(parts) == 5 and parts[3] in _COLUMN_PARALLEL:
+        return 0
+    if len(parts) == 5 and parts[3] in _ROW_PARALLEL:
+        return 1
+    return None  # norms (and names the model check will reject)
+
+
+def read_meta_checkpoint(path: str) -> Checkpoint:
+    params_path = os.path.join(path, META_PARAMS)
+    args = meta_model_args(_read_json(params_path), params_path)
+    files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
+    if not files:
+        raise FileNotFoundError(f"no consolidated.*.pth checkpoint files in {path} (next to {META_PARAMS})")
+    shards = [read_tensor_file(f) for f in files]
+    for shard in shards:
+        shard.pop("rope.freqs", None)  # LLaMA-1 stored its RoPE table; it is recomputed
+    for f, shard in zip(files[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            odd = sorted(shard.keys() ^ shards[0].keys())[0]
+            raise CheckpointError(
+                f"model-parallel shards disagree: tensor {odd!r} is in only one of {files[0]} and {f}"
+            )
+
+    ckpt = Checkpoint(args)
+    for name, first in shards[0].items():
+        pieces = [s[name] for s in shards]
+        split = _meta_split_dim(name, first.shape, len(files), args["dim"]) if len(files) > 1 else None
+        for f, p in zip(files, pieces):
+            if p.shape != first.shape:
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(p.shape)} in {f} but {tuple(first.shape)} in {files[0]}"
+                )
+        ckpt.tensors[name] = pieces[0] if split is None else torch.cat(pieces, dim=split)
+        ckpt.sources[name] = files[0] if split is None else f"{files[0]} .. {files[-1]}"
+    if args.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in ckpt.tensors:
+        args["vocab_size"] = ckpt.tensors["tok_embeddings.weight"].shape[0]
+    return ckpt
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def hf_model_args(config: dict, path: str = HF_CONFIG) -> dict:
+    """ModelArgs fields from a transformers LlamaConfig dict (transformers 4 and 5 layouts)."""
+    if config.get("model_type", "llama") != "llama":
+        raise CheckpointError(f"{path}: model_type {config.get('model_type')!r} is not supported, only 'llama'")
+    for flag in ("attention_bias", "mlp_bias"):
+        if config.get(flag):
+            raise CheckpointError(f"{path}: {flag}=true is not supported (LLaMA has no biases)")
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+               if k not in config]  # fmt: skip
+    if missing:
+        raise CheckpointError(f"{path} lacks {missing}")
+    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
+    if config.get("head_dim") not in (None, dim // n_heads):
+        raise CheckpointError(
+            f"{path}: head_dim {config['head_dim']} != hidden_size / num_attention_heads is not supported"
+        )
+    if config.get("hidden_act", "silu") != "silu":
+        raise CheckpointError(f"{path}: hidden_act {config['hidden_act']!r} is not supported, only 'silu'")
+    args = dict(
+        dim=dim,
+        n_layers=config["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        vocab_size=config["vocab_size"],
+        hidden_dim=config["intermediate_size"],
+        norm_eps=config.get("rms_norm_eps", 1e-6),
+    )
+    if config.get("max_position_embeddings"):
+        args["max_seq_len"] = config["max_position_embeddings"]
+    # transformers 5 keeps rope_theta and the scaling in rope_parameters; 4.x had rope_theta + rope_scaling.
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    args["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type == "llama3":
+        keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+        if any(k not in rope for k in keys):
+            raise CheckpointError(f"{path}: llama3 rope scaling needs {keys}, got {sorted(rope)}")
+        args["rope_scaling"] = {k: rope[k] for k in keys}
+    elif rope_type not in ("default", None):
+        raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported (only default and llama3)")
+    return args
+
+
+def unpermute_rotate_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """HF q/k rows (per head: first halves, then second halves) -> Meta's interleaved pairs."""
+    rows, cols = w.shape
+    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def hf_to_meta_name(name: str) -> str | None:
+    """Meta name of an HF Llama tensor; None for tensors to skip (old checkpoints' rotary inv_freq)."""
+    if name in _HF_TOP_NAMES:
+        return _HF_TOP_NAMES[name]
+    if name.endswith("rotary_emb.inv_freq"):
+        return None
+    m = _HF_LAYER.match(name)
+    if m and m.group(2) in _HF_LAYER_NAMES:
+        return f"layers.{m.group(1)}.{_HF_LAYER_NAMES[m.group(2)]}.weight"
+    return name  # unknown: kept, so the model check reports it as unexpected
+
+
+def _hf_weight_files(path: str) -> dict[str, list[str] | None]:
+    """{file: tensor names to read (None: all)} for the HF dir's weights."""
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = os.path.join(path, index_name)
+        if os.path.isfile(index_path):
+            weight_map = _read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path} has no weight_map")
+            files: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                files.setdefault(os.path.join(path, fname), []).append(name)
+            return files
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, single)):
+            return {os.path.join(path, single): None}
+    raise FileNotFoundError(
+        f"no weights in {path}: looked for model.safetensors(.index.json) and pytorch_model.bin(.index.json)"
+    )
+
+
+def read_hf_checkpoint(path: str) -> Checkpoint:
+    config_path = os.path.join(path, HF_CONFIG)
+    config = _read_json(config_path)
+    ckpt = Checkpoint(hf_model_args(config, config_path))
+    for fname, names in _hf_weight_files(path).items():
+        for name, t in read_tensor_file(fname, names).items():
+            meta_name = hf_to_meta_name(name)
+            if meta_name is None:
+                continue
+            if meta_name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                heads = ckpt.args["n_heads"] if meta_name.endswith("wq.weight") else ckpt.args["n_kv_heads"]
+                if t.dim() != 2 or t.shape[0] % (2 * heads):
+                    raise CheckpointError(
+                        f"tensor {name!r} in {fname} has shape {tuple(t.shape)}, not ({heads}*D, dim)"
+                    )
+                t = unpermute_rotate_half(t, heads)
+            ckpt.tensors[meta_name] = t
+            ckpt.sources[meta_name] = fname
+    if (
+        "output.weight" not in ckpt.tensors
+        and config.get("tie_word_embeddings")
+        and "tok_embeddings.weight" in ckpt.tensors
+    ):
+        ckpt.tensors["output.weight"] = ckpt.tensors["tok_embeddings.weight"]
+        ckpt.sources["output.weight"] = ckpt.sources["tok_embeddings.weight"] + " (tied)"
+    return ckpt
+
+
+# ---------------------------------------------------------------- model
+
+
+def read_checkpoint(path) -> Checkpoint:
+    """A Meta (params.json) or HF (config.json) checkpoint directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    if os.path.isfile(os.path.join(path, META_PARAMS)):
+        return read_meta_checkpoint(path)
+    if os.path.isfile(os.path.join(path, HF_CONFIG)):
+        return read_hf_checkpoint(path)
+    raise FileNotFoundError(f"{path} is neither a Meta checkpoint ({META_PARAMS}) nor a Hugging Face one ({HF_CONFIG})")
+
+
+def check_state_dict(ckpt: Checkpoint, expected: dict[str, torch.Size], where: str) -> None:
+    """Raise CheckpointError on a missing, unexpected or wrongly shaped tensor, naming it and its file."""
+    missing = [n for n in expected if n not in ckpt.tensors]
+    if missing:
+        raise CheckpointError(f"tensor {missing[0]!r} is missing from {where} ({len(missing)} missing in all)")
+    extra = [n for n in ckpt.tensors if n not in expected]
+    if extra:
+        raise CheckpointError(f"unexpected tensor {extra[0]!r} in {ckpt.sources[extra[0]]} ({len(extra)} unexpected)")
+    for name, shape in expected.items():
+        got = ckpt.tensors[name].shape
+        if got != shape:
+            raise CheckpointError(
+                f"tensor {name!r} in {ckpt.sources[name]} has shape {tuple(got)}, the model expects {tuple(shape)}"
+            )
+
+
+def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device=None, **overrides):
+    """A `LLaMA` with the weights of a Meta or HF directory.
+
+    adapter: None, an AdapterConfig (fresh prompts, zero gates), or a path `load_adapter` accepts.
+    dtype: None keeps the checkpoint's (its embedding's dtype); device: None is the CPU.
+    overrides: ModelArgs fields to replace, e.g. max_seq_len (Meta's params.json does not record it).
+    """
+    from llama_adapter.model import LLaMA, ModelArgs
+
+    ckpt = read_checkpoint(path)
+    args = ModelArgs(**{**ckpt.args, **overrides})
+    model = LLaMA(args, device="meta")
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    check_state_dict(ckpt, expected, os.fspath(path))
+    if dtype is None:
+        dtype = ckpt.tensors["tok_embeddings.weight"].dtype
+    device = torch.device("cpu" if device is None else device)
+    # Tensors already in the right dtype and place stay memory-mapped (torch.load's mmap is copy-on-write).
+    state = {name: t.to(device=device, dtype=dtype) for name, t in ckpt.tensors.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    if adapter is not None:
+        from llama_adapter.model import AdapterConfig
+
+        if isinstance(adapter, AdapterConfig):
+            model.attach_adapter(adapter)
+        elif isinstance(adapter, str | os.PathLike):
+            model.load_adapter(adapter)
+        else:
+            raise TypeError(f"adapter must be an AdapterConfig or a path, got {type(adapter).__name__}")
+    return model

@@ -1,0 +1,406 @@
+"""A minimal LLaMA (1/2/3) with LLaMA-Adapter's zero-init gated prompts, in Meta's parameter names.
+
+One forward serves training (full sequences, no cache) and cached generation: with a `KVCache`, each row
+starts at its own position (`input_pos`, (B,)) and attends to its own number of cached keys (`kv_lens`), so
+right-padded prompts of different lengths give exactly what each gives alone. The adapter's prompt keys and
+values are recomputed from the current parameters on every call unless the caller passes `adapter_kv`
+(generation computes them once per call, never across calls, so training never sees stale ones).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from llama_adapter.attention import adapter_attention
+
+_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    rope_scaling: dict | None = None  # LLaMA-3.1: factor, low_freq_factor, high_freq_factor, original_max_pos...
+    hidden_dim: int | None = None  # None: Meta's SwiGLU rule below
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+        self.head_dim = self.dim // self.n_heads
+        if self.hidden_dim is None:
+            hidden = int(2 * 4 * self.dim / 3)
+            if self.ffn_dim_multiplier is not None:
+                hidden = int(self.ffn_dim_multiplier * hidden)
+            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # never alias CONFIGS' dict
+            missing = [k for k in _ROPE_SCALING_KEYS if k not in self.rope_scaling]
+            if missing:
+                raise ValueError(f"rope_scaling needs keys {_ROPE_SCALING_KEYS}, missing {missing}")
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> ModelArgs:
+        if name not in CONFIGS:
+            raise ValueError(f"unknown model name {name!r}; known: {sorted(CONFIGS)}")
+        return cls(**{**CONFIGS[name], **overrides})
+
+
+_LLAMA3_8B = dict(
+    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
+    rope_theta=500000.0, max_seq_len=8192,
+)  # fmt: skip
+_LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
+CONFIGS = {
+    "7B": dict(dim=4096, n_layers=32, n_heads=32),
+    "13B": dict(dim=5120, n_layers=40, n_heads=40),
+    "70B": dict(
+        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096
+    ),
+    "llama3-8B": _LLAMA3_8B,
+    "llama3.1-8B": {**_LLAMA3_8B, "rope_scaling": _LLAMA31_SCALING},
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=256),
+}
+
+
+@dataclass
+class AdapterConfig:
+    adapter_len: int = 10
+    adapter_layers: int = 30
+    gate: str = "head"  # "head": one gate per head (official v1); "scalar": one per layer (PEFT)
+    gate_act: str = "tanh"  # "tanh": official training code; "none": official inference code, PEFT, lit-llama
+
+    def __post_init__(self):
+        if not isinstance(self.adapter_len, int) or self.adapter_len < 1:
+            raise ValueError(f"adapter_len must be a positive int, got {self.adapter_len!r}")
+        if not isinstance(self.adapter_layers, int) or self.adapter_layers < 1:
+            raise ValueError(f"adapter_layers must be a positive int, got {self.adapter_layers!r}")
+        if self.gate not in ("head", "scalar"):
+            raise ValueError(f"gate must be 'head' or 'scalar', got {self.gate!r}")
+        if self.gate_act not in ("tanh", "none"):
+            raise ValueError(f"gate_act must be 'tanh' or 'none', got {self.gate_act!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AdapterConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown AdapterConfig keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
+
+
+def _upcast(dtype: torch.dtype) -> torch.dtype:
+    """float32, or the dtype itself when wider (float64): norms, RoPE and softmax never round down."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,) in float64; LLaMA-3.1 scaling stretches the low frequencies."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, blended)
+    return torch.where(wavelen < old_len / high, inv_freq, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Meta's interleaved-pair rotation (x[2i], x[2i+1]) in real arithmetic. x (B, N, H, D); cos, sin (B|1, N, D/2)."""
+    xr = x.to(_upcast(x.dtype)).unflatten(-1, (-1, 2))  # (B, N, H, D/2, 2)
+    x0, x1 = xr[..., 0], xr[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+    return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x):
+        xf = x.to(_upcast(x.dtype))
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+class KVCache:
+    """Preallocated static keys/values, one (B, Hkv, max_len, D) pair per layer (gpt-fast style)."""
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, *, dtype, device):
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.batch, self.max_len = batch, max_len
+        self.length = 0  # keys in use this step (the longest row's): set once per forward, not per layer
+
+    def write(self, layer: int, k, v, positions):
+        """Store k, v (B, Hkv, N, D) at per-row positions (B, N); return the first `length` cached keys/values."""
+        index = positions[:, None, :, None].expand_as(k)
+        self.k[layer].scatter_(2, index, k)
+        self.v[layer].scatter_(2, index, v)
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_id, self.n_heads, self.n_kv_heads = layer_id, args.n_heads, args.n_kv_heads
+        self.head_dim = args.head_dim
+        kv_dim = args.n_kv_heads * args.head_dim
+        self.wq = nn.Linear(args.dim, args.dim, bias=False, device=device, dtype=dtype)
+        self.wk = nn.Linear(args.dim, kv_dim, bias=False, device=device, dtype=dtype)
+        self.wv = nn.Linear(args.dim, kv_dim, bias=False, device=device, dtype=dtype)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False, device=device, dtype=dtype)
+        self.remove_adapter()
+
+    def remove_adapter(self):
+        self.adapter_prompt = None
+        self.adapter_gate = None
+        self.gate_act = None
+
+    def add_adapter(self, cfg: AdapterConfig):
+        w = self.wk.weight
+        pdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        dim = self.wq.in_features
+        self.adapter_prompt = nn.Parameter(torch.randn(cfg.adapter_len, dim, device=w.device, dtype=pdtype))
+        n_gates = self.n_heads if cfg.gate == "head" else 1
+        self.adapter_gate = nn.Parameter(torch.zeros(n_gates, device=w.device, dtype=pdtype))
+        self.gate_act = cfg.gate_act
+
+    def prompt_kv(self, prompt_offset=None):
+        """Prompt keys/values (Hkv, K, D), or (B, Hkv, K, D) with a (B, K|1, dim) offset, and the gate (n_heads,)."""
+        prompt = self.adapter_prompt
+        if prompt_offset is not None:
+            prompt = prompt + prompt_offset  # (B, K, dim)
+        prompt = prompt.to(self.wk.weight.dtype)
+        ak = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)  # (..., Hkv, K, D)
+        av = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
+        gate = torch.tanh(self.adapter_gate) if self.gate_act == "tanh" else self.adapter_gate
+        return ak, av, gate.expand(self.n_heads)
+
+    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None):
+        B, N, _ = x.shape
+        q = apply_rope(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
+        k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
+        v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, N, D)
+        if cache is not None:
+            k, v = cache.write(self.layer_id, k, v, positions)
+        ak, av, gate = adapter_kv if adapter_kv is not None else (None, None, None)
+        out = adapter_attention(q, k, v, ak, av, gate, causal=True, kv_lens=kv_lens)  # (B, H, N, D)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int, device=None, dtype=None):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False, device=device, dtype=dtype)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False, device=device, dtype=dtype)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False, device=device, dtype=dtype)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, device=None, dtype=None):
+        super().__init__()
+        self.attention = Attention(args, layer_id, device=device, dtype=dtype)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, device=device, dtype=dtype)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
+
+    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, cache, positions, kv_lens)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+def _is_adapter_param(name: str) -> bool:
+    """The single source of truth for what trains and what an adapter file holds."""
+    return name.rsplit(".", 1)[-1] in ("adapter_prompt", "adapter_gate")
+
+
+class LLaMA(nn.Module):
+    def __init__(self, params: ModelArgs, adapter: AdapterConfig | None = None, *, device=None, dtype=None):
+        super().__init__()
+        self.params = params
+        self.tok_embeddings = nn.Embedding(params.vocab_size, params.dim, device=device, dtype=dtype)
+        self.layers = nn.ModuleList(TransformerBlock(params, i, device, dtype) for i in range(params.n_layers))
+        self.norm = RMSNorm(params.dim, params.norm_eps, device=device, dtype=dtype)
+        self.output = nn.Linear(params.dim, params.vocab_size, bias=False, device=device, dtype=dtype)
+        self.requires_grad_(False)
+        self.adapter_config = None
+        self.gradient_checkpointing = False
+        self._rope_tables = {}
+        if adapter is not None:
+            self.attach_adapter(adapter)
+
+    # ----- adapter -----
+    def attach_adapter(self, cfg: AdapterConfig) -> None:
+        """Add fresh prompts (N(0,1)) and zero gates to the top `cfg.adapter_layers` layers (replacing any)."""
+        if not isinstance(cfg, AdapterConfig):
+            raise TypeError(f"cfg must be an AdapterConfig, got {type(cfg).__name__}")
+        if cfg.adapter_layers > self.params.n_layers:
+            raise ValueError(
+                f"adapter_layers ({cfg.adapter_layers}) exceeds the model's n_layers {self.params.n_layers}"
+            )
+        for i, layer in enumerate(self.layers):
+            layer.attention.remove_adapter()
+            if i >= self.first_adapter_layer(cfg):
+                layer.attention.add_adapter(cfg)
+        self.adapter_config = cfg
+
+    def first_adapter_layer(self, cfg: AdapterConfig | None = None) -> int:
+        cfg = cfg or self.adapter_config
+        return self.params.n_layers - (cfg.adapter_layers if cfg else 0)
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if _is_adapter_param(name)]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: t for name, t in self.state_dict().items() if _is_adapter_param(name)}
+
+    def trainable_summary(self) -> str:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        share = 100 * trainable / total
+        return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}"
+
+    def print_trainable_parameters(self) -> None:
+        print(self.trainable_summary())
+
+    def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list:
+        """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters."""
+        if prompt_offset is not None:
+            cfg = self.adapter_config
+            if cfg is None:
+                raise ValueError("prompt_offset was given but the model has no adapter (attach_adapter first)")
+            K, dim = cfg.adapter_len, self.params.dim
+            ok = prompt_offset.dim() == 3 and prompt_offset.shape[1] in (1, K) and prompt_offset.shape[2] == dim
+            if not ok or (batch is not None and prompt_offset.shape[0] != batch):
+                got = tuple(prompt_offset.shape)
+                raise ValueError(f"prompt_offset must have shape (B={batch}, {K} or 1, {dim}), got {got}")
+        return [
+            layer.attention.prompt_kv(prompt_offset) if layer.attention.adapter_prompt is not None else None
+            for layer in self.layers
+        ]
+
+    # ----- forward -----
+    def rope_tables(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (max_seq_len, D/2): computed in float64, kept in float32 (float64 for float64 models)."""
+        tdtype = _upcast(dtype)
+        key = (torch.device(device), tdtype)
+        if key not in self._rope_tables:
+            p = self.params
+            inv_freq = rope_frequencies(p.head_dim, p.rope_theta, p.rope_scaling).to(device)
+            angles = torch.outer(torch.arange(p.max_seq_len, dtype=torch.float64, device=device), inv_freq)
+            self._rope_tables[key] = (angles.cos().to(tdtype), angles.sin().to(tdtype))
+        return self._rope_tables[key]
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        p = self.params
+        max_len = p.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= p.max_seq_len:
+            raise ValueError(f"cache max_len must be in [1, max_seq_len={p.max_seq_len}], got {max_len}")
+        w = self.tok_embeddings.weight
+        return KVCache(p.n_layers, batch, p.n_kv_heads, max_len, p.head_dim, dtype=w.dtype, device=w.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        prompt_offset: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        input_pos: torch.Tensor | None = None,
+        adapter_kv: list | None = None,
+        logits_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens (B, N) -> logits (B, N, vocab).
+
+        With `cache`, row b's tokens sit at positions input_pos[b] + arange(N) and attend to the cached keys
+        before them only. `adapter_kv` (from `adapter_kv()`) skips recomputing the prompt keys/values;
+        `logits_pos` (B,) returns only the logits at those positions, (B, 1, vocab).
+        """
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            got = getattr(tokens, "shape", type(tokens).__name__)
+            raise ValueError(f"tokens must be an integer tensor of shape (B, N), got {got}")
+        B, N = tokens.shape
+        device = tokens.device
+        if cache is None:
+            if N > self.params.max_seq_len:
+                raise ValueError(f"tokens has {N} positions, more than max_seq_len={self.params.max_seq_len}")
+            positions = torch.arange(N, device=device)[None]  # (1, N)
+            kv_lens = None
+        else:
+            if input_pos is None or cache.batch != B:
+                raise ValueError(f"cache (batch {cache.batch}) needs input_pos of shape ({B},) and tokens batch {B}")
+            input_pos = torch.as_tensor(input_pos, device=device, dtype=torch.long).expand(B)  # int or (B,)
+            positions = input_pos[:, None] + torch.arange(N, device=device)  # (B, N)
+            cache.length = int(positions.max()) + 1
+            if cache.length > cache.max_len:
+                raise ValueError(f"positions up to {cache.length - 1} exceed the cache's max_len={cache.max_len}")
+            kv_lens = (input_pos + N).to(torch.int32)
+        if adapter_kv is None:
+            adapter_kv = self.adapter_kv(prompt_offset, B)
+        elif prompt_offset is not None:
+            raise ValueError("pass prompt_offset or adapter_kv, not both (adapter_kv already includes the offset)")
+
+        cos, sin = self.rope_tables(device, self.tok_embeddings.weight.dtype)
+        cos, sin = cos[positions], sin[positions]  # (B|1, N, D/2)
+        h = self.tok_embeddings(tokens)
+        first = self.first_adapter_layer()
+        for i, layer in enumerate(self.layers):
+            args = (h, cos, sin, adapter_kv[i], cache, positions, kv_lens)
+            if self.gradient_checkpointing and i >= first and cache is None and torch.is_grad_enabled():
+                h = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                h = layer(*args)
+        if logits_pos is not None:
+            h = h.gather(1, logits_pos.to(device=device, dtype=torch.long).view(B, 1, 1).expand(B, 1, h.shape[-1]))
+        return self.output(self.norm(h))
+
+    # ----- delegations (imported lazily: these modules import this one) -----
+    @classmethod
+    def from_pretrained(cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None) -> LLaMA:
+        from llama_adapter.loading import load_pretrained
+
+        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device)
+
+    def save_adapter(self, directory) -> None:
+        from llama_adapter.adapter_io import save_adapter
+
+        return save_adapter(self, directory)
+
+    def load_adapter(self, path) -> None:
+        from llama_adapter.adapter_io import load_adapter
+
+        return load_adapter(self, path)
+
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, **kwargs):
+        from llama_adapter.generation import generate
+
+        return generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id, **kwargs)

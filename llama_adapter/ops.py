@@ -1,0 +1,155 @@
+"""The fused op: Triton launchers wrapped as torch custom ops with autograd, so torch.compile traces them whole.
+
+    llama_adapter::adapter_attention_fwd     (q, k, v, adapter_k?, adapter_v?, gate?, kv_lens?, causal, sm_scale)
+                                             -> (o, lse_w, lse_a)   lse in log2 units; lse_a empty without prompt
+    llama_adapter::adapter_attention_bwd     -> (dq, dk, dv, dadapter_k, dadapter_v, dgate)   (empty if no prompt)
+    llama_adapter::adapter_attention_decode  inference with few queries (flash-decoding kernel, kernels/decode.py)
+
+`fused_adapter_attention` is what `llama_adapter.attention.adapter_attention` calls on the "triton" backend,
+after `check_inputs`. Gradients flow to q, k, v, adapter_k, adapter_v and the effective gate (gate_act' is
+the model's business). Shared prompts and GQA groups reduce their gradients deterministically (see
+kernels/attention_bwd.py).
+"""
+
+import functools
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from llama_adapter.kernels.attention_bwd import adapter_attention_bwd
+from llama_adapter.kernels.attention_fwd import adapter_attention_fwd
+
+DECODE_MAX_QUERIES = 16
+
+
+@torch.library.custom_op("llama_adapter::adapter_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adapter_k: Optional[Tensor],
+    adapter_v: Optional[Tensor],
+    gate: Optional[Tensor],
+    kv_lens: Optional[Tensor],
+    causal: bool,
+    sm_scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    o, lse_w, lse_a = adapter_attention_fwd(
+        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens
+    )
+    return o, lse_w, lse_a if lse_a is not None else lse_w.new_empty(0)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale):
+    lse = q.new_empty(q.shape[:3], dtype=torch.float32)
+    return q.new_empty(q.shape), lse, q.new_empty(q.shape[:3] if adapter_k is not None else 0, dtype=torch.float32)
+
+
+@torch.library.custom_op("llama_adapter::adapter_attention_bwd", mutates_args=())
+def _bwd_op(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adapter_k: Optional[Tensor],
+    adapter_v: Optional[Tensor],
+    gate: Optional[Tensor],
+    kv_lens: Optional[Tensor],
+    o: Tensor,
+    lse_w: Tensor,
+    lse_a: Tensor,
+    causal: bool,
+    sm_scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    has_prompt = adapter_k is not None
+    grads = adapter_attention_bwd(
+        do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a if has_prompt else None,
+        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
+    )  # fmt: skip
+    if has_prompt:
+        return grads
+    empty = q.new_empty(0)
+    return (*grads[:3], empty, empty.clone(), empty.clone())
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal, sm_scale):
+    def like(t):  # real grads are fresh contiguous tensors
+        return q.new_empty(0) if t is None else t.new_empty(t.shape)
+
+    return like(q), like(k), like(v), like(adapter_k), like(adapter_v), like(gate)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale = inputs
+    o, lse_w, lse_a = output
+    ctx.save_for_backward(q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a)
+    ctx.causal, ctx.sm_scale = causal, sm_scale
+    ctx.mark_non_differentiable(lse_w, lse_a)
+
+
+def _backward(ctx, do, _dlse_w, _dlse_a):
+    q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a = ctx.saved_tensors
+    dq, dk, dv, dak, dav, dgate = _bwd_op(
+        do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, ctx.causal, ctx.sm_scale
+    )
+    if adapter_k is None:
+        dak = dav = dgate = None
+    return dq, dk, dv, dak, dav, dgate, None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@functools.cache
+def _decode_launcher():
+    try:
+        from llama_adapter.kernels.decode import decode_attention
+    except ImportError:
+        return None
+    return decode_attention
+
+
+@torch.library.custom_op("llama_adapter::adapter_attention_decode", mutates_args=())
+def _decode_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    adapter_k: Optional[Tensor],
+    adapter_v: Optional[Tensor],
+    gate: Optional[Tensor],
+    kv_lens: Optional[Tensor],
+    causal: bool,
+    sm_scale: float,
+) -> Tensor:
+    o = _decode_launcher()(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens)
+    return o.contiguous()
+
+
+@_decode_op.register_fake
+def _(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale):
+    return q.new_empty(q.shape)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def fused_adapter_attention(
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None
+) -> Tensor:
+    """Fused gated prompt attention on the Triton kernels (inputs checked by `attention.check_inputs`).
+
+    Few queries without autograd (decode) go to the split-KV decode kernel when it is installed; everything
+    else runs the FlashAttention-style forward, differentiable in q, k, v, adapter_k, adapter_v and gate.
+    """
+    args = (q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, float(sm_scale))
+    if (
+        q.shape[2] <= DECODE_MAX_QUERIES
+        and not _needs_grad(q, k, v, adapter_k, adapter_v, gate)
+        and _decode_launcher() is not None
+    ):
+        return _decode_op(*args)
+    return _fwd_op(*args)[0]

@@ -1,0 +1,573 @@
+"""Adapter fine-tuning with the official LLaMA-Adapter recipe, on one device or many (torchrun: DDP or FSDP).
+
+Recipe (the official training code): only prompts and gates train; AdamW betas (0.9, 0.95), weight decay 0.02
+on prompts and 0 on gates; lr = blr * global_batch / 256 (blr 9e-3); per optimizer step, linear warmup over
+`warmup_epochs`, then a half cosine to 0 at the end of the last epoch. Gradients accumulate to the global
+batch = micro_batch x accumulation x world_size.
+
+The loss of a global batch is the sum of token losses divided by its number of target tokens, counted in
+advance from the batch's example ids (every rank knows the whole batch), so the gradient is the same whatever
+the split into micro-batches and ranks; each rank scales by world_size because DDP averages.
+
+Precision: on CUDA the frozen base is bf16 (fp16 + GradScaler where bf16 is missing) under autocast, the
+adapter fp32; on the CPU everything is fp32. The layers below the first adapted one run without autograd by
+construction (nothing there requires grad), and `--grad-checkpointing` recomputes the adapted layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from llama_adapter import train_state
+from llama_adapter.data import (
+    IGNORE_INDEX,
+    DataError,
+    InstructionDataset,
+    collate,
+    global_batches,
+    load_examples,
+    rank_micro_batches,
+    split_examples,
+)
+
+
+# ----------------------------------------------------------------------------- recipe
+def lr_factor(step: int, steps_per_epoch: int, warmup_epochs: float, epochs: float) -> float:
+    """Multiplier of the peak lr for the update after `step` optimizer steps (official per-iteration schedule)."""
+    t = step / steps_per_epoch  # fractional epoch
+    if t < warmup_epochs:
+        return t / warmup_epochs
+    if epochs <= warmup_epochs:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (t - warmup_epochs) / (epochs - warmup_epochs))))
+
+
+class LRSchedule:
+    """Picklable lr lambda for torch's LambdaLR (its state_dict then stores the schedule's parameters)."""
+
+    def __init__(self, steps_per_epoch: int, warmup_epochs: float, epochs: float):
+        self.steps_per_epoch, self.warmup_epochs, self.epochs = steps_per_epoch, warmup_epochs, epochs
+
+    def __call__(self, step: int) -> float:
+        return lr_factor(step, self.steps_per_epoch, self.warmup_epochs, self.epochs)
+
+
+def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the adapter only: prompts decay, gates do not. Fails if anything else requires grad."""
+    adapter_ids = {id(p) for p in model.adapter_parameters()}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    stray = [n for n, p in trainable if id(p) not in adapter_ids]
+    if stray:
+        raise RuntimeError(f"only adapter parameters may require grad, but so do: {stray[:5]}")
+    if not trainable:
+        raise RuntimeError("the model has no trainable adapter parameters (attach_adapter first)")
+    decay = [p for n, p in trainable if not n.endswith("adapter_gate")]
+    no_decay = [p for n, p in trainable if n.endswith("adapter_gate")]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
+
+
+def lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions (labels aligned with the tokens), in fp32
+    (fp64 for a fp64 model: upcasts never round down)."""
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def precision(device: torch.device):
+    """(autocast context, GradScaler or None) for this device: bf16 (or fp16 + scaler) on CUDA, fp32 elsewhere."""
+    if device.type != "cuda":
+        return nullcontext(), None
+    if torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16), None
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+
+
+# ----------------------------------------------------------------------------- distributed
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None) -> DistInfo:
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> process group (nccl on CUDA, gloo on CPU) and device."""
+    use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+    return DistInfo(device=dev)
+
+
+def wrap_model(model, info: DistInfo, fsdp: bool = False):
+    """DDP (reduces only the adapter's grads: DDP skips parameters that do not require grad) or FSDP2.
+
+    Under FSDP the frozen base is sharded layer by layer and the small adapter stays replicated (ignored by
+    FSDP), its gradients averaged by one all-reduce per step (`sync_adapter_grads`)."""
+    if info.world_size == 1 and not fsdp:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        adapter = set(model.adapter_parameters())
+        for layer in model.layers:
+            fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
+        fully_shard(model, ignored_params=adapter)
+        for p in adapter:  # ignored params are not moved by FSDP
+            p.data = p.data.to(info.device)
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+
+
+def sync_adapter_grads(model, world_size: int) -> None:
+    """Average the adapter's gradients across ranks (FSDP path; DDP does this itself)."""
+    grads = [p.grad for p in model.adapter_parameters() if p.grad is not None]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+# ----------------------------------------------------------------------------- trainer
+@dataclass
+class TrainConfig:
+    out_dir: str
+    epochs: float = 5
+    warmup_epochs: float = 2
+    global_batch_size: int = 64
+    micro_batch_size: int = 4
+    blr: float = 9e-3
+    weight_decay: float = 0.02
+    seed: int = 0
+    eval_every: int = 0  # optimizer steps; 0: at the end of each epoch
+    save_every: int = 0  # optimizer steps; 0: at the end of each epoch
+    max_steps: int | None = None  # stop early (a checkpoint is written), e.g. for smoke tests
+    sample_max_new_tokens: int = 48
+    progress: bool = True
+    resume: bool = False
+    fsdp: bool = False
+
+    @property
+    def lr(self) -> float:
+        return self.blr * self.global_batch_size / 256
+
+
+def recipe_key(cfg: TrainConfig, n_train: int, adapter: dict | None) -> dict:
+    """What a resumed run must share with the checkpoint so that its loss curve continues the same run."""
+    keys = ("epochs", "warmup_epochs", "global_batch_size", "blr", "weight_decay", "seed")
+    return {**{k: getattr(cfg, k) for k in keys}, "n_train": n_train, "adapter": adapter}
+
+
+def unwrap(model):
+    return getattr(model, "module", model)
+
+
+class Trainer:
+    """Runs the recipe on `model` (with an adapter attached); `fit()` returns the per-step metrics."""
+
+    def __init__(self, model, train_set: InstructionDataset, val_set: InstructionDataset | None, cfg: TrainConfig,
+                 *, pad_id: int = 0, tokenizer=None, dist_info: DistInfo | None = None):  # fmt: skip
+        self.cfg, self.train_set, self.val_set, self.pad_id, self.tokenizer = cfg, train_set, val_set, pad_id, tokenizer
+        self.info = dist_info or DistInfo(device=next(model.parameters()).device)
+        self.model = model
+        per_step = cfg.micro_batch_size * self.info.world_size
+        if cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size ({cfg.global_batch_size}) must be a multiple of micro_batch_size x world_size "
+                f"({cfg.micro_batch_size} x {self.info.world_size})"
+            )
+        self.steps_per_epoch = len(train_set) // cfg.global_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"{len(train_set)} training examples are fewer than one global batch ({cfg.global_batch_size})"
+            )
+        self.total_steps = math.ceil(self.steps_per_epoch * cfg.epochs)
+        self.optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LRSchedule(self.steps_per_epoch, cfg.warmup_epochs, cfg.epochs)
+        )
+        self.autocast, self.scaler = precision(self.info.device)
+        self.wrapped = wrap_model(model, self.info, cfg.fsdp)
+        self.out_dir = Path(cfg.out_dir)
+        self.step = 0
+        self.rng = train_state.capture_rng()
+        self.history: list[dict] = []
+        self.meta = recipe_key(cfg, len(train_set), model.adapter_config.to_dict() if model.adapter_config else None)
+
+    # -- checkpoints
+    def save(self) -> None:
+        if not self.info.is_main:
+            return
+        train_state.save_checkpoint(
+            self.out_dir,
+            adapter=self.model.adapter_state_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            step=self.step,
+            rng=self.rng,
+            meta=self.meta,
+            scaler=self.scaler.state_dict() if self.scaler else None,
+        )
+
+    def restore(self) -> None:
+        state = train_state.load_checkpoint(self.out_dir)
+        train_state.check_resume_compatible(state["meta"], self.meta, self.out_dir)
+        load_adapter_tensors(self.model, state["adapter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = state["step"]
+        self.rng = state["rng"]
+        train_state.restore_rng(self.rng)
+        self.history = [m for m in read_metrics(self.out_dir) if m["step"] <= self.step]
+        if self.info.is_main:  # drop what an interrupted run logged past its last checkpoint
+            write_metrics(self.out_dir, self.history)
+
+    # -- one optimizer step
+    def train_step(self, batch_ids: list[int]) -> tuple[float, int]:
+        """Accumulate over this rank's micro-batches of one global batch, then update. -> (loss, tokens)."""
+        cfg, info = self.cfg, self.info
+        target = self.train_set.target_tokens(batch_ids)
+        micro = rank_micro_batches(batch_ids, cfg.micro_batch_size, info.world_size, info.rank)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+        for j, ids in enumerate(micro):
+            batch = collate([self.train_set[i] for i in ids], self.pad_id)
+            last = j == len(micro) - 1
+            no_sync = self.wrapped.no_sync if hasattr(self.wrapped, "no_sync") and not last else nullcontext
+            with no_sync():
+                with self.autocast:
+                    logits = self.wrapped(batch["tokens"].to(info.device))
+                micro_loss = lm_loss_sum(logits, batch["labels"].to(info.device))
+                scaled = micro_loss * (info.world_size / target)
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += micro_loss.detach().double()
+        if cfg.fsdp and info.world_size > 1:
+            sync_adapter_grads(self.model, info.world_size)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if info.world_size > 1:
+            dist.all_reduce(loss_sum)
+        tokens = sum(self.train_set.lengths[i] for i in batch_ids)
+        return (loss_sum / target).item(), tokens
+
+    # -- evaluation
+    @torch.no_grad()
+    def evaluate(self, dataset: InstructionDataset) -> float:
+        """Token-mean loss over `dataset` (each rank takes every world_size-th micro-batch)."""
+        info, size = self.info, self.cfg.micro_batch_size
+        order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
+        chunks = [order[j : j + size] for j in range(0, len(order), size)][info.rank :: info.world_size]
+        totals = torch.zeros(2, dtype=torch.float64, device=info.device)
+        for ids in chunks:
+            batch = collate([dataset[i] for i in ids], self.pad_id)
+            with self.autocast:
+                logits = self.wrapped(batch["tokens"].to(info.device))
+            totals[0] += lm_loss_sum(logits, batch["labels"].to(info.device)).double()
+            totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        if info.world_size > 1:
+            dist.all_reduce(totals)
+        return (totals[0] / totals[1]).item()
+
+    def sample(self) -> str | None:
+        """Greedy answer to one validation (else training) instruction, or None without a tokenizer."""
+        if self.tokenizer is None:
+            return None
+        try:
+            from llama_adapter.generation import generate
+        except ImportError:
+            return None
+        tokens, prompt_len = (self.val_set or self.train_set)[0]
+        with torch.no_grad(), self.autocast:
+            out = generate(unwrap(self.model), [tokens[:prompt_len]], self.cfg.sample_max_new_tokens,
+                           eos_id=self.tokenizer.eos_id)  # fmt: skip
+        return self.tokenizer.decode(out[0])
+
+    # -- the loop
+    def log(self, record: dict) -> None:
+        self.history.append(record)
+        if self.info.is_main:
+            with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def fit(self) -> list[dict]:
+        cfg, info = self.cfg, self.info
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume and (self.out_dir / train_state.CHECKPOINT_NAME).exists():
+            self.restore()
+        elif info.is_main:
+            (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
+        last = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
+        bar = None
+        if cfg.progress and info.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", dynamic_ncols=True)
+        eval_every = cfg.eval_every or self.steps_per_epoch
+        save_every = cfg.save_every or self.steps_per_epoch
+        epoch_cache = (None, None)
+        try:
+            while self.step < last:
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                if epoch_cache[0] != epoch:
+                    epoch_cache = (
+                        epoch,
+                        global_batches(self.train_set.lengths, cfg.global_batch_size, cfg.seed, epoch),
+                    )
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, tokens = self.train_step(epoch_cache[1][index])
+                self.step += 1
+                self.rng = train_state.capture_rng()
+                seconds = time.perf_counter() - t0
+                record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
+                          "tokens_per_s": tokens / seconds}  # fmt: skip
+                if (
+                    self.val_set is not None
+                    and len(self.val_set)
+                    and (self.step % eval_every == 0 or self.step == last)
+                ):
+                    record["val_loss"] = self.evaluate(self.val_set)
+                    record["sample"] = self.sample()
+                self.log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                    if "val_loss" in record:
+                        bar.write(f"step {self.step}: val_loss {record['val_loss']:.4f} | sample: {record['sample']!r}")
+                if self.step % save_every == 0 or self.step == last:
+                    self.save()
+        except KeyboardInterrupt:
+            # The model/optimizer reflect the last completed step (a half-accumulated one is dropped).
+            self.optimizer.zero_grad(set_to_none=True)
+            self.save()
+            if info.is_main:
+                print(f"\ninterrupted: checkpoint at step {self.step} in {self.out_dir} (resume with --resume)")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.history
+
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(out_dir) -> list[dict]:
+    path = Path(out_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def write_metrics(out_dir, records: list[dict]) -> None:
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    train_state.atomic_write_text(Path(out_dir) / METRICS_FILE, text)
+
+
+def load_adapter_tensors(model, tensors: dict) -> None:
+    """Copy adapter tensors (adapter_state_dict names) into the model; every adapter key must match."""
+    expected = model.adapter_state_dict()
+    if set(tensors) != set(expected):
+        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+        raise ValueError(f"adapter tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            if tensors[name].shape != param.shape:
+                raise ValueError(f"adapter tensor {name}: shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
+            param.copy_(tensors[name])
+
+
+def plot_loss(history: list[dict], path) -> Path | None:
+    """Loss curve PNG (train loss per step, validation loss where measured); None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in history], [r["loss"] for r in history], label="train")
+    val = [r for r in history if "val_loss" in r]
+    if val:
+        ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+# ----------------------------------------------------------------------------- command line
+def add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per adapted layer (K)")
+    p.add_argument("--adapter-layers", type=int, default=30, help="adapted top layers (clamped to n_layers)")
+    p.add_argument("--epochs", type=float, default=5)
+    p.add_argument("--warmup-epochs", type=float, default=2)
+    p.add_argument("--global-batch-size", type=int, default=64, help="= micro x accumulation x world size")
+    p.add_argument("--micro-batch-size", type=int, default=4)
+    p.add_argument("--max-seq-len", type=int, default=512, help="longer examples are truncated (and counted)")
+    p.add_argument("--blr", type=float, default=9e-3, help="base lr; lr = blr * global_batch / 256")
+    p.add_argument("--weight-decay", type=float, default=0.02, help="on prompts; gates get none")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="held out for validation loss (0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each epoch)")
+    p.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: each epoch)")
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="train a LLaMA-Adapter on Alpaca-format instructions",
+                              description=__doc__.splitlines()[0])  # fmt: skip
+    p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory")
+    p.add_argument("--data", required=True, help="Alpaca JSON list or JSONL (instruction, input, output)")
+    p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, adapter/)")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or its parent)")
+    add_recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpoint written)")
+    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="frozen base weights (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)")  # fmt: skip
+    p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers in backward")
+    p.add_argument("--fsdp", action="store_true", help="shard the frozen base across ranks (FSDP2)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_finetune)
+
+
+def prepare_data(examples: list[dict], tokenizer, max_seq_len: int, val_fraction: float, seed: int, say=print):
+    """Split and tokenize `load_examples`' records; reports truncation. Raises DataError on nothing to learn."""
+    train, val = split_examples(examples, val_fraction, seed)
+    train_set = InstructionDataset(train, tokenizer, max_seq_len)
+    val_set = InstructionDataset(val, tokenizer, max_seq_len) if val else None
+    say(f"train: {train_set.stats}")
+    if val_set is not None:
+        say(f"val:   {val_set.stats}")
+    if len(train_set) == 0:
+        raise DataError(f"no usable training example (all prompts fill max_seq_len={max_seq_len})")
+    return train_set, val_set
+
+
+def _base_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def clamp_adapter_layers(requested: int, n_layers: int, say=print) -> int:
+    if requested > n_layers:
+        say(f"warning: --adapter-layers {requested} > the model's {n_layers} layers; adapting all {n_layers}")
+        return n_layers
+    return requested
+
+
+def run_finetune(args) -> int:
+    from llama_adapter.model import AdapterConfig, LLaMA
+    from llama_adapter.tokenizer import Tokenizer
+
+    info = init_distributed(args.device)
+    say = print if info.is_main else (lambda *a, **k: None)
+    if args.fsdp and info.world_size == 1:
+        say("note: --fsdp with one process shards nothing")
+    examples = load_examples(args.data)  # data errors surface before anything heavy is loaded
+    tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
+    train_set, val_set = prepare_data(examples, tokenizer, args.max_seq_len, args.val_fraction, args.seed, say)
+
+    dtype = _base_dtype(args.dtype, info.device)
+    # FSDP shards from host memory; DDP loads straight onto this rank's device.
+    model = LLaMA.from_pretrained(args.model, dtype=dtype, device="cpu" if args.fsdp else info.device)
+    if args.max_seq_len > model.params.max_seq_len:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
+    torch.manual_seed(args.seed)  # the same initial prompts on every rank and every (re)start
+    layers = clamp_adapter_layers(args.adapter_layers, model.params.n_layers, say)
+    model.attach_adapter(AdapterConfig(adapter_len=args.adapter_len, adapter_layers=layers))
+    model.gradient_checkpointing = args.grad_checkpointing
+    say(model.trainable_summary())
+
+    cfg = TrainConfig(
+        out_dir=args.out, epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size, blr=args.blr,
+        weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
+        max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume, fsdp=args.fsdp,
+    )  # fmt: skip
+    trainer = Trainer(model, train_set, val_set, cfg, pad_id=tokenizer.pad_id, tokenizer=tokenizer, dist_info=info)
+    accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
+    say(
+        f"lr {cfg.lr:.3g} (blr {cfg.blr} x {cfg.global_batch_size} / 256); {trainer.steps_per_epoch} steps/epoch, "
+        f"{trainer.total_steps} steps; micro {cfg.micro_batch_size} x accum {accum} x world {info.world_size}"
+    )
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if info.is_main:
+        out = Path(args.out)
+        model.save_adapter(out / "adapter")
+        png = plot_loss(trainer.history, out / "loss.png")
+        say(f"adapter: {out / 'adapter'}; metrics: {out / METRICS_FILE}; "
+            + (f"loss curve: {png}" if png else "no loss curve (pip install matplotlib)"))  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return 0
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+__all__ = [
+    "DistInfo",
+    "LRSchedule",
+    "TrainConfig",
+    "Trainer",
+    "init_distributed",
+    "lm_loss_sum",
+    "lr_factor",
+    "make_optimizer",
+    "prepare_data",
+    "register_cli",
+    "run_finetune",
+]

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+from train_helpers import CharTokenizer, make_examples
+
+from llama_adapter.data import (
+    IGNORE_INDEX,
+    DataError,
+    InstructionDataset,
+    collate,
+    encode_example,
+    global_batches,
+    load_examples,
+    padding_waste,
+    rank_micro_batches,
+    split_examples,
+)
+from llama_adapter.prompts import alpaca_prompt
+
+TOK = CharTokenizer()
+OK = '{"instruction": "a", "output": "b"}'
+
+
+@pytest.mark.parametrize("record", [{"instruction": "Name a color.", "output": "Red"},
+                                    {"instruction": "Add them.", "input": "2 and 3", "output": "5"}])  # fmt: skip
+def test_template_and_prompt_mask(record):
+    tokens, prompt_len = encode_example(TOK, record)
+    prompt = alpaca_prompt(record["instruction"], record.get("input"))
+    assert tokens[0] == TOK.bos_id and tokens[-1] == TOK.eos_id
+    assert TOK.decode(tokens[1:prompt_len]) == prompt
+    assert TOK.decode(tokens[prompt_len:-1]) == record["output"]
+    assert ("### Input:" in prompt) == ("input" in record)
+    assert prompt.endswith("### Response:")
+
+    batch = collate([(tokens, prompt_len)], TOK.pad_id)
+    labels = batch["labels"][0]
+    assert (labels[:prompt_len] == IGNORE_INDEX).all()
+    assert labels[prompt_len:].tolist() == tokens[prompt_len:]  # output + eos are learned
+
+
+def test_collate_right_pads_and_masks_pads():
+    items = [([1, 10, 11, 12, 2], 2), ([1, 20, 2], 1)]
+    batch = collate(items, pad_id=-1)
+    assert batch["tokens"].tolist() == [[1, 10, 11, 12, 2], [1, 20, 2, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, -100, 11, 12, 2], [-100, 20, 2, -100, -100]]
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_json_list_and_jsonl_load_the_same(tmp_path):
+    records = [{"instruction": "a", "input": None, "output": "b"}, {"instruction": "c", "input": "d", "output": "e"},
+               {"instruction": "f", "output": ""}]  # fmt: skip
+    from_list = load_examples(_write(tmp_path, "d.json", json.dumps(records, indent=2)))
+    from_lines = load_examples(_write(tmp_path, "d.jsonl", "\n".join(map(json.dumps, records)) + "\n\n"))
+    expected = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"},
+                {"instruction": "f", "input": "", "output": ""}]  # fmt: skip
+    assert from_list == from_lines == expected
+
+
+@pytest.mark.parametrize(
+    "name, text, message",
+    [
+        ("bad.jsonl", OK + '\n{"instruction": "a", "output": \n', "bad.jsonl:2: invalid JSON"),
+        ("miss.jsonl", OK + '\n\n{"instruction": "a"}\n', "miss.jsonl:3: missing field 'output'"),
+        ("miss.json", "[\n " + OK + ',\n {"output": "b"}\n]', "miss.json:3: missing field 'instruction'"),
+        ("bad.json", "[\n " + OK + "\n " + OK + "]", "bad.json:3: invalid JSON"),
+        ("type.jsonl", '{"instruction": "a", "output": 5}\n', "type.jsonl:1: field 'output' must be a string"),
+        ("list.jsonl", '["a", "b"]\n', "list.jsonl:1: expected a JSON object"),
+        ("empty.jsonl", "\n\n", "empty.jsonl: the dataset is empty"),
+        ("empty.json", "[ ]", "empty.json: the dataset is empty"),
+        ("blank.jsonl", '{"instruction": "  ", "output": "b"}\n', "blank.jsonl:1: field 'instruction' is empty"),
+    ],
+)  # fmt: skip
+def test_malformed_data_names_file_and_line(tmp_path, name, text, message):
+    with pytest.raises(DataError, match=message.replace("[", r"\[")):
+        load_examples(_write(tmp_path, name, text))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples(tmp_path / "nope.json")
+
+
+def test_truncation_and_dropping_are_counted():
+    records = [{"instruction": "x", "output": "y" * 500},  # truncated, keeps some answer
+               {"instruction": "z" * 500, "output": "w"},  # prompt alone fills max_seq_len: dropped
+               {"instruction": "q", "output": "ok"}]  # fmt: skip
+    ds = InstructionDataset(records, TOK, max_seq_len=200)
+    assert (ds.stats.truncated, ds.stats.dropped, ds.stats.examples) == (2, 1, 2)
+    assert max(ds.lengths) == 200
+    short = encode_example(TOK, records[2])
+    assert ds.stats.target_tokens == (200 - ds[0][1]) + (len(short[0]) - short[1])
+    assert "2 truncated" in str(ds.stats) and "1 dropped" in str(ds.stats)
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    examples = [{"instruction": str(i), "input": "", "output": str(i)} for i in range(50)]
+    train, val = split_examples(examples, 0.1, seed=3)
+    assert len(val) == 5 and len(train) == 45
+    assert sorted(e["instruction"] for e in train + val) == sorted(e["instruction"] for e in examples)
+    assert split_examples(examples, 0.1, seed=3) == (train, val)
+    assert split_examples(examples, 0.1, seed=4)[1] != val
+    assert split_examples(examples, 0.0, seed=3) == (examples, [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_examples(examples, 1.0, seed=0)
+
+
+def test_global_batches_deterministic_grouped_and_complete():
+    lengths = [int(x) for x in torch.randint(5, 300, (103,), generator=torch.Generator().manual_seed(0))]
+    batches = global_batches(lengths, 8, seed=0, epoch=0)
+    assert len(batches) == 103 // 8 and all(len(b) == 8 for b in batches)
+    flat = [i for b in batches for i in b]
+    assert len(set(flat)) == len(flat)
+    assert global_batches(lengths, 8, seed=0, epoch=0) == batches
+    assert global_batches(lengths, 8, seed=0, epoch=1) != batches
+    # micro-batches of 2 drawn from length-grouped batches waste far less on padding than random ones
+    micro = [m for b in batches for m in rank_micro_batches(b, 2)]
+    perm = torch.randperm(103, generator=torch.Generator().manual_seed(1)).tolist()
+    random_micro = [perm[j : j + 2] for j in range(0, 96, 2)]
+    assert padding_waste(lengths, micro) < 0.5 * padding_waste(lengths, random_micro)
+
+
+def test_rank_micro_batches_shard_the_global_batch():
+    batch = list(range(100, 112))
+    shards = [rank_micro_batches(batch, 2, world_size=3, rank=r) for r in range(3)]
+    assert all(len(s) == 2 for s in shards)
+    assert sorted(i for s in shards for m in s for i in m) == batch
+    assert rank_micro_batches(batch, 4) == [batch[:4], batch[4:8], batch[8:]]
+    with pytest.raises(ValueError, match="multiple of micro_batch_size x world_size"):
+        rank_micro_batches(batch, 5)
+
+
+def test_helper_examples_roundtrip():
+    ds = InstructionDataset(make_examples(12), TOK, max_seq_len=256)
+    assert len(ds) == 12 and ds.stats.truncated == 0

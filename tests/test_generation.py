@@ -1,0 +1,180 @@
+"""KV-cache generation: equal to full recompute, batch equal to alone, eos, sampling, errors, the CLI."""
+
+import json
+
+import pytest
+import torch
+
+from llama_adapter.generation import generate, generate_stream, sample
+from llama_adapter.model import AdapterConfig, Attention, LLaMA, ModelArgs
+
+F64 = torch.float64
+TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)
+
+
+def make_model(seed=0, adapter=AdapterConfig(adapter_len=3, adapter_layers=2), **overrides):
+    torch.manual_seed(seed)
+    model = LLaMA(ModelArgs(**{**TINY, **overrides}), adapter, dtype=F64)
+    for p in model.adapter_parameters():
+        if p.dim() == 1:  # open the gates so the adapter matters
+            p.data.normal_()
+    return model
+
+
+def prompts_of(lengths, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY["vocab_size"], (n,), generator=gen).tolist() for n in lengths]
+
+
+def greedy_by_recompute(model, prompt, n):
+    """No cache: the whole sequence again at every step."""
+    seq, logits = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            last = model(torch.tensor([seq]))[0, -1]
+            logits.append(last)
+            seq.append(int(last.argmax()))
+    return seq[len(prompt) :], torch.stack(logits)
+
+
+def stream_logits(model, prompts, n, **kw):
+    steps = list(generate_stream(model, prompts, n, **kw))
+    return [s.tokens for s in steps], torch.stack([s.logits for s in steps], 1)  # (B, steps, vocab)
+
+
+def test_cached_greedy_equals_full_recompute():
+    model = make_model()
+    prompt = prompts_of([6])[0]
+    expected_tokens, expected_logits = greedy_by_recompute(model, prompt, 8)
+    tokens, logits = stream_logits(model, [prompt], 8)
+    assert [t[0] for t in tokens] == expected_tokens
+    torch.testing.assert_close(logits[0], expected_logits, rtol=0, atol=1e-12)
+    assert model.generate([prompt], 8) == [expected_tokens]
+
+
+def test_batch_of_different_lengths_equals_each_alone():
+    model = make_model()
+    prompts = prompts_of([2, 9, 5])
+    batch_tokens, batch_logits = stream_logits(model, prompts, 6)
+    for b, p in enumerate(prompts):
+        alone_tokens, alone_logits = stream_logits(model, [p], 6)
+        assert [t[b] for t in batch_tokens] == [t[0] for t in alone_tokens]
+        torch.testing.assert_close(batch_logits[b], alone_logits[0], rtol=0, atol=1e-12)
+
+
+def test_batched_prompt_offsets_equal_each_alone():
+    model = make_model()
+    prompts = prompts_of([3, 7])
+    offset = torch.randn(2, 1, TINY["dim"], dtype=F64)
+    _, batch_logits = stream_logits(model, prompts, 4, prompt_offset=offset)
+    _, plain_logits = stream_logits(model, prompts, 4)
+    assert not torch.allclose(batch_logits, plain_logits)
+    for b, p in enumerate(prompts):
+        _, alone = stream_logits(model, [p], 4, prompt_offset=offset[b : b + 1])
+        torch.testing.assert_close(batch_logits[b], alone[0], rtol=0, atol=1e-12)
+
+
+def test_stops_at_eos_per_row():
+    model = make_model()
+    prompts = prompts_of([4, 6])
+    free = generate(model, prompts, 10)
+    eos = free[0][3]  # row 0 stops before its 4th token; row 1 only if (and where) it produces that token
+    stopped = generate(model, prompts, 10, eos_id=eos)
+    assert stopped[0] == free[0][: free[0].index(eos)]
+    cut = free[1].index(eos) if eos in free[1] else len(free[1])
+    assert stopped[1] == free[1][:cut]
+    steps = list(generate_stream(model, [prompts[0]], 10, eos_id=eos))
+    assert len(steps) == free[0].index(eos) + 1 and steps[-1].tokens == [None]
+
+
+def test_prompt_kv_computed_once_per_call_and_never_reused(monkeypatch):
+    model = make_model()
+    calls = []
+    original = Attention.prompt_kv
+    monkeypatch.setattr(Attention, "prompt_kv", lambda self, off=None: calls.append(self) or original(self, off))
+    prompt = prompts_of([5])
+    _, first = stream_logits(model, prompt, 6)
+    assert len(calls) == 2  # once per adapted layer, not per step
+    with torch.no_grad():
+        for layer in model.layers[1:]:
+            layer.attention.adapter_prompt.mul_(-3.0)  # as a training step would change it
+    _, second = stream_logits(model, prompt, 6)
+    assert len(calls) == 4
+    assert not torch.allclose(first, second)
+    _, expected = greedy_by_recompute(model, prompt[0], 6)
+    torch.testing.assert_close(second[0], expected, rtol=0, atol=1e-12)
+
+
+def test_sampling_is_seeded_and_top_p_limits_the_choice():
+    model = make_model()
+    prompt = prompts_of([4])
+    a = generate(model, prompt, 8, temperature=1.5, seed=7)
+    assert a == generate(model, prompt, 8, temperature=1.5, seed=7)
+    draws = {tuple(generate(model, prompt, 8, temperature=1.5, seed=s)[0]) for s in range(4)}
+    assert len(draws) > 1
+    assert generate(model, prompt, 8, temperature=1.0, top_p=1e-9, seed=3) == generate(model, prompt, 8)
+
+    logits = torch.log(torch.tensor([[0.05, 0.5, 0.15, 0.3]], dtype=F64)).expand(4000, 4)
+    gen = torch.Generator().manual_seed(0)
+    picks = sample(logits, temperature=1.0, top_p=0.7, generator=gen)
+    counts = torch.bincount(picks, minlength=4)
+    # cumulative probability before token 3 is 0.5 < 0.7, before token 2 it is 0.8: only tokens 1 and 3 remain
+    assert counts[0] == 0 and counts[2] == 0
+    assert abs(counts[1].item() / 4000 - 0.5 / 0.8) < 0.03
+
+
+def test_request_errors():
+    model = make_model()
+    ok = prompts_of([3])
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, prompts_of([40]), 9)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(model, ok, 0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, ok, 2, temperature=1.0, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, ok, 2, temperature=-1.0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        generate(model, [[1, TINY["vocab_size"]]], 2)
+    with pytest.raises(TypeError, match="prompts"):
+        generate(model, [], 2)
+    with pytest.raises(TypeError, match=r"prompts\[1\]"):
+        generate(model, [[1, 2], []], 2)
+    with pytest.raises(ValueError, match="prompt_offset"):
+        generate(model, ok, 2, prompt_offset=torch.zeros(2, 1, TINY["dim"], dtype=F64))
+
+
+def test_cli_generate_prints_what_generate_returns(tmp_path, capsys):
+    spm = pytest.importorskip("sentencepiece")
+    from llama_adapter.cli import main
+    from llama_adapter.prompts import alpaca_prompt
+    from llama_adapter.tokenizer import Tokenizer
+
+    text = [alpaca_prompt(f"Name {i} colours of the rainbow.", f"list {i}") for i in range(40)]
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=80,
+        model_type="bpe", minloglevel=2,
+    )  # fmt: skip
+    tok = Tokenizer(tmp_path / "tokenizer.model")
+    model = make_model(adapter=None, vocab_size=tok.n_words, max_seq_len=2048)
+    with torch.no_grad():
+        model.output.weight[tok.eos_id] = 0.0  # eos logit 0 < the max of the others: both runs print 12 tokens
+    params = {k: v for k, v in vars(model.params).items() if k not in ("head_dim", "hidden_dim", "max_seq_len")}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    torch.save(model.state_dict(), tmp_path / "consolidated.00.pth")
+
+    prompt = tok.encode(alpaca_prompt("Name the colours."), bos=True, eos=False)
+    args = ["generate", "--model", str(tmp_path), "--instruction", "Name the colours.", "--max-new-tokens", "12"]
+    args += ["--dtype", "float64", "--device", "cpu"]
+    expected = tok.decode(generate(model, [prompt], 12, eos_id=tok.eos_id)[0])
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == expected + "\n" and "tokens/s" in err
+
+    model.attach_adapter(AdapterConfig(adapter_len=4, adapter_layers=2))
+    for p in model.adapter_parameters():
+        p.data.normal_()
+    model.save_adapter(tmp_path / "adapter")
+    adapted = tok.decode(generate(model, [prompt], 12, eos_id=tok.eos_id)[0])
+    assert main([*args, "--adapter", str(tmp_path / "adapter")]) == 0
+    assert capsys.readouterr().out == adapted + "\n" != expected + "\n"
