@@ -3,6 +3,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Interpreter-bound tests are single-threaded Python: one worker per core, one torch thread each.
+PYTEST_WORKERS ?= 2
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -12,7 +14,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.py
-	$(PY) -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
@@ -24,7 +25,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 
 demo: $(STAMP)
 	$(PY) -m llama_adapter demo

@@ -19,7 +19,7 @@ setup(
     include_package_data=True,
     install_requires=["torch>=2.4", "triton>=3.0", "sentencepiece", "numpy", "einops", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "transformers", "peft", "safetensors", "ruff", "matplotlib"],
+        "test": ["pytest", "pytest-xdist", "transformers", "peft", "safetensors", "ruff", "matplotlib"],
         "plot": ["matplotlib"],
     },
     entry_points={"console_scripts": ["llama-adapter=llama_adapter.cli:main"]},

@@ -56,7 +56,9 @@ def step_flops(model, B: int, N: int) -> float:
     first = model.first_adapter_layer()
 
     def matmul_params(modules) -> int:
-        return sum(w.numel() for m in modules for name, w in m.named_parameters() if w.dim() == 2 and "adapter" not in name)
+        return sum(
+            w.numel() for m in modules for name, w in m.named_parameters() if w.dim() == 2 and "adapter" not in name
+        )
 
     head = model.output.weight.numel()
     per_layer = [matmul_params([layer]) for layer in model.layers]

@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from benchmarks.bench_finetune import PROVIDER
 from benchmarks.common import (
     DTYPES,
     HAS_CUDA,
@@ -40,7 +41,6 @@ from benchmarks.common import (
     str_list,
     synchronize,
 )
-from benchmarks.bench_finetune import PROVIDER
 
 
 def timed_generate(model, prompts, new_tokens: int) -> list[float]:
@@ -50,7 +50,9 @@ def timed_generate(model, prompts, new_tokens: int) -> list[float]:
     stamps = []
     synchronize()
     start = time.perf_counter()
-    out = generate(model, prompts, new_tokens, temperature=0.0, callback=lambda step: stamps.append(time.perf_counter()))
+    out = generate(
+        model, prompts, new_tokens, temperature=0.0, callback=lambda step: stamps.append(time.perf_counter())
+    )
     if any(len(row) != new_tokens for row in out):
         raise RuntimeError(f"generate returned {[len(r) for r in out]} tokens per row, expected {new_tokens}")
     return [t - start for t in stamps]

@@ -158,7 +158,11 @@ def summarize_runs(data: dict, columns: dict, same_batch: bool) -> list[str]:
         for key in columns:
             value = r.get(key)
             cells.append(_cell(r) if r.get("error") else ("–" if value is None else f"{value:.4g}"))
-        speedup = "–" if r["provider"] == "fused" else _ratio(r, fused.get(r["B"] if same_batch else None), "tokens_per_s", True)
+        speedup = (
+            "–"
+            if r["provider"] == "fused"
+            else _ratio(r, fused.get(r["B"] if same_batch else None), "tokens_per_s", True)
+        )
         lines.append("| " + " | ".join(cells + [speedup]) + " |")
     return lines + [""]
 

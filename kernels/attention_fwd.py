@@ -45,7 +45,7 @@ from ._common import (
 )
 
 # Finite "minus infinity" for the running max: exp2(-inf - this) = 0 and exp2(this - real max) = 0, never NaN.
-NEG_BIG = -1.0e30
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -10,7 +10,7 @@ sm_scale * log2(e) folded in, so every log-sum-exp below is in base 2.
    [s * chunk, min((s + 1) * chunk, len_b)) with len_b = kv_lens[b] (Nk without kv_lens) and writes the
    normalised partial output O_s and its lse_s = m_s + log2(l_s) (fp32; -inf when the split shows a row
    no key). Causal: query i sees keys j <= i + len_b - Nq.
-2. `_decode_merge_kernel`, grid (B * Hkv, M blocks): combines the splits that hold keys,
+2. `_decode_merge_kernel`, grid (B * Hkv, 16-row blocks): combines the splits that hold keys,
    O_w = sum_s 2^(lse_s - L) O_s with L = log2 sum_s 2^lse_s (O_w = 0 for a row with no visible word key),
    computes the prompt's own softmax O_a = softmax(s q ak^T) av over all Ka prompt keys, and stores
    o = O_w + g * O_a in q's dtype.
@@ -32,6 +32,9 @@ LOG2E = 1.4426950408889634
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
 _MAX_BLOCK_M = 64
 _WAVES = 2  # aim for about two waves of split programs over the SMs
+# The merge holds three (rows, D) fp32 tiles (words, one split, prompt): 16 rows keep D = 256 within registers.
+# Its work is tiny next to the split pass, so it forgoes wgmma (which needs 64 rows) on sm90.
+MERGE_BLOCK_M = 16
 
 
 def _interpreting() -> bool:
@@ -147,7 +150,7 @@ def _decode_merge_kernel(
     stride_avb, stride_avh, stride_avn, stride_avd,
     stride_gb, stride_gh,
     stride_ob, stride_oh, stride_on, stride_od,
-    Hkv, G, Nq, Nk, Ka, chunk, n_splits, qk_scale,
+    Hkv, G, Nq, Nk, Ka, chunk, n_splits, m_pad, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KA: tl.constexpr,
     HAS_PROMPT: tl.constexpr, HAS_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
@@ -169,7 +172,6 @@ def _decode_merge_kernel(
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_w = tl.zeros([BLOCK_M], tl.float32)
     o_w = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    m_pad = tl.num_programs(1) * BLOCK_M
     for split in range(0, tl.cdiv(len_b, chunk)):
         part = (pid_bh * n_splits + split) * m_pad + rows
         lse = tl.load(LSE_PART + part, mask=row_ok, other=float("-inf"))
@@ -216,11 +218,6 @@ _decode_split_tuned = triton.autotune(
     key=["HEAD_DIM", "BLOCK_M", "IS_CAUSAL"],
     prune_configs_by={"early_config_prune": _prune},
 )(_decode_split_kernel)
-
-
-def merge_warps(head_dim: int, block_m: int) -> int:
-    # the merge holds three (BLOCK_M, D) fp32 tiles (words, a split, prompt): 4 warps spill past 64 x 128
-    return min(16, max(4, block_m * head_dim // 1024))
 
 
 def _block_m(rows: int) -> int:
@@ -324,12 +321,12 @@ def decode_attention(
         g_strides = (0, 0)
         ka = 1
         ak = av = gt = q
-    _decode_merge_kernel[(B * Hkv, m_blocks)](
+    _decode_merge_kernel[(B * Hkv, triton.cdiv(G * Nq, MERGE_BLOCK_M))](
         q, ak, av, gt, lens, o_part, lse_part, out,
         *q.stride(), *ak_strides, *av_strides, *g_strides, *out.stride(),
-        Hkv, G, Nq, Nk, ka, chunk, splits, qk_scale,
-        HEAD_DIM=D, BLOCK_M=block_m, BLOCK_KA=_block_ka(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
-        DOT_PRECISION=precision, num_warps=merge_warps(D, block_m), num_stages=1,
+        Hkv, G, Nq, Nk, ka, chunk, splits, m_blocks * block_m, qk_scale,
+        HEAD_DIM=D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=_block_ka(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
+        DOT_PRECISION=precision, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -353,31 +350,33 @@ def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]
 def compile_specs() -> list[dict]:
     """What the GPU may run, for the compile checks (`llama_adapter.kernel_report`).
 
-    Every split config at D = 64, 128, 256 for 16-row tiles (Nq * G <= 16) and 64-row tiles, fp16, plus
-    bf16 at D = 128. 16-row tiles cannot use wgmma (64 rows per warpgroup), so sm90 runs them on HMMA.
+    Every split config at D = 64, 128, 256 for 16-row tiles (G * Nq <= 16) and 64-row tiles, fp16, plus
+    bf16 at D = 128; the merge at each (dtype, D). 16-row tiles cannot use wgmma (64 rows per warpgroup),
+    so sm90 runs them on HMMA.
     """
     specs = []
-    shapes = [("fp16", d, m) for d in (64, 128, 256) for m in (16, 64)] + [("bf16", 128, m) for m in (16, 64)]
-    for dtype, head_dim, block_m in shapes:
+    for dtype, head_dim in [("fp16", 64), ("fp16", 128), ("fp16", 256), ("bf16", 128)]:
         ptr = "*" + dtype
-        mma = "HGMMA" if block_m >= 64 else "HMMA"
-        flags = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "HAS_LENS": True, "DOT_PRECISION": "ieee"}
-        for block_n, warps, stages in split_configs(head_dim, block_m):
-            constexprs = {**flags, "IS_CAUSAL": True, "BLOCK_N": block_n, "stride_qd": 1, "stride_kd": 1,
-                          "stride_vd": 1}  # fmt: skip
-            pointers = {"Q": ptr, "K": ptr, "V": ptr, "KV_LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
-            specs.append({
-                "name": f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]",
-                "fn": _decode_split_kernel, "signature": _signature(_decode_split_kernel, pointers, constexprs),
-                "constexprs": constexprs, "num_warps": warps, "num_stages": stages, "sm90_mma": mma,
-            })  # fmt: skip
-        constexprs = {**flags, "BLOCK_KA": 16, "HAS_PROMPT": True, "stride_qd": 1, "stride_akd": 1, "stride_avd": 1,
+        for block_m in (16, 64):
+            for block_n, warps, stages in split_configs(head_dim, block_m):
+                constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "IS_CAUSAL": True,
+                              "HAS_LENS": True, "DOT_PRECISION": "ieee", "stride_qd": 1, "stride_kd": 1,
+                              "stride_vd": 1}  # fmt: skip
+                pointers = {"Q": ptr, "K": ptr, "V": ptr, "KV_LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
+                specs.append({
+                    "name": f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]",
+                    "fn": _decode_split_kernel, "signature": _signature(_decode_split_kernel, pointers, constexprs),
+                    "constexprs": constexprs, "num_warps": warps, "num_stages": stages,
+                    "sm90_mma": "HGMMA" if block_m >= 64 else "HMMA",
+                })  # fmt: skip
+        constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": MERGE_BLOCK_M, "BLOCK_KA": 16, "HAS_PROMPT": True,
+                      "HAS_LENS": True, "DOT_PRECISION": "ieee", "stride_qd": 1, "stride_akd": 1, "stride_avd": 1,
                       "stride_od": 1}  # fmt: skip
         pointers = {"Q": ptr, "AK": ptr, "AV": ptr, "GATE": "*fp32", "KV_LENS": "*i32", "O_PART": "*fp32",
                     "LSE_PART": "*fp32", "OUT": ptr}  # fmt: skip
         specs.append({
-            "name": f"decode_merge[{dtype},D{head_dim},M{block_m}]",
+            "name": f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]",
             "fn": _decode_merge_kernel, "signature": _signature(_decode_merge_kernel, pointers, constexprs),
-            "constexprs": constexprs, "num_warps": merge_warps(head_dim, block_m), "num_stages": 1, "sm90_mma": mma,
+            "constexprs": constexprs, "num_warps": 4, "num_stages": 1, "sm90_mma": "HMMA",
         })  # fmt: skip
     return specs

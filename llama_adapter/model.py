@@ -385,20 +385,22 @@ class LLaMA(nn.Module):
 
     # ----- delegations (imported lazily: these modules import this one) -----
     @classmethod
-    def from_pretrained(cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None) -> LLaMA:
+    def from_pretrained(cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None, **overrides) -> LLaMA:
+        """Meta or Hugging Face directory; `overrides` are ModelArgs fields (e.g. max_seq_len=4096)."""
         from llama_adapter.loading import load_pretrained
 
-        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device)
+        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device, **overrides)
 
     def save_adapter(self, directory) -> None:
         from llama_adapter.adapter_io import save_adapter
 
         return save_adapter(self, directory)
 
-    def load_adapter(self, path) -> None:
+    def load_adapter(self, path, **kwargs):
+        """Our adapter dir, a PEFT adaption-prompt dir or the official v1 .pth (kwargs: adapter_len=)."""
         from llama_adapter.adapter_io import load_adapter
 
-        return load_adapter(self, path)
+        return load_adapter(self, path, **kwargs)
 
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, **kwargs):
         from llama_adapter.generation import generate

@@ -127,17 +127,22 @@ def wrap_model(model, info: DistInfo, fsdp: bool = False):
     """DDP (reduces only the adapter's grads: DDP skips parameters that do not require grad) or FSDP2.
 
     Under FSDP the frozen base is sharded layer by layer and the small adapter stays replicated (ignored by
-    FSDP), its gradients averaged by one all-reduce per step (`sync_adapter_grads`)."""
+    FSDP), its gradients averaged by one all-reduce per step (`sync_adapter_grads`). The adapted layers' wk and
+    wv stay replicated too: the model projects the prompts through them before the layers run, outside the
+    window in which FSDP gathers a layer's shards (with GQA, as in 70B, they are ~1% of the weights)."""
     if info.world_size == 1 and not fsdp:
         return model
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
         adapter = set(model.adapter_parameters())
+        replicated = set(adapter)
         for layer in model.layers:
-            fully_shard(layer, ignored_params=adapter & set(layer.parameters()))
-        fully_shard(model, ignored_params=adapter)
-        for p in adapter:  # ignored params are not moved by FSDP
+            if layer.attention.adapter_prompt is not None:
+                replicated |= {layer.attention.wk.weight, layer.attention.wv.weight}
+            fully_shard(layer, ignored_params=replicated & set(layer.parameters()))
+        fully_shard(model, ignored_params=replicated)
+        for p in replicated:  # FSDP does not move the parameters it ignores
             p.data = p.data.to(info.device)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -17,6 +17,8 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Tiny tensors: extra intra-op threads only contend with the other pytest worker (`make test` runs -n 2).
+    torch.set_num_threads(1)
 
 HAS_CUDA = _HAS_CUDA
 
