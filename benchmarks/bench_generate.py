@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> Results:
                     context = prompt_len + new_tokens / 2
                     gbs = decode_bytes(model, B, context) / step / 1e9
                     row.update(prefill_ms=round(stamps[0] * 1e3, 3), ms_per_token=round(step * 1e3, 3),
-                               tokens_per_s=round(B / step, 1), gb_per_s=round(gbs, 1))  # fmt: skip
+                               tokens_per_s=round(B / step, 1), gb_per_s=float(f"{gbs:.4g}"))  # fmt: skip
                     if dev.bandwidth_gbs:
                         row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
                 free_memory()

@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_suite.sh            # the device tool sets $OUT; elsewhere it defaults to results/suite
 #
-# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 450); a failing step
+# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 420); a failing step
 # never stops the next. The benchmarks write each row as it is measured, so a killed step keeps its rows.
 # $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3 and results.tar.gz (PNGs, JSONs,
 # per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
@@ -14,7 +14,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 [[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY
 OUT=${OUT:-$ROOT/benchmarks/results/suite}
-BUDGET=${SUITE_BUDGET:-450}
+BUDGET=${SUITE_BUDGET:-420}
 RESULTS=${RESULTS_DIR:-$ROOT/benchmarks/results}
 LOGS=$(mktemp -d)/logs
 START=$SECONDS
@@ -25,6 +25,9 @@ cap() {
   local left=$((BUDGET - (SECONDS - START) - 25))
   if ((left < $1)); then echo $((left > 15 ? left : 15)); else echo "$1"; fi
 }
+
+# The --budget a benchmark gets inside a timeout of $1 seconds: time to plot and exit before the kill.
+inner() { echo $(($1 > 50 ? $1 - 25 : $1 / 2)); }
 
 # step NAME SECONDS CMD...: run under timeout, log to $LOGS/NAME.log, report rc and elapsed time.
 step() {
@@ -61,18 +64,18 @@ main() {
 
   local timeout_flag=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
-  step pytest "$(cap 100)" "$PY" -m pytest -m gpu -q -rfE --durations=5 -p no:cacheprovider "${timeout_flag[@]}"
+  step pytest "$(cap 90)" "$PY" -m pytest -m gpu -q -rfE --durations=5 -p no:cacheprovider "${timeout_flag[@]}"
 
   # without CUDA (a dry run of this script) every benchmark falls back to its tiny CPU sizes
   local quick=()
   "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && quick=(--quick)
   local lim
   lim=$(cap 170)
-  step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget $((lim - 25))
-  lim=$(cap 100)
-  step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget $((lim - 25))
-  lim=$(cap 70)
-  step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget $((lim - 20))
+  step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget "$(inner "$lim")"
+  lim=$(cap 90)
+  step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget "$(inner "$lim")"
+  lim=$(cap 60)
+  step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget "$(inner "$lim")"
 
   local dev
   dev=$("$PY" -c "from benchmarks.common import device_info; print(device_info().slug)")
@@ -87,7 +90,9 @@ main() {
   else
     echo "no results were written" >"$OUT/summary.md"
   fi
-  (cd "$RESULTS" && tar -czf "$OUT/results.tar.gz" -- *-"$dev".json *-"$dev"*.png -C "${LOGS%/logs}" logs)
+  local files=()
+  for f in "$RESULTS"/*-"$dev".json "$RESULTS"/*-"$dev"-*.png "$RESULTS"/*-"$dev".png; do files+=("${f##*/}"); done
+  tar -czf "$OUT/results.tar.gz" -C "$RESULTS" "${files[@]}" -C "${LOGS%/logs}" logs
   echo "=== done in $((SECONDS - START))s; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
   echo
   cat "$LOGS/steps.txt"

@@ -2,7 +2,7 @@
 
 With P, A the word and prompt probabilities (recomputed from the saved log2 log-sum-exps), s = sm_scale:
 
-    preprocess (per query block):  O_a recomputed (Ka is tiny), delta_a = rowsum(do * O_a),
+    preprocess (per query block):  delta_a = do . O_a = rowsum(A * (do av^T)), A recomputed (Ka is tiny),
                                    D_w = rowsum(do * o) - g delta_a       (= do . O_w, NOT do . o)
     dK/dV (per key block):         dv = sum P^T do,  dk = s sum dS^T q,  dS = P (do v^T - D_w); the loop runs
                                    over the query heads of the GQA group and the query blocks that see the keys
@@ -75,17 +75,16 @@ def adapter_attention_bwd_preprocess_kernel(
         lse_a = tl.load(LseA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
         ak_base = AK + b * stride_akb + hk * stride_akh
         av_base = AV + b * stride_avb + hk * stride_avh
-        o_a = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # delta_a = do . O_a = sum_j A_ij (do_i . av_j): the dot is on the inputs' dtype with fp32 accumulation,
+        # and A never gets rounded (dgate sums delta_a over every row, so a per-row fp16 rounding would show).
+        delta_a = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start_a in range(0, Ka, BLOCK_A):
             offs_a = start_a + tl.arange(0, BLOCK_A)
-            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)
-            av = load_tile(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
+            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
+            av_t = load_tile_t(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
             a = tl.math.exp2(tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale - lse_a[:, None])
             a = tl.where(offs_a[None, :] < Ka, a, 0.0)
-            # fp32 on purpose: dgate sums delta_a over every row, so its error must not carry an fp16 rounding
-            # of A per row; with Ka ~ 10 this dot is a sliver of the kernel's work.
-            o_a += tl.dot(a, av.to(tl.float32), input_precision=DOT_PREC)
-        delta_a = tl.sum(o_a * do.to(tl.float32), 1)
+            delta_a += tl.sum(a * tl.dot(do, av_t, input_precision=DOT_PREC), 1)
         delta -= g * delta_a
         tl.store(DeltaA + pid_bh * Nq + offs_m, delta_a, mask=row_ok)
     tl.store(DeltaW + pid_bh * Nq + offs_m, delta, mask=row_ok)

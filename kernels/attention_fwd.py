@@ -5,7 +5,8 @@ folded into one multiply so the softmax runs on exp2):
 
     O_w = softmax_causal(s q k^T) v      online softmax over key blocks: unmasked blocks first, then the
                                          few blocks that straddle the diagonal or the end of the keys (masked)
-    O_a = softmax(s q ak^T) av           the same online softmax over the Ka prompt keys (its own max and sum)
+    O_a = softmax(s q ak^T) av           the Ka prompt keys' own softmax: their log-sum-exp in a first pass,
+                                         then g A av added into the output's accumulator in a second
     o   = O_w + g_h O_a
 
 Saved for the backward, both in log2 units (`lse = max + log2(sum)` of the scaled scores times log2 e):
@@ -76,6 +77,16 @@ def _attend_blocks(
 
 
 @triton.jit
+def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A: tl.constexpr,
+                   DOT_PREC: tl.constexpr):  # fmt: skip
+    """Scaled log2 scores of q against prompt keys start_a .. start_a + BLOCK_A; -inf past Ka."""
+    offs_a = start_a + tl.arange(0, BLOCK_A)
+    ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
+    s = tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale
+    return tl.where(offs_a[None, :] < Ka, s, float("-inf"))
+
+
+@triton.jit
 def adapter_attention_fwd_kernel(
     Q, K, V, AK, AV, Gate, KVLens, Out, LseW, LseA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -127,17 +138,24 @@ def adapter_attention_fwd_kernel(
     tl.store(LseW + lse_offs, tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf")), mask=row_ok)
 
     if HAS_PROMPT:
-        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
-        acc_a = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        # Two passes over the (few) prompt keys: their log-sum-exp first, then g * A @ av accumulated straight into
+        # o, so no second (BLOCK_M, D) accumulator competes for registers with the word one.
+        ak_base = AK + b * stride_akb + hk * stride_akh
+        av_base = AV + b * stride_avb + hk * stride_avh
         m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
         l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc_a, m_a, l_a = _attend_blocks(
-            acc_a, m_a, l_a, q, AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
-            stride_akn, stride_akd, stride_avn, stride_avd,
-            offs_m, offs_d, 0, Ka, Ka, 0, qk_scale, True, False, BLOCK_A, DOT_PREC,
-        )  # fmt: skip
-        o += (g / l_a)[:, None] * acc_a
-        tl.store(LseA + lse_offs, m_a + tl.math.log2(l_a), mask=row_ok)
+        for start_a in range(0, Ka, BLOCK_A):
+            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
+            m_new = tl.maximum(m_a, tl.max(s_a, 1))
+            l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a - m_new[:, None]), 1)
+            m_a = m_new
+        lse_a = m_a + tl.math.log2(l_a)
+        tl.store(LseA + lse_offs, lse_a, mask=row_ok)
+        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
+        for start_a in range(0, Ka, BLOCK_A):
+            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
+            av = load_tile(av_base, start_a + tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
+            o = tl.dot((g * tl.math.exp2(s_a - lse_a[:, None])).to(av.dtype), av, acc=o, input_precision=DOT_PREC)
 
     out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])

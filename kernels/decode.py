@@ -185,8 +185,10 @@ def _decode_merge_kernel(
         m_w = m_new
     o = o_w / tl.where(l_w > 0.0, l_w, 1.0)[:, None]
 
-    q_ptrs = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
     if HAS_PROMPT:
+        q_ptrs = (
+            Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
+        )
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
         AK += b * stride_akb + h * stride_akh
         AV += b * stride_avb + h * stride_avh
@@ -196,20 +198,26 @@ def _decode_merge_kernel(
         for n0 in range(0, Ka, BLOCK_KA):
             offs_n = n0 + tl.arange(0, BLOCK_KA)
             key_ok = offs_n < Ka
-            ak = tl.load(AK + offs_n[None, :] * stride_akn + offs_d[:, None] * stride_akd, mask=key_ok[None, :], other=0.0)
+            ak = tl.load(
+                AK + offs_n[None, :] * stride_akn + offs_d[:, None] * stride_akd, mask=key_ok[None, :], other=0.0
+            )
             s = tl.dot(q, ak, input_precision=DOT_PRECISION) * qk_scale
             s = tl.where(key_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_a, tl.max(s, 1))  # finite: every block holds at least one prompt key
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_a - m_new)
             l_a = l_a * alpha + tl.sum(p, 1)
-            av = tl.load(AV + offs_n[:, None] * stride_avn + offs_d[None, :] * stride_avd, mask=key_ok[:, None], other=0.0)
+            av = tl.load(
+                AV + offs_n[:, None] * stride_avn + offs_d[None, :] * stride_avd, mask=key_ok[:, None], other=0.0
+            )
             o_a = o_a * alpha[:, None] + tl.dot(p.to(av.dtype), av, input_precision=DOT_PRECISION)
             m_a = m_new
         gate = tl.load(GATE + b * stride_gb + (h * G + g) * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
         o += gate[:, None] * (o_a / l_a[:, None])
 
-    out_ptrs = OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + i[:, None] * stride_on + offs_d[None, :] * stride_od
+    out_ptrs = (
+        OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + i[:, None] * stride_on + offs_d[None, :] * stride_od
+    )
     tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 

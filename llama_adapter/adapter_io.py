@@ -65,6 +65,13 @@ def load_adapter(model, path, *, adapter_len: int | None = None):
 
     adapter_len: prompt length of an official .pth (default 10, the official one); ignored for directories.
     """
+    cfg, tensors = read_adapter(model, path, adapter_len=adapter_len)
+    _install(model, cfg, tensors)
+    return cfg
+
+
+def read_adapter(model, path, *, adapter_len: int | None = None) -> tuple:
+    """(AdapterConfig, {state-dict name: tensor}) of an adapter file for `model`, checked but not installed."""
     path = os.fspath(path)
     if os.path.isdir(path):
         config_path = os.path.join(path, CONFIG_FILE)
@@ -89,8 +96,8 @@ def load_adapter(model, path, *, adapter_len: int | None = None):
         cfg, tensors = _read_official(model, path, OFFICIAL_ADAPTER_LEN if adapter_len is None else adapter_len)
     else:
         raise FileNotFoundError(f"adapter not found: {path}")
-    _install(model, cfg, tensors, path)
-    return cfg
+    check_adapter_tensors(model, cfg, tensors, path)
+    return cfg, tensors
 
 
 def _expected_shapes(model, cfg) -> dict[str, tuple]:
@@ -103,8 +110,8 @@ def _expected_shapes(model, cfg) -> dict[str, tuple]:
     return shapes
 
 
-def _install(model, cfg, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Check every tensor against the shapes `cfg` gives on this model, then attach and copy."""
+def check_adapter_tensors(model, cfg, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise CheckpointError unless `tensors` are exactly the adapter `cfg` describes on this model."""
     if cfg.adapter_layers > model.params.n_layers:
         raise CheckpointError(
             f"adapter {source} adapts {cfg.adapter_layers} layers, the model has only {model.params.n_layers}"
@@ -120,6 +127,9 @@ def _install(model, cfg, tensors: dict[str, torch.Tensor], source: str) -> None:
     extra = sorted(set(tensors) - set(expected))
     if extra:
         raise CheckpointError(f"unexpected tensor {extra[0]!r} in adapter {source}")
+
+
+def _install(model, cfg, tensors: dict[str, torch.Tensor]) -> None:
     model.attach_adapter(cfg)
     params = dict(model.named_parameters())
     with torch.no_grad():

@@ -3,8 +3,10 @@
 Each module in `llama_adapter.kernels` that defines `compile_specs()` lists the (kernel, constexprs, config)
 combinations its launchers can pick: dicts with "name", "fn" (the @triton.jit function, not an autotuner),
 "signature" (arg name -> "*fp16" / "*bf16" / "*fp32" / "*i32" / "i32" / "fp32" / "constexpr"),
-"constexprs" (name -> value), "num_warps", "num_stages", and optionally "sm90_mma" ("HGMMA", the default for
-kernels with tl.dot, or "HMMA" where wgmma cannot apply, e.g. 16-row tiles: wgmma needs 64 rows per warpgroup).
+"constexprs" (name -> value), "num_warps", "num_stages", and optionally "arch" (80 or 90: a config tuned
+for that chip only; without it the spec is compiled for both) and "sm90_mma" ("HGMMA", the default for
+kernels with tl.dot, or "HMMA" where wgmma cannot apply, e.g. 16-row tiles: wgmma needs 64 rows per
+warpgroup).
 
 Each spec is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`, specialised as
 the JIT would for contiguous tensors: pointers and `stride_*` arguments divisible by 16 (unit strides are
@@ -40,6 +42,17 @@ _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def spec_archs(spec: dict, archs=tuple(ARCHS)) -> list[str]:
+    """The archs (of `archs`) a spec is compiled for: its own "arch" if it names one, else all."""
+    own = spec.get("arch")
+    if own is None:
+        return list(archs)
+    own = own if isinstance(own, str) else f"sm{own}"
+    if own not in ARCHS:
+        raise ValueError(f"{spec['name']}: arch must be one of {sorted(ARCHS)} (or 80 / 90), got {spec['arch']!r}")
+    return [own] if own in archs else []
 
 
 def kernel_modules() -> list[str]:
@@ -133,8 +146,8 @@ def report(archs=tuple(ARCHS), jobs: int = 1) -> list[dict]:
     work = [
         (module, i, arch)
         for module in kernel_modules()
-        for i in range(len(importlib.import_module(module).compile_specs()))
-        for arch in archs
+        for i, spec in enumerate(importlib.import_module(module).compile_specs())
+        for arch in spec_archs(spec, archs)
     ]
     if jobs <= 1:
         return [compile_one(*job) for job in work]

@@ -137,6 +137,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
+def effective_gate(gate: torch.Tensor, gate_act: str) -> torch.Tensor:
+    """What the attention multiplies the prompt's output by: tanh(gate) or the gate itself (AdapterConfig.gate_act)."""
+    return torch.tanh(gate) if gate_act == "tanh" else gate
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -149,20 +154,27 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Preallocated static keys/values, one (B, Hkv, max_len, D) pair per layer (gpt-fast style)."""
+    """Preallocated static keys/values, one (B, Hkv, max_len, D) pair per layer (gpt-fast style).
 
-    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, *, dtype, device):
+    static=False: attention reads the first `length` keys (the longest row's), which costs one host sync per
+    forward to learn that length. static=True: attention always reads all max_len keys and `kv_lens` masks the
+    unwritten ones, so shapes never change and a decode step compiles into one graph (CUDA graphs replay it).
+    """
+
+    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, *, dtype, device, static=False):
         shape = (batch, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.batch, self.max_len = batch, max_len
-        self.length = 0  # keys in use this step (the longest row's): set once per forward, not per layer
+        self.batch, self.max_len, self.static = batch, max_len, static
+        self.length = 0  # keys in use this step (the longest row's): set once per forward, unless static
 
     def write(self, layer: int, k, v, positions):
         """Store k, v (B, Hkv, N, D) at per-row positions (B, N); return the first `length` cached keys/values."""
         index = positions[:, None, :, None].expand_as(k)
         self.k[layer].scatter_(2, index, k)
         self.v[layer].scatter_(2, index, v)
+        if self.static:
+            return self.k[layer], self.v[layer]
         return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
 
 
@@ -197,11 +209,15 @@ class Attention(nn.Module):
         prompt = self.adapter_prompt
         if prompt_offset is not None:
             prompt = prompt + prompt_offset  # (B, K, dim)
+        ak, av = self.project_prompt(prompt)
+        return ak, av, effective_gate(self.adapter_gate, self.gate_act).expand(self.n_heads)
+
+    def project_prompt(self, prompt):
+        """Keys and values (..., Hkv, K, D) of prompts (..., K, dim) through this layer's frozen wk, wv."""
         prompt = prompt.to(self.wk.weight.dtype)
         ak = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)  # (..., Hkv, K, D)
         av = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
-        gate = torch.tanh(self.adapter_gate) if self.gate_act == "tanh" else self.adapter_gate
-        return ak, av, gate.expand(self.n_heads)
+        return ak, av
 
     def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None):
         B, N, _ = x.shape
@@ -321,13 +337,15 @@ class LLaMA(nn.Module):
             self._rope_tables[key] = (angles.cos().to(tdtype), angles.sin().to(tdtype))
         return self._rope_tables[key]
 
-    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int | None = None, *, static: bool = False) -> KVCache:
+        """A KV cache for `batch` rows; static=True for fixed shapes (compiled decode, see KVCache)."""
         p = self.params
         max_len = p.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= p.max_seq_len:
             raise ValueError(f"cache max_len must be in [1, max_seq_len={p.max_seq_len}], got {max_len}")
         w = self.tok_embeddings.weight
-        return KVCache(p.n_layers, batch, p.n_kv_heads, max_len, p.head_dim, dtype=w.dtype, device=w.device)
+        shape = (p.n_layers, batch, p.n_kv_heads, max_len, p.head_dim)
+        return KVCache(*shape, dtype=w.dtype, device=w.device, static=static)
 
     def forward(
         self,
@@ -360,9 +378,10 @@ class LLaMA(nn.Module):
                 raise ValueError(f"cache (batch {cache.batch}) needs input_pos of shape ({B},) and tokens batch {B}")
             input_pos = torch.as_tensor(input_pos, device=device, dtype=torch.long).expand(B)  # int or (B,)
             positions = input_pos[:, None] + torch.arange(N, device=device)  # (B, N)
-            cache.length = int(positions.max()) + 1
-            if cache.length > cache.max_len:
-                raise ValueError(f"positions up to {cache.length - 1} exceed the cache's max_len={cache.max_len}")
+            if not cache.static:  # a static cache skips this host sync: the caller keeps positions < max_len
+                cache.length = int(positions.max()) + 1
+                if cache.length > cache.max_len:
+                    raise ValueError(f"positions up to {cache.length - 1} exceed the cache's max_len={cache.max_len}")
             kv_lens = (input_pos + N).to(torch.int32)
         if adapter_kv is None:
             adapter_kv = self.adapter_kv(prompt_offset, B)

@@ -234,7 +234,7 @@ class Trainer:
             return
         train_state.save_checkpoint(
             self.out_dir,
-            adapter=self.model.adapter_state_dict(),
+            adapter=adapter_tensors(self.model),
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict(),
             step=self.step,
@@ -293,10 +293,13 @@ class Trainer:
     # -- evaluation
     @torch.no_grad()
     def evaluate(self, dataset: InstructionDataset) -> float:
-        """Token-mean loss over `dataset` (each rank takes every world_size-th micro-batch)."""
+        """Token-mean loss over `dataset` (under DDP each rank takes every world_size-th micro-batch)."""
         info, size = self.info, self.cfg.micro_batch_size
         order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
-        chunks = [order[j : j + size] for j in range(0, len(order), size)][info.rank :: info.world_size]
+        chunks = [order[j : j + size] for j in range(0, len(order), size)]
+        # FSDP's forward is collective, so there every rank runs every chunk (validation sets are small)
+        shared = self.cfg.fsdp or info.world_size == 1
+        chunks = chunks if shared else chunks[info.rank :: info.world_size]
         totals = torch.zeros(2, dtype=torch.float64, device=info.device)
         for ids in chunks:
             batch = collate([dataset[i] for i in ids], self.pad_id)
@@ -304,7 +307,7 @@ class Trainer:
                 logits = self.wrapped(batch["tokens"].to(info.device))
             totals[0] += lm_loss_sum(logits, batch["labels"].to(info.device)).double()
             totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        if info.world_size > 1:
+        if not shared:
             dist.all_reduce(totals)
         return (totals[0] / totals[1]).item()
 
@@ -404,9 +407,15 @@ def write_metrics(out_dir, records: list[dict]) -> None:
     train_state.atomic_write_text(Path(out_dir) / METRICS_FILE, text)
 
 
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's parameters by state-dict name, read without `state_dict()` (whose FSDP hooks communicate)."""
+    adapter = {id(p) for p in model.adapter_parameters()}
+    return {name: p.detach() for name, p in model.named_parameters() if id(p) in adapter}
+
+
 def load_adapter_tensors(model, tensors: dict) -> None:
     """Copy adapter tensors (adapter_state_dict names) into the model; every adapter key must match."""
-    expected = model.adapter_state_dict()
+    expected = adapter_tensors(model)
     if set(tensors) != set(expected):
         missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
         raise ValueError(f"adapter tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")

@@ -79,7 +79,7 @@ def test_attention_budget_skips_rows(tmp_path):
 
 
 def test_finetune_smoke_and_plot(tmp_path):
-    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2,1", "--steps", "1",
+    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1",
                                       "--warmup", "0"])  # fmt: skip
     bench_finetune.run(args)
     data = read(tmp_path / "finetune-cpu.json")
@@ -87,7 +87,25 @@ def test_finetune_smoke_and_plot(tmp_path):
     for row in data["rows"]:
         assert row["error"] is None, row
         assert row["B"] == 2 and row["N"] == 8 and row["tokens_per_s"] > 0 and row["trainable"] > 0
+        assert row["tokens_per_s"] == pytest.approx(16 / row["ms"] * 1e3, rel=1e-2)
     assert (tmp_path / "finetune-cpu.png").stat().st_size > 0
+
+
+def test_finetune_takes_largest_batch_that_fits(tmp_path, monkeypatch):
+    real = bench_finetune.train_step
+
+    def small_memory(model, optimizer, tokens):
+        if tokens.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, optimizer, tokens)
+
+    monkeypatch.setattr(bench_finetune, "train_step", small_memory)
+    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "4", "--batches", "8,4,2,1", "--steps", "1",
+                                      "--warmup", "0", "--backends", "sdpa", "--no-plot"])  # fmt: skip
+    (row,) = bench_finetune.run(args).rows
+    assert row["error"] is None and row["B"] == 2
+    assert [t["B"] for t in row["tried"]] == [8, 4, 2]
+    assert row["tried"][0]["error"].startswith("OOM:") and row["tried"][2]["error"] is None
 
 
 def test_finetune_flops_formula():
@@ -105,12 +123,11 @@ def test_finetune_flops_formula():
 
 
 def test_generate_smoke(tmp_path):
-    args = bench_generate.parse_args(["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "1,2",
+    args = bench_generate.parse_args(["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "2",
                                       "--no-plot"])  # fmt: skip
     bench_generate.run(args)
     rows = read(tmp_path / "generate-cpu.json")["rows"]
-    assert [(r["provider"], r["B"]) for r in rows] == [("fused", 1), ("fused", 2), ("sdpa_adapter", 1),
-                                                        ("sdpa_adapter", 2)]  # fmt: skip
+    assert [(r["provider"], r["B"]) for r in rows] == [("fused", 2), ("sdpa_adapter", 2)]
     for row in rows:
         assert row["error"] is None, row
         assert row["ms_per_token"] > 0 and row["prefill_ms"] > 0 and row["gb_per_s"] > 0
