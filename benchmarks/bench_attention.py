@@ -101,6 +101,15 @@ def make_provider(name: str, *, causal: bool, scale: float):
     raise ValueError(f"unknown provider {name!r}; known: {PROVIDERS}")
 
 
+def reference_for(provider: str, causal: bool, scale: float):
+    """What a provider's output is checked against: SDPA + separate prompt (without the prompt for the floor)."""
+    from llama_adapter.baselines import sdpa_adapter_attention
+
+    if provider == "fused_noprompt":
+        return lambda q, k, v, ak, av, g: sdpa_adapter_attention(q, k, v, causal=causal, sm_scale=scale)
+    return lambda q, k, v, ak, av, g: sdpa_adapter_attention(q, k, v, ak, av, g, causal=causal, sm_scale=scale)
+
+
 def make_flex(*, causal: bool, scale: float):
     if not HAS_CUDA:
         raise Unavailable("skipped: FlexAttention is only compiled on CUDA here (CPU inductor too slow for a smoke)")
@@ -109,15 +118,23 @@ def make_flex(*, causal: bool, scale: float):
     except ImportError:
         raise Unavailable(f"skipped: torch {torch.__version__} has no FlexAttention") from None
 
-    def words_and_prompt(q, k, v, ak, av, g, block_mask):
-        groups = q.shape[1] // k.shape[1]
-        out = flex_attention(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=groups > 1)
+    def prompt_and_merge(words, q, ak, av, g):
         # Ka ~ 10 keys would be padded to a 128-key block in flex: plain matmuls, fused by inductor instead.
+        groups = q.shape[1] // ak.shape[0]
         ak, av = ak.repeat_interleave(groups, 0), av.repeat_interleave(groups, 0)  # (Hq, Ka, D)
         probs = torch.softmax((q @ ak.transpose(-1, -2)).float() * scale, dim=-1).to(q.dtype)
-        return out + g.to(q.dtype).view(1, -1, 1, 1) * (probs @ av)
+        return words + g.to(q.dtype).view(1, -1, 1, 1) * (probs @ av)
 
-    compiled = torch.compile(words_and_prompt, dynamic=False)
+    # one graph per (N, grad): past dynamo's recompile limit (8) flex would silently run uncompiled and slow
+    from torch._dynamo import config as dynamo_config
+
+    for limit in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, max(64, getattr(dynamo_config, limit)))
+    # two graphs: inductor's CPU flex template cannot take the merge as an epilogue, and on the GPU this is
+    # the usual way flex is used (compiled on its own)
+    words = torch.compile(flex_attention, dynamic=False)
+    prompt = torch.compile(prompt_and_merge, dynamic=False)
     masks = {}
 
     def flex(q, k, v, ak, av, g):
@@ -128,7 +145,8 @@ def make_flex(*, causal: bool, scale: float):
                 return kv_idx <= q_idx + (Nk - Nq)
 
             masks[Nq, Nk] = create_block_mask(bottom_right, None, None, Nq, Nk, device=q.device)
-        return compiled(q, k, v, ak, av, g, masks.get((Nq, Nk)))
+        out = words(q, k, v, block_mask=masks.get((Nq, Nk)), scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+        return prompt(out, q, ak, av, g)
 
     return flex
 
@@ -147,21 +165,30 @@ def make_inputs(seed, *, B, H, Hkv, N, D, Ka, dtype, grad, device):
     return q, k, v, ak, av, g, rand(B, H, N, D).detach()
 
 
-def measure(fn, mode: str, make_set, *, l2_bytes: int, warmup_ms: float, rep_ms: float) -> dict:
-    """ms (median) and peak_mem_mb for one provider/mode/shape. Input sets rotate to defeat the L2 cache."""
+def measure(fn, mode: str, make_set, *, l2_bytes: int, warmup_ms: float, rep_ms: float, reference=None) -> dict:
+    """ms (median) and peak_mem_mb for one provider/mode/shape. Input sets rotate to defeat the L2 cache.
+
+    In fwd mode with a `reference` provider, also rel_err = ||out - ref|| / ||ref|| on the first input set:
+    a fast wrong kernel must not pass unnoticed."""
 
     def fwd_bwd(s):
         return torch.autograd.grad(fn(*s[:6]), s[:6], s[6], allow_unused=True)
 
-    def fwd(s):
+    def fwd(s, fn=fn):
         with torch.no_grad():
             return fn(*s[:6])
 
     step = fwd if mode == "fwd" else fwd_bwd
     first = make_set(0)
     reset_peak_memory()
-    step(first)  # also the warm-up that compiles / autotunes
+    out = step(first)  # also the warm-up that compiles / autotunes
     peak = peak_memory_mb()
+    checked = {}
+    if reference is not None and mode == "fwd":
+        want = fwd(first, reference).float()
+        checked["rel_err"] = float((out.float() - want).norm() / want.norm())
+        del want
+    del out
     set_bytes = sum(t.numel() * t.element_size() for t in first) * (1 if mode == "fwd" else 2)
     n_sets = min(4, max(1, math.ceil(2 * l2_bytes / set_bytes))) if l2_bytes else 1
     sets = [first] + [make_set(i) for i in range(1, n_sets)]
@@ -178,7 +205,8 @@ def measure(fn, mode: str, make_set, *, l2_bytes: int, warmup_ms: float, rep_ms:
         def call():
             step(sets[next(order)])
 
-    return {"ms": time_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms), "peak_mem_mb": peak, "input_sets": n_sets}
+    ms = time_ms(call, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return {"ms": ms, "peak_mem_mb": peak, "input_sets": n_sets, **checked}
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
@@ -203,7 +231,7 @@ def run(args: argparse.Namespace) -> Results:
     budget = Budget(args.budget)
     spent = defaultdict(float)  # provider -> seconds used
     oom_at = {}  # (provider, mode, dtype, D) -> smallest N that ran out of memory
-    providers = {}
+    providers = {}  # (provider, D) -> (fn, label), or why it cannot run; sm_scale depends on D
     fatal = None
     causal = not args.non_causal
     provider_budget = {name: float(s) for name, s in (item.split("=") for item in str_list(args.provider_budget))}
@@ -216,16 +244,16 @@ def run(args: argparse.Namespace) -> Results:
             Ka = 0 if provider == "fused_noprompt" else args.ka
             row = dict(provider=provider, mode=mode, dtype=dtype_name, B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=Ka)
             row.update(causal=causal, ms=None, tflops=None, peak_mem_mb=None, backend=None, error=None)
-            if provider not in providers:
+            if (provider, D) not in providers:
                 try:
-                    providers[provider] = make_provider(provider, causal=causal, scale=D**-0.5)
+                    providers[provider, D] = make_provider(provider, causal=causal, scale=D**-0.5)
                 except Exception as exc:  # Unavailable, or the fused ops not importable
-                    providers[provider] = str(exc) if isinstance(exc, Unavailable) else describe_error(exc)
+                    providers[provider, D] = str(exc) if isinstance(exc, Unavailable) else describe_error(exc)
             key = (provider, mode, dtype_name, D)
             if fatal:
                 row["error"] = f"skipped: CUDA context lost earlier ({fatal})"
-            elif isinstance(providers[provider], str):
-                row["error"] = providers[provider]
+            elif isinstance(providers[provider, D], str):
+                row["error"] = providers[provider, D]
             elif budget.expired():
                 row["error"] = "skipped: time budget"
             elif spent[provider] > provider_budget.get(provider, math.inf):
@@ -235,7 +263,7 @@ def run(args: argparse.Namespace) -> Results:
             elif dtype_name == "bf16" and not HAS_CUDA and provider.startswith("fused"):
                 row["error"] = "skipped: the interpreter has no bf16 arithmetic"
             else:
-                fn, row["backend"] = providers[provider]
+                fn, row["backend"] = providers[provider, D]
                 started = time.monotonic()
                 shape = dict(B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=args.ka, dtype=DTYPES[dtype_name], device=device)
 
@@ -247,8 +275,9 @@ def run(args: argparse.Namespace) -> Results:
                         q, k, v = make_set(0)[:3]
                         row["backend"] = f"sdpa:{sdpa_choice(q, k, v, causal)}"
                         del q, k, v
+                    reference = None if provider == "sdpa_adapter" else reference_for(provider, causal, D**-0.5)
                     row.update(measure(fn, mode, make_set, l2_bytes=dev.l2_bytes, warmup_ms=args.warmup_ms,
-                                       rep_ms=args.rep_ms))  # fmt: skip
+                                       rep_ms=args.rep_ms, reference=reference))  # fmt: skip
                 except Exception as exc:
                     row["error"] = describe_error(exc)
                 free_memory()
@@ -275,7 +304,8 @@ def format_row(row: dict) -> str:
     if row["error"]:
         return f"{head}: {row['error']}"
     mem = f" peak {row['peak_mem_mb']:.0f} MiB" if row["peak_mem_mb"] is not None else ""
-    return f"{head}: {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s{mem} [{row['backend']}]"
+    err = f" rel_err {row['rel_err']:.1e}" if "rel_err" in row else ""
+    return f"{head}: {row['ms']:8.3f} ms {row['tflops']:7.1f} TFLOP/s{mem}{err} [{row['backend']}]"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -94,7 +94,9 @@ def try_step(model, optimizer, tokens) -> str | None:
 
 
 def run(args: argparse.Namespace) -> Results:
-    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.attention import get_attention_backend, set_attention_backend
+
+    previous_backend = get_attention_backend()
 
     device = "cuda" if HAS_CUDA else "cpu"
     size = args.model or ("7B" if HAS_CUDA else "tiny")
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> Results:
         fatal = row["error"][:120] if is_fatal(row["error"]) else None
         results.add(row)
         log(format_row(row))
-    set_attention_backend("auto")
+    set_attention_backend(previous_backend)
     maybe_plot(results, args)
     return results
 

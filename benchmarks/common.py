@@ -76,7 +76,10 @@ def time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     if HAS_CUDA:
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        try:
+            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        except TypeError:  # a triton without return_mode
+            return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5])[0])
     if warmup_ms > 0:
         fn()
     times = []
@@ -202,17 +205,15 @@ def attention_flops(B: int, H: int, Nq: int, Nk: int, D: int, *, causal: bool, m
 
 
 def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapter_len: int = 10, adapter_layers=30):
-    """A LLaMA of the named shape ("7B", ... or "tiny") with random weights and an adapter, built on `device`.
+    """A LLaMA of a `ModelArgs.from_name` shape ("7B", "tiny", ...), random weights and an adapter, on `device`.
 
     Gates are set to 0.1 rather than their zero init so every path carries real values, as mid-training."""
     from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 
     extra = {"n_layers": layers} if layers else {}
-    if size == "tiny":
-        params = ModelArgs(**{"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 256,
-                              "multiple_of": 16, "max_seq_len": seq, **extra})  # fmt: skip
-    else:
-        params = ModelArgs.from_name(size, max_seq_len=max(seq, 2048), **extra)
+    params = ModelArgs.from_name(size, **extra)
+    if params.max_seq_len < seq:
+        params = ModelArgs.from_name(size, max_seq_len=seq, **extra)
     adapter = AdapterConfig(adapter_len=adapter_len, adapter_layers=min(adapter_layers, params.n_layers))
     torch.manual_seed(0)
     model = LLaMA(params, adapter, device=device, dtype=dtype)

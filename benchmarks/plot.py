@@ -16,6 +16,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS_DIR
 
 ATTENTION_OTHERS = ("sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
+WRONG_REL_ERR = 2e-2
 
 
 def load(path) -> dict:
@@ -143,6 +144,10 @@ def summarize_attention(data: dict) -> list[str]:
                 cells += [_ratio(index.get((p, mode, dtype, D, N)), fused) for p in others]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    # bf16 implementations differ from each other by ~1e-3 relative; far more means a wrong output was timed
+    wrong = [r for r in data["rows"] if r.get("rel_err", 0) > WRONG_REL_ERR]
+    lines += [f"WRONG OUTPUT: {r['provider']} {r['dtype']} D={r['D']} N={r['N']}: rel_err {r['rel_err']:.2e} vs SDPA"
+              for r in wrong] + ([""] if wrong else [])  # fmt: skip
     return lines
 
 

@@ -82,8 +82,11 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     """One entry of a kernel module's `compile_specs()`: enough for triton.compile(ASTSource(...)) without a GPU.
 
     Pointer arguments get `pointers[name]` ("*fp16", ...), `floats` are fp32 scalars, constexprs "constexpr"
-    (their values in `constexprs`, keyed by name), every other argument an i32.
+    (their values in `constexprs`, keyed by name), every other argument an i32. The head-dim strides
+    (`stride_*d`) are the constant 1, as Triton specializes them at launch for tensors with a contiguous last
+    dim (the normal case); compiled as runtime values they would serialize every load.
     """
+    constexprs = {**{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}, **constexprs}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -95,8 +98,9 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     missing = set(pointers) - set(fn.arg_names)
     if missing:
         raise ValueError(f"compile_spec for {name}: {sorted(missing)} are not arguments of {fn.__name__}")
-    return dict(name=name, fn=fn, signature=signature, constexprs=dict(constexprs), num_warps=num_warps,
-                num_stages=num_stages)
+    return dict(
+        name=name, fn=fn, signature=signature, constexprs=dict(constexprs), num_warps=num_warps, num_stages=num_stages
+    )
 
 
 SPEC_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -122,6 +126,7 @@ def gate_strides(gate: torch.Tensor | None) -> tuple[int, int]:
 
 
 # ---- device helpers shared by the forward and backward kernels (inlined by Triton) ----
+
 
 @triton.jit
 def visible_key_range(start_m, Nq, L, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):

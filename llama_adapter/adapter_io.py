@@ -101,13 +101,11 @@ def read_adapter(model, path, *, adapter_len: int | None = None) -> tuple:
 
 
 def _expected_shapes(model, cfg) -> dict[str, tuple]:
-    p = model.params
-    n_gates = p.n_heads if cfg.gate == "head" else 1
-    shapes = {}
-    for i in range(p.n_layers - cfg.adapter_layers, p.n_layers):
-        shapes[f"layers.{i}.attention.adapter_prompt"] = (cfg.adapter_len, p.dim)
-        shapes[f"layers.{i}.attention.adapter_gate"] = (n_gates,)
-    return shapes
+    """What `cfg` adds to this model (V2 options and projector included), from a copy on the meta device."""
+    from llama_adapter.model import LLaMA
+
+    probe = LLaMA(model.params, cfg, device="meta")
+    return {name: tuple(t.shape) for name, t in probe.adapter_state_dict().items()}
 
 
 def check_adapter_tensors(model, cfg, tensors: dict[str, torch.Tensor], source: str) -> None:

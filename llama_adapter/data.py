@@ -42,7 +42,13 @@ def _check_record(record, where: str) -> dict:
     value = record.get("input")
     if value is not None and not isinstance(value, str):
         raise DataError(f"{where}: field 'input' must be a string or null, got {type(value).__name__}")
-    return {"instruction": record["instruction"], "input": value or "", "output": record["output"]}
+    out = {"instruction": record["instruction"], "input": value or "", "output": record["output"]}
+    image = record.get("image")  # multimodal: the image id whose features `finetune --image-features` adds
+    if image is not None:
+        if not isinstance(image, str):
+            raise DataError(f"{where}: field 'image' must be a string or null, got {type(image).__name__}")
+        out["image"] = image
+    return out
 
 
 def _json_array_records(text: str, path: Path):
@@ -147,6 +153,7 @@ class InstructionDataset:
         self.max_seq_len = max_seq_len
         self.items: list[tuple[list[int], int]] = []
         self.stats = DataStats()
+        features = []  # per item: the "image_features" that `multimodal.attach_image_features` put on examples
         for example in examples:
             tokens, prompt_len = encode_example(tokenizer, example)
             if len(tokens) > max_seq_len:
@@ -156,9 +163,13 @@ class InstructionDataset:
                 self.stats.dropped += 1
                 continue
             self.items.append((tokens, prompt_len))
+            features.append(example.get("image_features"))
             self.stats.target_tokens += len(tokens) - prompt_len
         self.stats.examples = len(self.items)
         self.lengths = [len(tokens) for tokens, _ in self.items]
+        if any(f is not None for f in features) and any(f is None for f in features):
+            raise DataError("some examples have image features and others not (attach_image_features gives all)")
+        self.image_features = features if features and features[0] is not None else None
 
     def __len__(self) -> int:
         return len(self.items)
@@ -213,6 +224,13 @@ def collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
     return {"tokens": tokens, "labels": labels}
 
 
+def image_inputs(dataset: InstructionDataset, ids, device) -> dict:
+    """The model's extra inputs for examples `ids`: {"image_features": (B, F)} with image features, else {}."""
+    if getattr(dataset, "image_features", None) is None:
+        return {}
+    return {"image_features": torch.stack([dataset.image_features[i] for i in ids]).to(device)}
+
+
 def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
     return n_examples // global_batch_size
 
@@ -232,6 +250,7 @@ __all__ = [
     "collate",
     "encode_example",
     "global_batches",
+    "image_inputs",
     "load_examples",
     "padding_waste",
     "rank_micro_batches",

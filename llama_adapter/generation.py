@@ -77,15 +77,36 @@ def generate_stream(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     prompt_offset: torch.Tensor | None = None,
+    adapters: list | None = None,
+    adapter_bank=None,
+    compile: bool = False,
+    compile_options: dict | None = None,
 ) -> Iterator[Step]:
-    """Yield a `Step` per decoding step until every row has produced eos_id or max_new_tokens tokens."""
+    """Yield a `Step` per decoding step until every row has produced eos_id or max_new_tokens tokens.
+
+    adapters: one choice per prompt (None for the base model, an adapter path, an `Adapter`, or a name in
+    `adapter_bank`), so one batch serves several adapters (llama_adapter.multi_adapter); the model's own
+    adapter is not used then. compile: decode steps run torch.compile'd (fullgraph, CUDA graphs on a GPU) over
+    a static KV cache; compile_options override the torch.compile arguments (default: mode="reduce-overhead"
+    on CUDA, inductor's default elsewhere).
+    """
     lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p)
     device = model.tok_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     B, longest = len(prompts), max(lengths)
-    cache = model.new_cache(B, max_len=longest + max_new_tokens)
-    adapter_kv = model.adapter_kv(prompt_offset, B)
+    adapter_kv = _adapter_kv(model, B, prompt_offset, adapters, adapter_bank)
+    if compile:
+        step_fn = compiled_decode_step(device, compile_options)
+        # fixed cache sizes, so that calls of similar lengths reuse one compiled graph
+        cache = model.new_cache(B, max_len=_round_up(longest + max_new_tokens, model.params.max_seq_len), static=True)
+        for t in (*cache.k, *cache.v):
+            # mutated in place by every step: CUDA graphs need them at fixed addresses; guard=False so that a
+            # new cache (next call) re-records the graph instead of recompiling
+            torch._dynamo.mark_static_address(t, guard=False)
+    else:
+        step_fn = decode_step
+        cache = model.new_cache(B, max_len=longest + max_new_tokens)
     padded = torch.zeros(B, longest, dtype=torch.long, device=device)
     for b, p in enumerate(prompts):
         padded[b, : len(p)] = torch.tensor(p, dtype=torch.long)
@@ -102,7 +123,56 @@ def generate_stream(
         yield Step(out, logits)
         if all(stopped) or step == max_new_tokens - 1:
             return
-        logits = model(next_tokens[:, None], cache=cache, input_pos=pos + step, adapter_kv=adapter_kv)[:, -1]
+        logits = step_fn(model, next_tokens[:, None], cache, pos + step, adapter_kv)
+
+
+def _adapter_kv(model, batch: int, prompt_offset, adapters, adapter_bank) -> list:
+    if adapters is None:
+        if adapter_bank is not None:
+            raise ValueError("adapter_bank was given without adapters= (one choice per prompt)")
+        return model.adapter_kv(prompt_offset, batch)
+    from llama_adapter.multi_adapter import AdapterBank
+
+    if prompt_offset is not None:
+        raise ValueError("prompt_offset cannot be combined with adapters= (per-row adapters)")
+    if not isinstance(adapters, (list, tuple)) or len(adapters) != batch:
+        got = len(adapters) if isinstance(adapters, (list, tuple)) else type(adapters).__name__
+        raise ValueError(f"adapters must be a list with one entry per prompt ({batch}), got {got}")
+    bank = AdapterBank(model) if adapter_bank is None else adapter_bank
+    if bank.model is not model:
+        raise ValueError("adapter_bank was built for another model")
+    return bank.adapter_kv(adapters)
+
+
+def decode_step(model, tokens, cache, input_pos, adapter_kv) -> torch.Tensor:
+    """Logits (B, vocab) of one new token per row (tokens (B, 1)) at positions input_pos (B,)."""
+    return model(tokens, cache=cache, input_pos=input_pos, adapter_kv=adapter_kv)[:, -1]
+
+
+_COMPILED_STEPS: dict = {}
+
+
+def compiled_decode_step(device: torch.device, options: dict | None = None) -> Callable:
+    """`decode_step` under torch.compile(fullgraph=True), one per set of options (dynamo guards tell models apart).
+
+    The step's logits are cloned out: a CUDA-graph replay overwrites its outputs at the next step.
+    """
+    if options is None:
+        options = {"mode": "reduce-overhead"} if device.type == "cuda" else {}
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED_STEPS:
+        compiled = torch.compile(decode_step, fullgraph=True, **options)
+
+        def step(*args):
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*args).clone()
+
+        _COMPILED_STEPS[key] = step
+    return _COMPILED_STEPS[key]
+
+
+def _round_up(length: int, limit: int, multiple: int = 256) -> int:
+    return min(limit, -(-length // multiple) * multiple)
 
 
 def generate(
@@ -117,12 +187,18 @@ def generate(
     generator: torch.Generator | None = None,
     prompt_offset: torch.Tensor | None = None,
     callback: Callable[[Step], None] | None = None,
+    adapters: list | None = None,
+    adapter_bank=None,
+    compile: bool = False,
+    compile_options: dict | None = None,
 ) -> list[list[int]]:
-    """The new tokens of each prompt (eos itself not included). `callback(step)` sees every step as it comes."""
+    """The new tokens of each prompt (eos itself not included). `callback(step)` sees every step as it comes.
+    adapters, adapter_bank, compile, compile_options: see `generate_stream`."""
     results: list[list[int]] = [[] for _ in prompts]
     stream = generate_stream(
         model, prompts, max_new_tokens, temperature, top_p, eos_id, seed=seed, generator=generator,
-        prompt_offset=prompt_offset,
+        prompt_offset=prompt_offset, adapters=adapters, adapter_bank=adapter_bank, compile=compile,
+        compile_options=compile_options,
     )  # fmt: skip
     for step in stream:
         if callback is not None:

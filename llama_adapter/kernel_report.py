@@ -156,7 +156,9 @@ def report(archs=tuple(ARCHS), jobs: int = 1) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'kernel':<44} {'arch':<5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8}  mma"
+    head = (
+        f"{'kernel':<44} {'arch':<5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} {'s':>5}  mma"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["error"]:
@@ -165,8 +167,10 @@ def format_table(rows: list[dict]) -> str:
         mma = ",".join(r["mma"]) if r["mma"] is not None else "?"
         lines.append(
             f"{r['kernel']:<44} {r['arch']:<5} {r['num_warps']:>5} {r['num_stages']:>6} {r['registers']!s:>5} "
-            f"{r['spill_instructions']!s:>5} {r['shared'] / 1024:>8.1f}  {mma or '-'}"
+            f"{r['spill_instructions']!s:>5} {r['shared'] / 1024:>8.1f} {r['seconds']:>5.1f}  {mma or '-'}"
         )
+    failed = sum(1 for r in rows if r["error"])
+    lines.append(f"{len(rows)} compiles, {failed} failed, {sum(r['seconds'] for r in rows):.0f} s compiling")
     return "\n".join(lines)
 
 

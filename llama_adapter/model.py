@@ -87,6 +87,13 @@ class AdapterConfig:
     adapter_layers: int = 30
     gate: str = "head"  # "head": one gate per head (official v1); "scalar": one per layer (PEFT)
     gate_act: str = "tanh"  # "tanh": official training code; "none": official inference code, PEFT, lit-llama
+    # Off by default (plain v1). LLaMA-Adapter V2 (Gao et al. 2023, arXiv 2304.15010: norm, bias and scale
+    # unlocked plus early fusion, "14M parameters over LLaMA" in all) and v1's image-conditioned prompts:
+    bias_tuning: bool = False  # V2: y = scale * (W x + bias) on the 7 linears of every block (7B: 3.2M, 0.047%)
+    norm_tuning: bool = False  # V2: every RMSNorm weight trains (7B: 65 x 4096 = 0.27M)
+    visual_dim: int | None = None  # v1 Eqs. 9-10: per-image feature size (M x C) -> `visual_proj` MLP to dim
+    visual_hidden: int = 512  # hidden width of that MLP
+    early_fusion: int = 0  # V2: image offsets go only to the first N layers (own prompts); static prompts above
 
     def __post_init__(self):
         if not isinstance(self.adapter_len, int) or self.adapter_len < 1:
@@ -97,9 +104,21 @@ class AdapterConfig:
             raise ValueError(f"gate must be 'head' or 'scalar', got {self.gate!r}")
         if self.gate_act not in ("tanh", "none"):
             raise ValueError(f"gate_act must be 'tanh' or 'none', got {self.gate_act!r}")
+        for name in ("bias_tuning", "norm_tuning"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.visual_dim is not None and (not isinstance(self.visual_dim, int) or self.visual_dim < 1):
+            raise ValueError(f"visual_dim must be None or a positive int, got {self.visual_dim!r}")
+        if not isinstance(self.visual_hidden, int) or self.visual_hidden < 1:
+            raise ValueError(f"visual_hidden must be a positive int, got {self.visual_hidden!r}")
+        if not isinstance(self.early_fusion, int) or self.early_fusion < 0:
+            raise ValueError(f"early_fusion must be an int >= 0, got {self.early_fusion!r}")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, less the V2 / multimodal switches left at their defaults (v1 configs read as before)."""
+        defaults = AdapterConfig()
+        v1 = ("adapter_len", "adapter_layers", "gate", "gate_act")
+        return {k: v for k, v in asdict(self).items() if k in v1 or v != getattr(defaults, k)}
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterConfig:
@@ -176,6 +195,44 @@ class KVCache:
         if self.static:
             return self.k[layer], self.v[layer]
         return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+
+class BiasScaleLinear(nn.Linear):
+    """V2's bias and scale tuning of a frozen linear layer: y = scale * (W x + bias), bias 0 and scale 1 at init.
+
+    Shares the wrapped layer's weight, so the state-dict names stay `...wq.weight` (plus `.bias`, `.scale`).
+    """
+
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.weight = linear.in_features, linear.out_features, linear.weight
+        w = linear.weight
+        self.bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=_upcast(w.dtype)))
+        self.scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=_upcast(w.dtype)))
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias.to(self.weight.dtype))
+        return y * self.scale.to(y.dtype)
+
+    def plain(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = self.weight
+        return linear
+
+
+_TUNED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
+                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+
+
+def _set_bias_scale(block: nn.Module, enabled: bool) -> None:
+    """Wrap (fresh bias 0, scale 1) or unwrap the block's linear layers."""
+    for path in _TUNED_LINEARS:
+        parent_name, name = path.split(".")
+        parent = getattr(block, parent_name)
+        linear = getattr(parent, name)
+        if isinstance(linear, BiasScaleLinear):
+            linear = linear.plain()
+        setattr(parent, name, BiasScaleLinear(linear) if enabled else linear)
 
 
 class Attention(nn.Module):
@@ -255,9 +312,17 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _is_adapter_param(name: str) -> bool:
-    """The single source of truth for what trains and what an adapter file holds."""
-    return name.rsplit(".", 1)[-1] in ("adapter_prompt", "adapter_gate")
+def _is_adapter_param(name: str, cfg: AdapterConfig | None = None) -> bool:
+    """The single source of truth for what trains and what an adapter file holds.
+
+    Prompts, gates, the image projector and V2's biases and scales (the base has no biases) exist only when
+    the adapter adds them; the norm weights belong to the base and count only under cfg.norm_tuning.
+    """
+    if name.rsplit(".", 1)[-1] in ("adapter_prompt", "adapter_gate", "bias", "scale"):
+        return True
+    if name.startswith("visual_proj."):
+        return True
+    return cfg is not None and cfg.norm_tuning and name.endswith("norm.weight")
 
 
 class LLaMA(nn.Module):
@@ -270,6 +335,8 @@ class LLaMA(nn.Module):
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False, device=device, dtype=dtype)
         self.requires_grad_(False)
         self.adapter_config = None
+        self.visual_proj = None  # multimodal.VisualProjector when the adapter has visual_dim
+        self._base_norms = None  # the checkpoint's norm weights, kept once norm tuning may change them
         self.gradient_checkpointing = False
         self._rope_tables = {}
         if adapter is not None:
@@ -284,21 +351,57 @@ class LLaMA(nn.Module):
             raise ValueError(
                 f"adapter_layers ({cfg.adapter_layers}) exceeds the model's n_layers {self.params.n_layers}"
             )
+        if cfg.early_fusion > self.params.n_layers:
+            raise ValueError(f"early_fusion ({cfg.early_fusion}) exceeds the model's n_layers {self.params.n_layers}")
+        adapted = set(self.adapted_layers(cfg))
         for i, layer in enumerate(self.layers):
             layer.attention.remove_adapter()
-            if i >= self.first_adapter_layer(cfg):
+            if i in adapted:
                 layer.attention.add_adapter(cfg)
+            _set_bias_scale(layer, cfg.bias_tuning)
+        norms = {n: p for n, p in self.named_parameters() if n.endswith("norm.weight")}
+        with torch.no_grad():
+            if self._base_norms is not None:  # a fresh adapter starts from the checkpoint's norms
+                for n, p in norms.items():
+                    p.copy_(self._base_norms[n])
+            elif cfg.norm_tuning:
+                self._base_norms = {n: p.detach().clone() for n, p in norms.items()}
+        self.visual_proj = None
+        if cfg.visual_dim is not None:
+            from llama_adapter.multimodal import VisualProjector
+
+            w = self.tok_embeddings.weight
+            self.visual_proj = VisualProjector(cfg.visual_dim, self.params.dim, cfg.adapter_len, cfg.visual_hidden,
+                                               device=w.device, dtype=_upcast(w.dtype))  # fmt: skip
         self.adapter_config = cfg
+        for name, p in self.named_parameters():
+            p.requires_grad_(_is_adapter_param(name, cfg))
+
+    def adapted_layers(self, cfg: AdapterConfig | None = None) -> list[int]:
+        """Layers with prompts: the top cfg.adapter_layers, and the first cfg.early_fusion (V2)."""
+        cfg = cfg or self.adapter_config
+        if cfg is None:
+            return []
+        n = self.params.n_layers
+        return sorted(set(range(n - cfg.adapter_layers, n)) | set(range(cfg.early_fusion)))
+
+    def visual_layers(self) -> list[int]:
+        """Layers whose prompts take the per-sample offset: all adapted ones (v1), or the early-fusion ones (V2)."""
+        cfg = self.adapter_config
+        return list(range(cfg.early_fusion)) if cfg and cfg.early_fusion else self.adapted_layers()
 
     def first_adapter_layer(self, cfg: AdapterConfig | None = None) -> int:
+        """The first layer holding trainable parameters (no gradient is needed below it)."""
         cfg = cfg or self.adapter_config
-        return self.params.n_layers - (cfg.adapter_layers if cfg else 0)
+        if cfg is not None and (cfg.bias_tuning or cfg.norm_tuning):
+            return 0
+        return min(self.adapted_layers(cfg), default=self.params.n_layers)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if _is_adapter_param(name)]
+        return [p for name, p in self.named_parameters() if _is_adapter_param(name, self.adapter_config)]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in self.state_dict().items() if _is_adapter_param(name)}
+        return {name: t for name, t in self.state_dict().items() if _is_adapter_param(name, self.adapter_config)}
 
     def trainable_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -320,9 +423,12 @@ class LLaMA(nn.Module):
             if not ok or (batch is not None and prompt_offset.shape[0] != batch):
                 got = tuple(prompt_offset.shape)
                 raise ValueError(f"prompt_offset must have shape (B={batch}, {K} or 1, {dim}), got {got}")
+        visual = set(self.visual_layers())
         return [
-            layer.attention.prompt_kv(prompt_offset) if layer.attention.adapter_prompt is not None else None
-            for layer in self.layers
+            layer.attention.prompt_kv(prompt_offset if i in visual else None)
+            if layer.attention.adapter_prompt is not None
+            else None
+            for i, layer in enumerate(self.layers)
         ]
 
     # ----- forward -----
@@ -356,12 +462,14 @@ class LLaMA(nn.Module):
         input_pos: torch.Tensor | None = None,
         adapter_kv: list | None = None,
         logits_pos: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens (B, N) -> logits (B, N, vocab).
 
         With `cache`, row b's tokens sit at positions input_pos[b] + arange(N) and attend to the cached keys
         before them only. `adapter_kv` (from `adapter_kv()`) skips recomputing the prompt keys/values;
-        `logits_pos` (B,) returns only the logits at those positions, (B, 1, vocab).
+        `logits_pos` (B,) returns only the logits at those positions, (B, 1, vocab). `image_features` (B, M*C)
+        go through the adapter's `visual_proj` to become the prompt offset.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = getattr(tokens, "shape", type(tokens).__name__)
@@ -383,6 +491,12 @@ class LLaMA(nn.Module):
                 if cache.length > cache.max_len:
                     raise ValueError(f"positions up to {cache.length - 1} exceed the cache's max_len={cache.max_len}")
             kv_lens = (input_pos + N).to(torch.int32)
+        if image_features is not None:
+            if self.visual_proj is None:
+                raise ValueError("image_features were given but the adapter has no visual projector (visual_dim)")
+            if prompt_offset is not None:
+                raise ValueError("pass image_features or prompt_offset, not both")
+            prompt_offset = self.visual_proj(image_features)
         if adapter_kv is None:
             adapter_kv = self.adapter_kv(prompt_offset, B)
         elif prompt_offset is not None:

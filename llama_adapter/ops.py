@@ -12,7 +12,6 @@ kernels/attention_bwd.py).
 """
 
 import functools
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -28,10 +27,10 @@ def _fwd_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    adapter_k: Optional[Tensor],
-    adapter_v: Optional[Tensor],
-    gate: Optional[Tensor],
-    kv_lens: Optional[Tensor],
+    adapter_k: Tensor | None,
+    adapter_v: Tensor | None,
+    gate: Tensor | None,
+    kv_lens: Tensor | None,
     causal: bool,
     sm_scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -53,10 +52,10 @@ def _bwd_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    adapter_k: Optional[Tensor],
-    adapter_v: Optional[Tensor],
-    gate: Optional[Tensor],
-    kv_lens: Optional[Tensor],
+    adapter_k: Tensor | None,
+    adapter_v: Tensor | None,
+    gate: Tensor | None,
+    kv_lens: Tensor | None,
     o: Tensor,
     lse_w: Tensor,
     lse_a: Tensor,
@@ -117,10 +116,10 @@ def _decode_op(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    adapter_k: Optional[Tensor],
-    adapter_v: Optional[Tensor],
-    gate: Optional[Tensor],
-    kv_lens: Optional[Tensor],
+    adapter_k: Tensor | None,
+    adapter_v: Tensor | None,
+    gate: Tensor | None,
+    kv_lens: Tensor | None,
     causal: bool,
     sm_scale: float,
 ) -> Tensor:

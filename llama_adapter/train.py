@@ -37,6 +37,7 @@ from llama_adapter.data import (
     InstructionDataset,
     collate,
     global_batches,
+    image_inputs,
     load_examples,
     rank_micro_batches,
     split_examples,
@@ -65,7 +66,8 @@ class LRSchedule:
 
 
 def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW over the adapter only: prompts decay, gates do not. Fails if anything else requires grad."""
+    """AdamW over the adapter only: prompts and matrices decay; gates, biases, scales and norms (1-D, as in the
+    official V2 code's timm param groups) do not. Fails if anything else requires grad."""
     adapter_ids = {id(p) for p in model.adapter_parameters()}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     stray = [n for n, p in trainable if id(p) not in adapter_ids]
@@ -73,8 +75,8 @@ def make_optimizer(model, lr: float, weight_decay: float) -> torch.optim.AdamW:
         raise RuntimeError(f"only adapter parameters may require grad, but so do: {stray[:5]}")
     if not trainable:
         raise RuntimeError("the model has no trainable adapter parameters (attach_adapter first)")
-    decay = [p for n, p in trainable if not n.endswith("adapter_gate")]
-    no_decay = [p for n, p in trainable if n.endswith("adapter_gate")]
+    decay = [p for n, p in trainable if p.dim() >= 2]
+    no_decay = [p for n, p in trainable if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95))
 
@@ -270,8 +272,9 @@ class Trainer:
             last = j == len(micro) - 1
             no_sync = self.wrapped.no_sync if hasattr(self.wrapped, "no_sync") and not last else nullcontext
             with no_sync():
+                images = image_inputs(self.train_set, ids, info.device)  # {} for text-only data
                 with self.autocast:
-                    logits = self.wrapped(batch["tokens"].to(info.device))
+                    logits = self.wrapped(batch["tokens"].to(info.device), **images)
                 micro_loss = lm_loss_sum(logits, batch["labels"].to(info.device))
                 scaled = micro_loss * (info.world_size / target)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -291,25 +294,11 @@ class Trainer:
         return (loss_sum / target).item(), tokens
 
     # -- evaluation
-    @torch.no_grad()
     def evaluate(self, dataset: InstructionDataset) -> float:
-        """Token-mean loss over `dataset` (under DDP each rank takes every world_size-th micro-batch)."""
-        info, size = self.info, self.cfg.micro_batch_size
-        order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])
-        chunks = [order[j : j + size] for j in range(0, len(order), size)]
-        # FSDP's forward is collective, so there every rank runs every chunk (validation sets are small)
-        shared = self.cfg.fsdp or info.world_size == 1
-        chunks = chunks if shared else chunks[info.rank :: info.world_size]
-        totals = torch.zeros(2, dtype=torch.float64, device=info.device)
-        for ids in chunks:
-            batch = collate([dataset[i] for i in ids], self.pad_id)
-            with self.autocast:
-                logits = self.wrapped(batch["tokens"].to(info.device))
-            totals[0] += lm_loss_sum(logits, batch["labels"].to(info.device)).double()
-            totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        if not shared:
-            dist.all_reduce(totals)
-        return (totals[0] / totals[1]).item()
+        # FSDP's forward is collective, so there every rank runs every batch (validation sets are small)
+        shard = not self.cfg.fsdp and self.info.world_size > 1
+        return evaluate_loss(self.wrapped, dataset, self.cfg.micro_batch_size, self.pad_id, self.info.device,
+                             self.autocast, shard=shard)  # fmt: skip
 
     def sample(self) -> str | None:
         """Greedy answer to one validation (else training) instruction, or None without a tokenizer."""
@@ -320,9 +309,11 @@ class Trainer:
         except ImportError:
             return None
         tokens, prompt_len = (self.val_set or self.train_set)[0]
+        room = min(self.cfg.sample_max_new_tokens, self.model.params.max_seq_len - prompt_len)
+        if room < 1:
+            return None
         with torch.no_grad(), self.autocast:
-            out = generate(unwrap(self.model), [tokens[:prompt_len]], self.cfg.sample_max_new_tokens,
-                           eos_id=self.tokenizer.eos_id)  # fmt: skip
+            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=self.tokenizer.eos_id)
         return self.tokenizer.decode(out[0])
 
     # -- the loop
@@ -407,6 +398,27 @@ def write_metrics(out_dir, records: list[dict]) -> None:
     train_state.atomic_write_text(Path(out_dir) / METRICS_FILE, text)
 
 
+@torch.no_grad()
+def evaluate_loss(model, dataset: InstructionDataset, batch_size: int, pad_id: int, device, autocast=None,
+                  shard: bool = False) -> float:  # fmt: skip
+    """Token-mean loss over `dataset`; with `shard`, each rank takes every world_size-th batch and the sums
+    are all-reduced."""
+    order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])  # little padding
+    chunks = [order[j : j + batch_size] for j in range(0, len(order), batch_size)]
+    if shard:
+        chunks = chunks[dist.get_rank() :: dist.get_world_size()]
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    for ids in chunks:
+        batch = collate([dataset[i] for i in ids], pad_id)
+        with autocast or nullcontext():
+            logits = model(batch["tokens"].to(device), **image_inputs(dataset, ids, device))
+        totals[0] += lm_loss_sum(logits, batch["labels"].to(device)).double()
+        totals[1] += (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+    if shard:
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
+
+
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """The adapter's parameters by state-dict name, read without `state_dict()` (whose FSDP hooks communicate)."""
     adapter = {id(p) for p in model.adapter_parameters()}
@@ -464,6 +476,10 @@ def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=0.02, help="held out for validation loss (0: none)")
     p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each epoch)")
     p.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: each epoch)")
+    p.add_argument("--image-features", help="feature file/dir (extract-features): records' 'image' ids -> prompts")
+    p.add_argument("--bias-tuning", action="store_true", help="V2: train bias and scale of every block linear")
+    p.add_argument("--norm-tuning", action="store_true", help="V2: train the RMSNorm weights")
+    p.add_argument("--early-fusion", type=int, default=0, help="V2: image offsets only in the first N layers")
 
 
 def register_cli(subparsers) -> None:
@@ -514,6 +530,19 @@ def clamp_adapter_layers(requested: int, n_layers: int, say=print) -> int:
 
 
 def run_finetune(args) -> int:
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # torchrun / schedulers stop jobs with SIGTERM
+    try:
+        finetune(args)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def finetune(args) -> Trainer:
+    """`llama-adapter finetune` without the signal handling: load, train, save; returns the trainer (whose
+    `.model` holds the trained adapter)."""
     from llama_adapter.model import AdapterConfig, LLaMA
     from llama_adapter.tokenizer import Tokenizer
 
@@ -522,6 +551,11 @@ def run_finetune(args) -> int:
     if args.fsdp and info.world_size == 1:
         say("note: --fsdp with one process shards nothing")
     examples = load_examples(args.data)  # data errors surface before anything heavy is loaded
+    visual_dim = None
+    if args.image_features:
+        from llama_adapter.multimodal import attach_image_features
+
+        visual_dim = attach_image_features(examples, args.image_features)
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
     train_set, val_set = prepare_data(examples, tokenizer, args.max_seq_len, args.val_fraction, args.seed, say)
 
@@ -532,7 +566,8 @@ def run_finetune(args) -> int:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
     torch.manual_seed(args.seed)  # the same initial prompts on every rank and every (re)start
     layers = clamp_adapter_layers(args.adapter_layers, model.params.n_layers, say)
-    model.attach_adapter(AdapterConfig(adapter_len=args.adapter_len, adapter_layers=layers))
+    v2 = dict(bias_tuning=args.bias_tuning, norm_tuning=args.norm_tuning, early_fusion=args.early_fusion)
+    model.attach_adapter(AdapterConfig(args.adapter_len, layers, visual_dim=visual_dim, **v2))
     model.gradient_checkpointing = args.grad_checkpointing
     say(model.trainable_summary())
 
@@ -549,13 +584,7 @@ def run_finetune(args) -> int:
         f"{trainer.total_steps} steps; micro {cfg.micro_batch_size} x accum {accum} x world {info.world_size}"
     )
 
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        trainer.fit()
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    trainer.fit()
     if info.is_main:
         out = Path(args.out)
         model.save_adapter(out / "adapter")
@@ -565,7 +594,7 @@ def run_finetune(args) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return trainer
 
 
 def _raise_interrupt(signum, frame):
@@ -577,6 +606,8 @@ __all__ = [
     "LRSchedule",
     "TrainConfig",
     "Trainer",
+    "evaluate_loss",
+    "finetune",
     "init_distributed",
     "lm_loss_sum",
     "lr_factor",

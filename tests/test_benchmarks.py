@@ -17,6 +17,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed; the scripts run a
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_attention, bench_finetune, bench_generate, common, plot  # noqa: E402
+from llama_adapter.attention import get_attention_backend  # noqa: E402
 
 ATTENTION_KEYS = {"provider", "mode", "dtype", "B", "H", "N", "D", "Ka", "causal", "ms", "tflops", "peak_mem_mb",
                   "backend", "error"}  # fmt: skip
@@ -45,6 +46,8 @@ def test_attention_all_providers_and_modes(tmp_path):
         else:
             assert row["error"] is None, (provider, mode, row["error"])
             assert row["ms"] > 0 and row["tflops"] >= 0 and row["input_sets"] == 1
+            if mode == "fwd" and provider != "sdpa_adapter":  # checked against SDPA + prompt, fp32
+                assert row["rel_err"] < 1e-5, (provider, row["rel_err"])
     assert rows["fused", "fwd"]["backend"] == "triton" and rows["sdpa_adapter", "fwd"]["backend"].startswith("sdpa:")
     assert rows["fused_noprompt", "fwd"]["Ka"] == 0 and rows["fused", "fwd"]["Ka"] == 10
 
@@ -82,6 +85,7 @@ def test_finetune_smoke_and_plot(tmp_path):
     args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1",
                                       "--warmup", "0"])  # fmt: skip
     bench_finetune.run(args)
+    assert get_attention_backend() == "reference"  # conftest's choice is given back
     data = read(tmp_path / "finetune-cpu.json")
     assert [r["provider"] for r in data["rows"]] == ["fused", "sdpa_adapter", "eager"]
     for row in data["rows"]:
@@ -148,12 +152,14 @@ def test_summary_and_plots_from_json(tmp_path):
         error = "OOM: CUDA out of memory" if ms is None else None
         rows.append(dict(provider=provider, mode="fwd", dtype="bf16", B=2, H=32, N=1024, D=128,
                          Ka=0 if provider == "fused_noprompt" else 10, causal=True, ms=ms, tflops=ms and 2.0 / ms,
-                         peak_mem_mb=100.0, backend="x", error=error))  # fmt: skip
+                         peak_mem_mb=100.0, backend="x", error=error,
+                         rel_err=0.5 if provider == "fused" else 1e-3))  # fmt: skip
     header = dict(bench="attention", device="h100", device_name="NVIDIA H100", torch="t", triton="t", time="now")
     path = tmp_path / "attention-h100.json"
     path.write_text(json.dumps({**header, "rows": rows}))
     text = plot.summary_markdown([path])
     assert "| fwd | 1024 | 1.000 | 2 | – | +25.0% | 2.00x | OOM |" in text
+    assert "WRONG OUTPUT: fused bf16 D=128 N=1024" in text and "WRONG OUTPUT: fused_noprompt" not in text
     assert [p.name for p in plot.plot_file(path)] == ["attention-h100-bf16-d128.png"]
     bad = tmp_path / "bad.json"
     bad.write_text("{}")

@@ -4,8 +4,7 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from llama_adapter import adapter_attention, set_attention_backend
-from llama_adapter import ops
+from llama_adapter import adapter_attention, ops, set_attention_backend
 
 
 def small_inputs(B=1, Hq=2, Hkv=1, Nq=17, Nk=20, D=16, Ka=3, dtype=torch.float32, requires_grad=True):
