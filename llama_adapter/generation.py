@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -98,32 +99,31 @@ def generate_stream(
     adapter_kv = _adapter_kv(model, B, prompt_offset, adapters, adapter_bank)
     if compile:
         step_fn = compiled_decode_step(device, compile_options)
-        # fixed cache sizes, so that calls of similar lengths reuse one compiled graph
-        cache = model.new_cache(B, max_len=_round_up(longest + max_new_tokens, model.params.max_seq_len), static=True)
-        for t in (*cache.k, *cache.v):
-            # mutated in place by every step: CUDA graphs need them at fixed addresses; guard=False so that a
-            # new cache (next call) re-records the graph instead of recompiling
-            torch._dynamo.mark_static_address(t, guard=False)
+        cache = _take_static_cache(model, B, longest + max_new_tokens)
     else:
         step_fn = decode_step
         cache = model.new_cache(B, max_len=longest + max_new_tokens)
-    padded = torch.zeros(B, longest, dtype=torch.long, device=device)
-    for b, p in enumerate(prompts):
-        padded[b, : len(p)] = torch.tensor(p, dtype=torch.long)
-    pos = torch.tensor(lengths, dtype=torch.long, device=device)
-    zero = torch.zeros(B, dtype=torch.long, device=device)
-    logits = model(padded, cache=cache, input_pos=zero, adapter_kv=adapter_kv, logits_pos=pos - 1)[:, -1]
-    stopped = [False] * B
-    for step in range(max_new_tokens):
-        next_tokens = sample(logits, temperature, top_p, generator)
-        out: list[int | None] = []
-        for b, t in enumerate(next_tokens.tolist()):
-            stopped[b] = stopped[b] or t == eos_id
-            out.append(None if stopped[b] else t)
-        yield Step(out, logits)
-        if all(stopped) or step == max_new_tokens - 1:
-            return
-        logits = step_fn(model, next_tokens[:, None], cache, pos + step, adapter_kv)
+    try:
+        padded = torch.zeros(B, longest, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            padded[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        pos = torch.tensor(lengths, dtype=torch.long, device=device)
+        zero = torch.zeros(B, dtype=torch.long, device=device)
+        logits = model(padded, cache=cache, input_pos=zero, adapter_kv=adapter_kv, logits_pos=pos - 1)[:, -1]
+        stopped = [False] * B
+        for step in range(max_new_tokens):
+            next_tokens = sample(logits, temperature, top_p, generator)
+            out: list[int | None] = []
+            for b, t in enumerate(next_tokens.tolist()):
+                stopped[b] = stopped[b] or t == eos_id
+                out.append(None if stopped[b] else t)
+            yield Step(out, logits)
+            if all(stopped) or step == max_new_tokens - 1:
+                return
+            logits = step_fn(model, next_tokens[:, None], cache, pos + step, adapter_kv)
+    finally:
+        if compile:
+            _STATIC_CACHES[model] = cache
 
 
 def _adapter_kv(model, batch: int, prompt_offset, adapters, adapter_bank) -> list:
@@ -171,8 +171,28 @@ def compiled_decode_step(device: torch.device, options: dict | None = None) -> C
     return _COMPILED_STEPS[key]
 
 
-def _round_up(length: int, limit: int, multiple: int = 256) -> int:
-    return min(limit, -(-length // multiple) * multiple)
+# One static cache per model, kept between calls (gpt-fast's setup_caches): CUDA graphs replay on its fixed
+# addresses. A call takes it out while it runs, so a second generation at the same time gets its own.
+_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _take_static_cache(model, batch: int, length: int):
+    """A static cache for `length` positions, rounded up so that calls of similar lengths share one graph.
+
+    Reuse is safe without zeroing: a call rewrites every position below each row's kv_lens before reading it.
+    """
+    max_len = min(model.params.max_seq_len, -(-length // 256) * 256)
+    w = model.tok_embeddings.weight
+    wanted = (batch, max_len, w.dtype, w.device)
+    cache = _STATIC_CACHES.pop(model, None)
+    if cache is None or (cache.batch, cache.max_len, cache.k[0].dtype, cache.k[0].device) != wanted:
+        del cache  # free it before allocating the next one
+        cache = model.new_cache(batch, max_len, static=True)
+        for t in (*cache.k, *cache.v):
+            # written in place by every step: CUDA graphs need them at fixed addresses; guard=False lets a new
+            # cache re-record the graph rather than recompile it
+            torch._dynamo.mark_static_address(t, guard=False)
+    return cache
 
 
 def generate(

@@ -89,7 +89,7 @@ class AdapterConfig:
     gate_act: str = "tanh"  # "tanh": official training code; "none": official inference code, PEFT, lit-llama
     # Off by default (plain v1). LLaMA-Adapter V2 (Gao et al. 2023, arXiv 2304.15010: norm, bias and scale
     # unlocked plus early fusion, "14M parameters over LLaMA" in all) and v1's image-conditioned prompts:
-    bias_tuning: bool = False  # V2: y = scale * (W x + bias) on the 7 linears of every block (7B: 3.2M, 0.047%)
+    bias_tuning: bool = False  # V2: y = scale * (W x + bias) on the 7 linears of every block (7B: 2.7M, 0.040%)
     norm_tuning: bool = False  # V2: every RMSNorm weight trains (7B: 65 x 4096 = 0.27M)
     visual_dim: int | None = None  # v1 Eqs. 9-10: per-image feature size (M x C) -> `visual_proj` MLP to dim
     visual_hidden: int = 512  # hidden width of that MLP

@@ -290,7 +290,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="FILE.pt ({features, ids}) or FILE.npy (+ FILE.npy.ids.json)")
     p.add_argument("--layers", type=int, nargs="+", help="hidden layers whose [CLS] are the scales (default n/3..n)")
     p.add_argument("--ids", choices=("stem", "parent", "path"), default="stem",
-                   help="image id: file stem, parent folder (ScienceQA: images/SPLIT/QID/image.png), or path")  # fmt: skip
+                   help="image id: file stem, parent dir (ScienceQA: images/SPLIT/QID/image.png) or path")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default=None, help="cuda or cpu (default cpu)")
     p.add_argument("--no-progress", action="store_true")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,8 +48,10 @@ def _problem(qid: str, rec, where: str, official: bool) -> Problem:
         if field not in rec:
             raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(rec)})")
     choices, answer = rec["choices"], rec["answer"]
-    if not isinstance(choices, list) or not 2 <= len(choices) <= len(LETTERS) or not all(
-        isinstance(c, str) for c in choices
+    if (
+        not isinstance(choices, list)
+        or not 2 <= len(choices) <= len(LETTERS)
+        or not all(isinstance(c, str) for c in choices)
     ):
         raise DataError(f"{where}: 'choices' must be a list of 2 to {len(LETTERS)} strings, got {choices!r}")
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
@@ -80,7 +82,7 @@ def load_problems(path, split: str | None = None) -> list[Problem]:
         data = json.loads(text)
     except json.JSONDecodeError:
         data = None
-    if isinstance(data, dict):
+    if isinstance(data, dict) and "question" not in data:  # (a one-line JSONL file parses as one record)
         problems = [_problem(str(qid), rec, f"{path}: problem {qid}", True) for qid, rec in data.items()]
     elif isinstance(data, list):
         problems = [_problem(str(rec.get("id", i)) if isinstance(rec, dict) else str(i), rec, f"{path}: record {i}",

@@ -1,4 +1,4 @@
-"""Zero-init gated prompt attention for encoders (the paper's ViT and RoBERTa experiments, Sec. 4.3).
+"""Zero-init gated prompt attention for encoders (the paper's ViT and RoBERTa experiments).
 
 `ZeroInitPromptAttention` replaces a transformers self-attention module (ViT's `ViTAttention`, RoBERTa's
 `RobertaSelfAttention`, or any module with q/k/v projections) and adds K learnable prompt tokens per layer:
@@ -58,7 +58,9 @@ class ZeroInitPromptAttention(nn.Module):
         if not isinstance(prompt_len, int) or prompt_len < 1:
             raise ValueError(f"prompt_len must be a positive int, got {prompt_len!r}")
         if gate not in ("head", "scalar") or gate_act not in ("tanh", "none"):
-            raise ValueError(f"gate must be 'head' or 'scalar' and gate_act 'tanh' or 'none', got {gate!r}, {gate_act!r}")
+            raise ValueError(
+                f"gate must be 'head' or 'scalar' and gate_act 'tanh' or 'none', got {gate!r}, {gate_act!r}"
+            )
         self.base = attn
         self.q_name, self.k_name, self.v_name = _projections(attn)
         q = getattr(attn, self.q_name)

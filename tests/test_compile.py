@@ -12,16 +12,24 @@ import pytest
 import torch
 from test_generation import make_model, prompts_of, stream_logits
 
+from llama_adapter import generation
 from llama_adapter.attention import set_attention_backend
-from llama_adapter.generation import generate
+from llama_adapter.generation import generate, generate_stream
 from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.multi_adapter import Adapter
 
 CPU_COMPILE = {"backend": "aot_eager"}
 
 
-def test_forward_and_adapter_grads_compile_fullgraph():
-    model = make_model(n_layers=2)  # compile time grows with the (unrolled) layers
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_forward_and_adapter_grads_compile_fullgraph(backend):
+    """The training forward and backward trace whole; on "triton" the fused op's fake impl stands in for tracing
+    and the kernels run (interpreter) in float32, so compiled and eager run the very same kernels."""
+    dtype, tol = (torch.float64, 1e-12) if backend == "reference" else (torch.float32, 1e-6)
+    if backend == "triton":
+        pytest.importorskip("llama_adapter.ops")
+    model = make_model(n_layers=2).to(dtype)  # compile time grows with the (unrolled) layers
+    set_attention_backend(backend)
     tokens = torch.tensor(prompts_of([7, 7]))
 
     def loss_and_grads(forward):
@@ -30,10 +38,10 @@ def test_forward_and_adapter_grads_compile_fullgraph():
 
     expected, expected_grads = loss_and_grads(model)
     got, grads = loss_and_grads(torch.compile(model, fullgraph=True, backend="aot_eager"))
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got, expected, rtol=0, atol=tol)
     for g, e in zip(grads, expected_grads):
         assert e.abs().max() > 0
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+        torch.testing.assert_close(g, e, rtol=0, atol=tol * e.abs().max().item())
 
 
 def test_static_cache_equals_dynamic_cache():
@@ -58,7 +66,8 @@ def test_static_cache_equals_dynamic_cache():
 
 def test_compiled_static_decode_equals_eager_and_does_not_recompile():
     """generate(compile=True) with two adapters and the base model in one batch: eager's greedy tokens and
-    logits; a second call of the same shape reuses the graph (a fresh cache re-records, never recompiles)."""
+    logits. Later calls of the same batch size reuse the graph and the static cache; a generation running
+    at the same time gets a cache of its own."""
     model = make_model(adapter=None, n_layers=2)
     adapters = []
     for seed in (1, 2):
@@ -66,23 +75,32 @@ def test_compiled_static_decode_equals_eager_and_does_not_recompile():
         for p in model.adapter_parameters():
             p.data.normal_(generator=torch.Generator().manual_seed(seed))
         adapters.append(Adapter.from_model(model))
-    prompts, rows = prompts_of([4, 7, 3]), [adapters[0], None, adapters[1]]
+    rows = [adapters[0], None, adapters[1]]
+    prompts, other_prompts = prompts_of([4, 7, 3]), prompts_of([5, 2, 6], seed=9)
+    compiled = dict(adapters=rows, compile=True, compile_options=CPU_COMPILE)
     eager_tokens, eager_logits = stream_logits(model, prompts, 6, adapters=rows)
-    got_tokens, got_logits = stream_logits(model, prompts, 6, adapters=rows, compile=True, compile_options=CPU_COMPILE)
+    got_tokens, got_logits = stream_logits(model, prompts, 6, **compiled)
     assert got_tokens == eager_tokens
     torch.testing.assert_close(got_logits, eager_logits, rtol=0, atol=1e-12)
 
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    again = generate(model, prompts_of([5, 2, 6], seed=9), 6, adapters=rows, compile=True, compile_options=CPU_COMPILE)
+    cache = generation._STATIC_CACHES[model]
+    assert generate(model, other_prompts, 6, **compiled) == generate(model, other_prompts, 6, adapters=rows)
+    assert generation._STATIC_CACHES[model] is cache
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert again == generate(model, prompts_of([5, 2, 6], seed=9), 6, adapters=rows)
+
+    running = generate_stream(model, prompts, 6, **compiled)
+    head = [next(running).tokens for _ in range(2)]
+    assert generate(model, other_prompts, 6, **compiled) == generate(model, other_prompts, 6, adapters=rows)
+    assert head + [step.tokens for step in running] == eager_tokens
 
 
 # ----- GPU -----
 def gpu_model(dtype, seed=0, **overrides):
     torch.manual_seed(seed)
-    args = dict(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=64, max_seq_len=512)
-    model = LLaMA(ModelArgs(**{**args, **overrides}), AdapterConfig(adapter_len=10, adapter_layers=3))
+    # two layers: inductor's compile time grows with them, and the GPU suite's pytest step has ~100 s for all
+    args = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=1000, multiple_of=64, max_seq_len=512)
+    model = LLaMA(ModelArgs(**{**args, **overrides}), AdapterConfig(adapter_len=10, adapter_layers=2))
     model = model.to(device="cuda", dtype=dtype)
     for p in model.adapter_parameters():
         p.data.normal_()
@@ -107,7 +125,7 @@ def test_gpu_model_compiles_fullgraph_with_the_triton_kernels():
 
 
 @pytest.mark.gpu
-def test_gpu_compiled_decode_equals_eager_and_is_faster():
+def test_gpu_compiled_decode_equals_eager_and_is_faster(capsys):
     """CUDA graphs over the static cache: eager's greedy tokens, and tokens/s eager vs compiled (printed)."""
     set_attention_backend("triton")
     model = gpu_model(torch.float32)
@@ -125,7 +143,8 @@ def test_gpu_compiled_decode_equals_eager_and_is_faster():
     timed(compile=True)  # compile, record the graph
     eager, eager_rate = timed()
     compiled, compiled_rate = timed(compile=True)
-    print(f"\ndecode B=2 (dim 256, 4 layers, fp32): eager {eager_rate:.0f} tokens/s, compiled {compiled_rate:.0f}")
+    with capsys.disabled():  # shown in the GPU suite's log although the test passes
+        print(f"\ndecode B=2 (dim 256, 2 layers, fp32): eager {eager_rate:.0f} tokens/s, compiled {compiled_rate:.0f}")
     assert compiled == eager
     assert not torch._dynamo.utils.counters["inductor"]["cudagraph_skips"], "CUDA graphs were not used"
     assert compiled_rate > eager_rate

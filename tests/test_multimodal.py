@@ -83,7 +83,9 @@ def test_feature_files_pt_npy_and_per_image_directory(tmp_path):
     per_image = tmp_path / "per_image"
     per_image.mkdir()
     for name, row in zip("abc", feats):
-        np.save(per_image / f"{name}.npy", row.numpy()) if name == "b" else torch.save(row.clone(), per_image / f"{name}.pt")
+        np.save(per_image / f"{name}.npy", row.numpy()) if name == "b" else torch.save(
+            row.clone(), per_image / f"{name}.pt"
+        )
     for path in ("set.pt", "set.npy", "per_image"):
         store = ImageFeatures(tmp_path / path, expected_dim=8)
         assert store.dim == 8 and store.shape == (2, 4) and len(store) == 3
@@ -165,3 +167,27 @@ def test_extract_features_with_a_tiny_random_clip(tmp_path):
         extract_features(tmp_path / "clip", [images / "nope.png"], tmp_path / "x.pt", progress=False)
     with pytest.raises(ValueError, match=r"layers must be in 1\.\.3"):
         extract_features(tmp_path / "clip", [images], tmp_path / "x.pt", layers=[4], progress=False)
+
+
+def test_trainer_feeds_image_features_to_the_projector(tmp_path):
+    """The batch's image features reach the projector through the ordinary Trainer (data.image_inputs hook)."""
+    from train_helpers import WordTokenizer, make_examples, tiny_model
+
+    from llama_adapter.data import InstructionDataset
+    from llama_adapter.train import TrainConfig, Trainer
+
+    examples = make_examples(4)
+    for i, ex in enumerate(examples):
+        ex["image_features"] = torch.randn(6) * (i + 1)
+    train_set = InstructionDataset(examples, WordTokenizer(), max_seq_len=64)
+    assert train_set.image_features is not None
+    model = tiny_model()
+    model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=1, visual_dim=6, visual_hidden=8))
+    bias0 = model.visual_proj.fc2.bias.detach().clone()  # no weight decay on 1-D params: moves only with a gradient
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, warmup_epochs=0.5, global_batch_size=2, micro_batch_size=1,
+                      blr=64.0, progress=False)  # fmt: skip
+    Trainer(model, train_set, None, cfg).fit()
+    assert (model.visual_proj.fc2.bias - bias0).abs().max() > 1e-4
+
+    with pytest.raises(ValueError, match="some examples have image features"):
+        InstructionDataset(examples + make_examples(1), WordTokenizer(), max_seq_len=64)

@@ -11,6 +11,7 @@ from train_helpers import WordTokenizer, single_thread
 from llama_adapter.data import DataError
 from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.multimodal import ImageFeatures
+from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.scienceqa import accuracy_report, format_report, load_problems, predict, to_record
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -40,7 +41,9 @@ def five(tmp_path):
 
 def test_accuracy_tables_equal_a_hand_count(five):
     report = accuracy_report(five, PREDICTIONS)
-    acc = {group: {k: (e["correct"], e["n"]) for k, e in report[group].items()} for group in report if group != "overall"}
+    acc = {
+        group: {k: (e["correct"], e["n"]) for k, e in report[group].items()} for group in report if group != "overall"
+    }
     assert (report["overall"]["correct"], report["overall"]["n"]) == (3, 5)
     assert report["overall"]["accuracy"] == pytest.approx(60.0)
     assert acc["by_subject"] == {"natural science": (1, 2), "social science": (1, 2), "language science": (1, 1)}
@@ -73,10 +76,9 @@ def test_loading_formats_splits_and_prompt(tmp_path, five):
         listed.write_text(json.dumps([bad]))
         with pytest.raises(DataError, match=f"record 0.*{match}"):
             load_problems(listed)
+    listed.write_text(json.dumps([dict(question="q", choices=["a", "b"], answer=0)]))
     with pytest.raises(DataError, match="no 'split'"):
-        load_problems(listed.with_name("ok.json"), split="test") if listed.with_name("ok.json").write_text(
-            json.dumps([dict(question="q", choices=["a", "b"], answer=0)])
-        ) else None
+        load_problems(listed, split="test")
 
 
 def tiny(visual_dim=None):
@@ -107,8 +109,6 @@ def test_predict_picks_the_most_likely_answer_with_image_features(five):
         scores = []
         for c in range(len(p.choices)):
             rec = to_record(p, c)
-            from llama_adapter.prompts import alpaca_prompt
-
             prompt = tok.encode(alpaca_prompt(rec["instruction"], rec["input"]), bos=True, eos=False)
             answer = tok.encode(rec["output"], bos=False, eos=True)
             with torch.no_grad():
@@ -130,7 +130,9 @@ def test_finetune_with_image_features_then_eval_through_the_cli(tmp_path, five):
     train_sentencepiece(tmp_path / "ckpt")
     torch.save({"features": torch.randn(5, 2, 3), "ids": list(FIVE)}, tmp_path / "feats.pt")
     (tmp_path / "problems.json").write_text(json.dumps(FIVE))
-    assert main(["prepare-scienceqa", "--data", str(tmp_path / "problems.json"), "--out", str(tmp_path / "t.jsonl")]) == 0
+    assert (
+        main(["prepare-scienceqa", "--data", str(tmp_path / "problems.json"), "--out", str(tmp_path / "t.jsonl")]) == 0
+    )
     assert main(["finetune", "--model", ckpt, "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run"),
                  "--image-features", str(tmp_path / "feats.pt"), "--bias-tuning", "--early-fusion", "1",
                  "--adapter-len", "2", "--adapter-layers", "2", "--global-batch-size", "2", "--micro-batch-size", "1",

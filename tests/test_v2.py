@@ -23,7 +23,9 @@ def trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("switch", [dict(bias_tuning=True), dict(norm_tuning=True), dict(visual_dim=6, early_fusion=1), V2])
+@pytest.mark.parametrize(
+    "switch", [dict(bias_tuning=True), dict(norm_tuning=True), dict(visual_dim=6, early_fusion=1), V2]
+)
 def test_switches_at_init_leave_logits_unchanged(switch):
     model = base_model()
     tokens = torch.randint(0, 61, (2, 6))
@@ -95,7 +97,11 @@ def test_early_fusion_sends_the_image_offset_to_the_first_layers_only():
     model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=1, early_fusion=2))
     offset = torch.randn(2, 3, 64, dtype=torch.float64)
     kv = model.adapter_kv(offset, 2)
-    assert [None if x is None else x[0].dim() for x in kv] == [4, 4, 3]  # (B, Hkv, K, D) below, shared (Hkv, K, D) on top
+    assert [None if x is None else x[0].dim() for x in kv] == [
+        4,
+        4,
+        3,
+    ]  # (B, Hkv, K, D) below, shared (Hkv, K, D) on top
     model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=2))
     assert [None if x is None else x[0].dim() for x in model.adapter_kv(offset, 2)] == [None, 4, 4]  # v1: every layer
 

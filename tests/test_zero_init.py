@@ -11,9 +11,8 @@ from llama_adapter.zero_init import ZeroInitPromptAttention, apply_zero_init_att
 @pytest.fixture(autouse=True)
 def float64_vit_softmax(monkeypatch):
     """transformers' eager ViT attention rounds its softmax to float32; make it float64 like everything else."""
-    from transformers.models.vit import modeling_vit
-
     from helpers import _Float64Torch
+    from transformers.models.vit import modeling_vit
 
     monkeypatch.setattr(modeling_vit, "torch", _Float64Torch())
 
