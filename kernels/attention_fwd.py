@@ -57,7 +57,7 @@ def _attend_blocks(
 ):  # fmt: skip
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
     keys past the row's diagonal (j > i + shift)."""
-    for start_n in range(lo, hi, BLOCK_N):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)  # (BLOCK_N, D)
@@ -144,7 +144,7 @@ def adapter_attention_fwd_kernel(
         av_base = AV + b * stride_avb + hk * stride_avh
         m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
         l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_a in range(0, Ka, BLOCK_A):
+        for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
             s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
             m_new = tl.maximum(m_a, tl.max(s_a, 1))
             l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a - m_new[:, None]), 1)
@@ -152,7 +152,7 @@ def adapter_attention_fwd_kernel(
         lse_a = m_a + tl.math.log2(l_a)
         tl.store(LseA + lse_offs, lse_a, mask=row_ok)
         g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
-        for start_a in range(0, Ka, BLOCK_A):
+        for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
             s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
             av = load_tile(av_base, start_a + tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
             o = tl.dot((g * tl.math.exp2(s_a - lse_a[:, None])).to(av.dtype), av, acc=o, input_precision=DOT_PREC)

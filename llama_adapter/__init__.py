@@ -1,7 +1,7 @@
 """LLaMA-Adapter with fused Triton zero-init prompt attention.
 
 Public names (DESIGN §3): `adapter_attention`, `set_attention_backend`, `LLaMA`, `ModelArgs`, `AdapterConfig`,
-`Tokenizer`. Heavy modules load on first use so `import llama_adapter` stays cheap.
+`Tokenizer`, and `Adapter` / `AdapterBank` (several adapters in one batch). Heavy modules load on first use so `import llama_adapter` stays cheap.
 """
 
 from importlib import import_module
@@ -16,6 +16,8 @@ _LAZY = {
     "ModelArgs": "llama_adapter.model",
     "AdapterConfig": "llama_adapter.model",
     "Tokenizer": "llama_adapter.tokenizer",
+    "Adapter": "llama_adapter.multi_adapter",
+    "AdapterBank": "llama_adapter.multi_adapter",
 }
 
 __all__ = sorted(_LAZY)

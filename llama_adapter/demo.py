@@ -26,7 +26,7 @@ from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
 
 DATA_DIR = Path(__file__).parent / "demo_data"
-TINY = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=192)
+TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, max_seq_len=160)
 
 
 def train_tokenizer(texts: list[str], path, vocab_size: int = 512) -> Path:
@@ -49,7 +49,7 @@ def corpus_stream(tokenizer, paragraphs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def pretrain(model, stream: torch.Tensor, steps: int, batch: int = 16, seq_len: int = 96, lr: float = 3e-3,
+def pretrain(model, stream: torch.Tensor, steps: int, batch: int = 16, seq_len: int = 64, lr: float = 1e-2,
              seed: int = 0, log=print) -> list[float]:  # fmt: skip
     """Plain language-model pretraining of every weight on random windows of `stream` (AdamW, cosine lr)."""
     gen = torch.Generator().manual_seed(seed)
@@ -77,9 +77,8 @@ def save_base(model, tokenizer_model: Path, directory) -> Path:
     """Write a Meta checkpoint directory: params.json, consolidated.00.pth (no adapter), tokenizer.model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    p = model.params
-    params = dict(dim=p.dim, n_layers=p.n_layers, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, vocab_size=p.vocab_size,
-                  multiple_of=p.multiple_of, norm_eps=p.norm_eps, rope_theta=p.rope_theta, max_seq_len=p.max_seq_len)  # fmt: skip
+    keys = "dim n_layers n_heads n_kv_heads vocab_size multiple_of norm_eps rope_theta max_seq_len".split()
+    params = {k: getattr(model.params, k) for k in keys}
     (directory / "params.json").write_text(json.dumps(params, indent=1), encoding="utf-8")
     weights = {k: v for k, v in model.state_dict().items() if k not in model.adapter_state_dict()}
     torch.save(weights, directory / "consolidated.00.pth")
@@ -207,11 +206,11 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="pretrain a tiny LLaMA, fine-tune an adapter, show before/after (CPU)",
                               description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
-    p.add_argument("--pretrain-steps", type=int, default=400)
+    p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--epochs", type=float, default=15, help="adapter fine-tuning epochs")
     p.add_argument("--adapter-len", type=int, default=4)
     p.add_argument("--blr", type=float, default=0.08, help="base lr (lr = blr * 32 / 256)")
-    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=8, help="held-out answers to print")
     p.set_defaults(func=run_demo)

@@ -5,6 +5,11 @@ keeps every real token away from the pads), then each row decodes at its own pos
 own number of cached keys (`kv_lens`), which overwrite the pads as they come. A row therefore gets exactly
 what it gets alone. The adapter's prompt keys/values are computed once per call from the current
 parameters, never kept across calls, so a model that trains in between is never served stale ones.
+
+`adapters=[...]` gives each row its own adapter (llama_adapter.multi_adapter). `compile=True` runs each decode
+step through torch.compile(fullgraph=True) over a static cache (`KVCache(static=True)`: fixed shapes, no host
+sync inside the step), with CUDA graphs (mode="reduce-overhead") on a GPU, gpt-fast style; the prefill stays
+eager.
 """
 
 from __future__ import annotations
