@@ -78,15 +78,36 @@ def select_configs(table, head_dim: int, arch: int, smem_bytes: int, smem_estima
     ]
 
 
+def divisibility_attrs(fn, divisible) -> dict:
+    """`attrs` for triton.compiler.ASTSource(fn, signature, constexprs, attrs): arguments `divisible` (names) marked
+    divisible by 16, as the JIT marks 16-byte aligned pointers and integers that are multiples of 16 at launch
+    (what lets loads become 16-byte vectors). Triton >= 3.3 (3.6 on the GPU, 3.9 here) keys them by (index,)
+    with the backend's own attribute list for a "D" specialisation; older releases used AttrsDescriptor."""
+    try:
+        from triton.backends.compiler import BaseBackend
+
+        attr = BaseBackend.parse_attr("D")
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"triton {triton.__version__} predates ASTSource attrs dicts (needs >= 3.3)") from exc
+    unknown = set(divisible) - set(fn.arg_names)
+    if unknown:
+        raise ValueError(f"divisibility_attrs: {sorted(unknown)} are not arguments of {fn.__name__}")
+    return {(fn.arg_names.index(name),): attr for name in divisible}
+
+
 def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int) -> dict:
     """One entry of a kernel module's `compile_specs()`: enough for triton.compile(ASTSource(...)) without a GPU.
 
     Pointer arguments get `pointers[name]` ("*fp16", ...), `floats` are fp32 scalars, constexprs "constexpr"
-    (their values in `constexprs`, keyed by name), every other argument an i32. The head-dim strides
-    (`stride_*d`) are the constant 1, as Triton specializes them at launch for tensors with a contiguous last
-    dim (the normal case); compiled as runtime values they would serialize every load.
+    (their values in `constexprs`, keyed by name), every other argument an i32. Specialised as a launch with
+    contiguous tensors would be: the head-dim strides (`stride_*d`) and a (Hq,) gate's head stride are the
+    constant 1 (Triton turns integer arguments equal to 1 into constants), and every pointer and every other
+    stride is divisible by 16 ("divisible": names; "attrs": the same for ASTSource, see `divisibility_attrs`).
+    Without that the compiler must assume unaligned, scalar loads: more instructions and registers than the GPU
+    runs. Sizes (Nq, Nk, Ka, ...) stay generic.
     """
-    constexprs = {**{a: 1 for a in fn.arg_names if a.startswith("stride_") and a.endswith("d")}, **constexprs}
+    unit = [a for a in fn.arg_names if a.startswith("stride_") and (a.endswith("d") or a == "stride_gh")]
+    constexprs = {**dict.fromkeys(unit, 1), **constexprs}
     signature = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -98,8 +119,16 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     missing = set(pointers) - set(fn.arg_names)
     if missing:
         raise ValueError(f"compile_spec for {name}: {sorted(missing)} are not arguments of {fn.__name__}")
+    divisible = tuple(a for a, t in signature.items() if t.startswith("*") or (t == "i32" and a.startswith("stride_")))
     return dict(
-        name=name, fn=fn, signature=signature, constexprs=dict(constexprs), num_warps=num_warps, num_stages=num_stages
+        name=name,
+        fn=fn,
+        signature=signature,
+        constexprs=dict(constexprs),
+        divisible=divisible,
+        attrs=divisibility_attrs(fn, divisible),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
 
 

@@ -219,6 +219,8 @@ def adapter_attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
+    if CAUSAL:  # the last query blocks see the most keys: launch them first so light blocks fill the tail
+        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -351,135 +353,97 @@ def adapter_attention_bwd(
     None without a prompt; dgate is d(effective gate)). `config` = {"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"} bypasses autotuning for both the dK/dV and the dQ kernel.
     """
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    group = Hq // Hkv
-    has_prompt = adapter_k is not None
-    Ka = adapter_k.shape[-2] if has_prompt else 0
-    block_a = prompt_block(Ka) if has_prompt else 16
-    qk_scale = sm_scale * LOG2E
-    prec = dot_precision(q.dtype)
-    dev = q.device
-    ak_strides, av_strides, g_strides = prompt_strides(adapter_k), prompt_strides(adapter_v), gate_strides(gate)
-    ak = adapter_k if has_prompt else q
-    av = adapter_v if has_prompt else q
-    g = gate if has_prompt else q
-    lens = kv_lens if kv_lens is not None else q
-
-    delta_w = _common.new_output((B, Hq, Nq), torch.float32, dev)
-    delta_a = _common.new_output((B, Hq, Nq), torch.float32, dev) if has_prompt else delta_w
-    pre_block = 16 if interpreting() else PREPROCESS_BLOCK_M
-    adapter_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_block), B * Hq)](
-        q, ak, av, g, o, do, lse_a if has_prompt else lse_w, delta_w, delta_a,
-        *q.stride(), *ak_strides, *av_strides, *g_strides, *o.stride(), *do.stride(),
-        Hq, group, Nq, Ka, qk_scale,
-        HEAD_DIM=D, BLOCK_M=pre_block, BLOCK_A=block_a, HAS_PROMPT=has_prompt, DOT_PREC=prec,
+    delta_w, delta_a = bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, sm_scale=sm_scale)
+    dk, dv = bwd_dkdv(q, k, v, do, lse_w, delta_w, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, config=config)
+    dq, dak_part, dav_part = bwd_dq(
+        q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a,
+        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, config=config,
     )  # fmt: skip
-
-    dk = _common.new_output(k.shape, k.dtype, dev)
-    dv = _common.new_output(v.shape, v.dtype, dev)
-    _launch(
-        "dkdv",
-        adapter_attention_bwd_dkdv_kernel,
-        (
-            q,
-            k,
-            v,
-            do,
-            lse_w,
-            delta_w,
-            lens,
-            dk,
-            dv,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *do.stride(),
-            *dk.stride(),
-            *dv.stride(),
-            Hq,
-            Hkv,
-            group,
-            Nq,
-            Nk,
-            qk_scale,
-            sm_scale,
-            size_bucket(Nq),
-            size_bucket(Nk),
-        ),  # fmt: skip
-        dict(HEAD_DIM=D, CAUSAL=causal, HAS_KVLENS=kv_lens is not None, DOT_PREC=prec),
-        lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv),
-        config,
-        D,
-        dev,
-    )
-
-    dq = _common.new_output(q.shape, q.dtype, dev)
-    # One (Ka, D) slot per query block of the smallest BLOCK_M any config may pick; unused slots stay zero.
-    n_slots = triton.cdiv(Nq, _min_block_m(D, dev, config)) if has_prompt else 0
-    dak_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=dev) if has_prompt else delta_w
-    dav_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=dev) if has_prompt else delta_w
-    _launch(
-        "dq",
-        adapter_attention_bwd_dq_kernel,
-        (
-            q,
-            k,
-            v,
-            ak,
-            av,
-            g,
-            do,
-            lse_w,
-            lse_a if has_prompt else lse_w,
-            delta_w,
-            delta_a,
-            lens,
-            dq,
-            dak_part,
-            dav_part,
-            *q.stride(),
-            *k.stride(),
-            *v.stride(),
-            *ak_strides,
-            *av_strides,
-            *g_strides,
-            *do.stride(),
-            *dq.stride(),
-            Hq,
-            group,
-            Nq,
-            Nk,
-            Ka,
-            n_slots,
-            qk_scale,
-            sm_scale,
-            size_bucket(Nq),
-            size_bucket(Nk),
-        ),  # fmt: skip
-        dict(
-            HEAD_DIM=D,
-            BLOCK_A=block_a,
-            CAUSAL=causal,
-            HAS_PROMPT=has_prompt,
-            HAS_KVLENS=kv_lens is not None,
-            DOT_PREC=prec,
-        ),
-        lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq),
-        config,
-        D,
-        dev,
-    )
-    if not has_prompt:
+    if adapter_k is None:
         return dq, dk, dv, None, None, None
+    B, Hq, _, D = q.shape
+    Hkv, Ka = k.shape[1], adapter_k.shape[-2]
 
     def reduce(part, like):  # (B*Hq, slots, Ka, D) -> like's shape, fixed summation order
-        total = part.sum(1).view(B, Hkv, group, Ka, D).sum(2)  # (B, Hkv, Ka, D)
+        total = part.sum(1).view(B, Hkv, Hq // Hkv, Ka, D).sum(2)  # (B, Hkv, Ka, D)
         return (total.sum(0) if like.dim() == 3 else total).to(like.dtype)
 
     dgate = delta_a.sum(2)  # (B, Hq)
     dgate = (dgate.sum(0) if gate.dim() == 1 else dgate).to(gate.dtype)
     return dq, dk, dv, reduce(dak_part, adapter_k), reduce(dav_part, adapter_v), dgate
+
+
+def bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, *, sm_scale):
+    """(delta_w, delta_a), each (B, Hq, Nq) fp32: do . O_w and do . O_a (delta_a is delta_w without a prompt)."""
+    B, Hq, Nq, D = q.shape
+    has_prompt = adapter_k is not None
+    Ka = adapter_k.shape[-2] if has_prompt else 0
+    group = Hq // (adapter_k.shape[-3] if has_prompt else 1)
+    delta_w = _common.new_output((B, Hq, Nq), torch.float32, q.device)
+    delta_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else delta_w
+    block = 16 if interpreting() else PREPROCESS_BLOCK_M
+    adapter_attention_bwd_preprocess_kernel[(triton.cdiv(Nq, block), B * Hq)](
+        q, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, o, do,
+        lse_a if has_prompt else delta_w, delta_w, delta_a,
+        *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *o.stride(),
+        *do.stride(), Hq, group, Nq, Ka, sm_scale * LOG2E,
+        HEAD_DIM=D, BLOCK_M=block, BLOCK_A=prompt_block(Ka) if has_prompt else 16, HAS_PROMPT=has_prompt,
+        DOT_PREC=dot_precision(q.dtype),
+    )  # fmt: skip
+    return delta_w, delta_a
+
+
+def bwd_dkdv(q, k, v, do, lse_w, delta_w, *, causal, sm_scale, kv_lens=None, config=None):
+    """(dk, dv) of the word keys and values; `config` as in `adapter_attention_bwd` (None: autotune)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    dk = _common.new_output(k.shape, k.dtype, k.device)
+    dv = _common.new_output(v.shape, v.dtype, v.device)
+    args = (
+        q, k, v, do, lse_w, delta_w, kv_lens if kv_lens is not None else q, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        Hq, Hkv, Hq // Hkv, Nq, Nk, sm_scale * LOG2E, sm_scale, size_bucket(Nq), size_bucket(Nk),
+    )  # fmt: skip
+    consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KVLENS=kv_lens is not None, DOT_PREC=dot_precision(q.dtype))
+    grid_of = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    _launch("dkdv", adapter_attention_bwd_dkdv_kernel, args, consts, grid_of, config, D, q.device)
+    return dk, dv
+
+
+def bwd_dq(
+    q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a, *, causal, sm_scale, kv_lens=None,
+    config=None,
+):  # fmt: skip
+    """(dq, dak_part, dav_part): dq, and the prompt's per-query-block partial gradients (B*Hq, slots, Ka, D) fp32
+    (None without a prompt) that `adapter_attention_bwd` reduces. `config` as there (None: autotune)."""
+    B, Hq, Nq, D = q.shape
+    Hkv, Nk = k.shape[1], k.shape[2]
+    has_prompt = adapter_k is not None
+    Ka = adapter_k.shape[-2] if has_prompt else 0
+    dq = _common.new_output(q.shape, q.dtype, q.device)
+    # One (Ka, D) slot per query block of the smallest BLOCK_M any config may pick; unused slots stay zero.
+    n_slots = triton.cdiv(Nq, _min_block_m(D, q.device, config)) if has_prompt else 0
+    dak_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=q.device) if has_prompt else None
+    dav_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=q.device) if has_prompt else None
+    args = (
+        q, k, v, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, do,
+        lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a, kv_lens if kv_lens is not None else q, dq,
+        dak_part if has_prompt else lse_w, dav_part if has_prompt else lse_w,
+        *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
+        *gate_strides(gate), *do.stride(), *dq.stride(),
+        Hq, Hq // Hkv, Nq, Nk, Ka, n_slots, sm_scale * LOG2E, sm_scale, size_bucket(Nq), size_bucket(Nk),
+    )  # fmt: skip
+    consts = dict(
+        HEAD_DIM=D,
+        BLOCK_A=prompt_block(Ka) if has_prompt else 16,
+        CAUSAL=causal,
+        HAS_PROMPT=has_prompt,
+        HAS_KVLENS=kv_lens is not None,
+        DOT_PREC=dot_precision(q.dtype),
+    )
+    grid_of = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    _launch("dq", adapter_attention_bwd_dq_kernel, args, consts, grid_of, config, D, q.device)
+    return dq, dak_part, dav_part
 
 
 def _min_block_m(head_dim: int, device: torch.device, config) -> int:

@@ -22,11 +22,12 @@ when torch.backends.cuda.matmul.allow_tf32 is set (on a GPU), IEEE otherwise.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import compile_spec, dot_precision, gate_strides, interpreting, prompt_block, prompt_strides
 
 LOG2E = 1.4426950408889634
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
@@ -35,10 +36,6 @@ _WAVES = 2  # aim for about two waves of split programs over the SMs
 # The merge holds three (rows, D) fp32 tiles (words, one split, prompt): 16 rows keep D = 256 within registers.
 # Its work is tiny next to the split pass, so it forgoes wgmma (which needs 64 rows) on sm90.
 MERGE_BLOCK_M = 16
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # (BLOCK_N, num_warps, num_stages) tried by the autotuner on sm80 / sm90; one small config under the interpreter.
@@ -71,7 +68,7 @@ def _prune(configs, named_args, **kwargs):
 
 
 def _autotune_configs():
-    chosen = (INTERPRETER_CONFIG,) if _interpreting() else SPLIT_CONFIGS
+    chosen = (INTERPRETER_CONFIG,) if interpreting() else SPLIT_CONFIGS
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in chosen]
 
 
@@ -232,16 +229,6 @@ def _block_m(rows: int) -> int:
     return min(_MAX_BLOCK_M, max(_MIN_BLOCK, triton.next_power_of_2(rows)))
 
 
-def _block_ka(ka: int) -> int:
-    return min(64, max(_MIN_BLOCK, triton.next_power_of_2(ka)))
-
-
-def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
-
-
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -307,7 +294,7 @@ def decode_attention(
     lse_part = torch.empty(B * Hkv, splits, m_blocks * block_m, device=q.device, dtype=torch.float32)
     has_lens = kv_lens is not None
     lens = kv_lens.to(torch.int32) if has_lens else o_part  # placeholder pointer, never read
-    precision = _dot_precision(q.dtype, q.device)
+    precision = dot_precision(q.dtype)
     qk_scale = scale * LOG2E
 
     _decode_split_tuned[(B * Hkv, splits, m_blocks)](
@@ -318,41 +305,17 @@ def decode_attention(
     )  # fmt: skip
 
     has_prompt = adapter_k is not None
-    if has_prompt:
-        ak_strides = adapter_k.stride() if adapter_k.dim() == 4 else (0, *adapter_k.stride())
-        av_strides = adapter_v.stride() if adapter_v.dim() == 4 else (0, *adapter_v.stride())
-        g_strides = gate.stride() if gate.dim() == 2 else (0, *gate.stride())
-        ka = adapter_k.shape[-2]
-        ak, av, gt = adapter_k, adapter_v, gate
-    else:  # placeholders, never read
-        ak_strides = av_strides = (0, 0, 0, 0)
-        g_strides = (0, 0)
-        ka = 1
-        ak = av = gt = q
+    ka = adapter_k.shape[-2] if has_prompt else 1
+    placeholder = q  # pointers of an absent prompt and gate are never read
     _decode_merge_kernel[(B * Hkv, triton.cdiv(G * Nq, MERGE_BLOCK_M))](
-        q, ak, av, gt, lens, o_part, lse_part, out,
-        *q.stride(), *ak_strides, *av_strides, *g_strides, *out.stride(),
+        q, adapter_k if has_prompt else placeholder, adapter_v if has_prompt else placeholder,
+        gate if has_prompt else placeholder, lens, o_part, lse_part, out,
+        *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *out.stride(),
         Hkv, G, Nq, Nk, ka, chunk, splits, m_blocks * block_m, qk_scale,
-        HEAD_DIM=D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=_block_ka(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
+        HEAD_DIM=D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=prompt_block(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
         DOT_PRECISION=precision, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
-
-
-_TRITON_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
-def _signature(fn, pointers: dict[str, str], constexprs: dict) -> dict[str, str]:
-    # every argument not named is an int32 stride/size, except the fp32 softmax scale
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        elif name in pointers:
-            sig[name] = pointers[name]
-        else:
-            sig[name] = "fp32" if name == "qk_scale" else "i32"
-    return sig
 
 
 def compile_specs() -> list[dict]:
@@ -365,26 +328,18 @@ def compile_specs() -> list[dict]:
     specs = []
     for dtype, head_dim in [("fp16", 64), ("fp16", 128), ("fp16", 256), ("bf16", 128)]:
         ptr = "*" + dtype
+        pointers = dict(Q=ptr, K=ptr, V=ptr, KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32")
         for block_m in (16, 64):
             for block_n, warps, stages in split_configs(head_dim, block_m):
-                constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": block_m, "BLOCK_N": block_n, "IS_CAUSAL": True,
-                              "HAS_LENS": True, "DOT_PRECISION": "ieee", "stride_qd": 1, "stride_kd": 1,
-                              "stride_vd": 1}  # fmt: skip
-                pointers = {"Q": ptr, "K": ptr, "V": ptr, "KV_LENS": "*i32", "O_PART": "*fp32", "LSE_PART": "*fp32"}
-                specs.append({
-                    "name": f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]",
-                    "fn": _decode_split_kernel, "signature": _signature(_decode_split_kernel, pointers, constexprs),
-                    "constexprs": constexprs, "num_warps": warps, "num_stages": stages,
-                    "sm90_mma": "HGMMA" if block_m >= 64 else "HMMA",
-                })  # fmt: skip
-        constexprs = {"HEAD_DIM": head_dim, "BLOCK_M": MERGE_BLOCK_M, "BLOCK_KA": 16, "HAS_PROMPT": True,
-                      "HAS_LENS": True, "DOT_PRECISION": "ieee", "stride_qd": 1, "stride_akd": 1, "stride_avd": 1,
-                      "stride_od": 1}  # fmt: skip
-        pointers = {"Q": ptr, "AK": ptr, "AV": ptr, "GATE": "*fp32", "KV_LENS": "*i32", "O_PART": "*fp32",
-                    "LSE_PART": "*fp32", "OUT": ptr}  # fmt: skip
-        specs.append({
-            "name": f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]",
-            "fn": _decode_merge_kernel, "signature": _signature(_decode_merge_kernel, pointers, constexprs),
-            "constexprs": constexprs, "num_warps": 4, "num_stages": 1, "sm90_mma": "HMMA",
-        })  # fmt: skip
+                consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True, HAS_LENS=True,
+                              DOT_PRECISION="ieee")  # fmt: skip
+                name = f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]"
+                spec = compile_spec(name, _decode_split_kernel, pointers, ("qk_scale",), consts, warps, stages)
+                specs.append(dict(spec, sm90_mma="HGMMA" if block_m >= 64 else "HMMA"))
+        pointers = dict(Q=ptr, AK=ptr, AV=ptr, GATE="*fp32", KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32", OUT=ptr)
+        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=prompt_block(10), HAS_PROMPT=True,
+                      HAS_LENS=True, DOT_PRECISION="ieee")  # fmt: skip
+        name = f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]"
+        spec = compile_spec(name, _decode_merge_kernel, pointers, ("qk_scale",), consts, 4, 1)
+        specs.append(dict(spec, sm90_mma="HMMA"))
     return specs

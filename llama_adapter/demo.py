@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
 
 DATA_DIR = Path(__file__).parent / "demo_data"
-TINY = dict(dim=64, n_layers=2, n_heads=4, multiple_of=32, max_seq_len=160)
+TINY = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=160)
 
 
 def train_tokenizer(texts: list[str], path, vocab_size: int = 512) -> Path:
@@ -127,12 +128,17 @@ def run_demo(args) -> int:
     from llama_adapter.tokenizer import Tokenizer
 
     torch.manual_seed(args.seed)
+    busy = os.getloadavg()[0] >= os.cpu_count() - 0.5 if hasattr(os, "getloadavg") else False
+    if busy:  # OpenMP threads that spin on a busy machine made this demo ~10x slower here than one thread
+        torch.set_num_threads(1)
     out = Path(args.out)
     base_dir, run_dir = out / "base", out / "finetune"
     t_start = time.perf_counter()
     paragraphs = (DATA_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()
     train_records = load_examples(DATA_DIR / "instructions.json")
     heldout = json.loads((DATA_DIR / "heldout.json").read_text(encoding="utf-8"))
+    note = " (machine busy: 1 thread)" if busy else ""
+    print(f"[setup] torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s){note}")
     print(f"[data] corpus: {len(paragraphs)} paragraphs; instructions: {len(train_records)}; held-out: {len(heldout)}")
 
     t = time.perf_counter()
@@ -143,8 +149,9 @@ def run_demo(args) -> int:
           f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
 
     t = time.perf_counter()
-    model = LLaMA(ModelArgs(vocab_size=tokenizer.n_words, **TINY))
-    print(f"[pretrain] tiny LLaMA {TINY} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+    shape = {**TINY, "dim": args.dim, "n_layers": args.layers}
+    model = LLaMA(ModelArgs(vocab_size=tokenizer.n_words, **shape))
+    print(f"[pretrain] tiny LLaMA {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
           f"{args.pretrain_steps} steps on the corpus")  # fmt: skip
     pretrain(model, stream, args.pretrain_steps, seed=args.seed)
     save_base(model, out / "tokenizer.model", base_dir)
@@ -169,7 +176,7 @@ def run_demo(args) -> int:
             DATA_DIR / "instructions.json",
             run_dir,
             adapter_len=args.adapter_len,
-            adapter_layers=TINY["n_layers"],
+            adapter_layers=args.layers,
             epochs=args.epochs,
             warmup_epochs=1,
             global_batch_size=32,
@@ -178,8 +185,9 @@ def run_demo(args) -> int:
             max_seq_len=max_len,
             val_fraction=0.1,
             seed=args.seed,
+            eval_every=30,
             no_progress=True,
-        )  # fmt: skip
+        )
     )
     print(f"[finetune] {trainer.step} steps in {time.perf_counter() - t:.0f}s")
 
@@ -210,6 +218,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--epochs", type=float, default=15, help="adapter fine-tuning epochs")
     p.add_argument("--adapter-len", type=int, default=4)
     p.add_argument("--blr", type=float, default=0.08, help="base lr (lr = blr * 32 / 256)")
+    p.add_argument("--dim", type=int, default=TINY["dim"], help="base model width")
+    p.add_argument("--layers", type=int, default=TINY["n_layers"], help="base model depth (all adapted)")
     p.add_argument("--vocab-size", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--show", type=int, default=8, help="held-out answers to print")

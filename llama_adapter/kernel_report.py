@@ -9,12 +9,12 @@ kernels with tl.dot, or "HMMA" where wgmma cannot apply, e.g. 16-row tiles: wgmm
 warpgroup).
 
 Each spec is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`, specialised as
-the JIT would for contiguous tensors: pointers and `stride_*` arguments divisible by 16 (unit strides are
-constexpr 1 in the specs). From the cubin: registers (cuobjdump -res-usage), spills (local-memory LDL/STL
-instructions in the SASS), shared memory (Triton's metadata), and whether the SASS holds HMMA (mma.sync) or
-HGMMA (wgmma).
+the JIT would for contiguous tensors: the spec's "divisible" argument names (default: pointers and `stride_*`
+arguments) divisible by 16; unit strides are constexpr 1 in the specs. From the cubin: registers (cuobjdump
+-res-usage), spills (local-memory LDL/STL instructions in the SASS), shared memory (Triton's metadata), and
+whether the SASS holds HMMA (mma.sync) or HGMMA (wgmma).
 
-    python -m llama_adapter.kernel_report [--json] [--jobs N] [--arch sm80 sm90]
+    python -m llama_adapter.kernel_report [--json] [--jobs N] [--arch sm80 sm90] [--module decode ...]
 
 Under TRITON_INTERPRET=1 the kernels are interpreter objects that cannot be compiled, so the report then
 re-runs itself in a child process without that variable.
@@ -73,8 +73,16 @@ def cuobjdump_path() -> str | None:
     return bundled if os.path.isfile(bundled) else shutil.which("cuobjdump")
 
 
+def default_divisible(spec: dict) -> tuple[str, ...]:
+    """What the JIT marks divisible by 16 for contiguous tensors: every pointer and every i32 `stride_*`."""
+    sig = spec["signature"]
+    return tuple(a for a, t in sig.items() if t.startswith("*") or (t == "i32" and a.startswith("stride")))
+
+
 def _ast_source(spec: dict):
     from triton.compiler import ASTSource
+
+    from llama_adapter.kernels._common import divisibility_attrs
 
     fn, signature = spec["fn"], spec["signature"]
     missing = set(fn.arg_names) ^ set(signature)
@@ -82,12 +90,8 @@ def _ast_source(spec: dict):
         raise ValueError(f"{spec['name']}: signature and {fn.__name__}'s arguments differ in {sorted(missing)}")
     # keys as (index,) tuples: what triton 3.9 converts names to, and what older 3.x takes directly
     constexprs = {(fn.arg_names.index(k),): v for k, v in spec["constexprs"].items()}
-    aligned = {
-        (i,): [["tt.divisibility", 16]]
-        for i, name in enumerate(fn.arg_names)
-        if signature[name].startswith("*") or (signature[name] == "i32" and name.startswith("stride"))
-    }
-    return ASTSource(fn, signature, constexprs, aligned)
+    attrs = divisibility_attrs(fn, spec.get("divisible", default_divisible(spec)))
+    return ASTSource(fn, signature, constexprs, attrs)
 
 
 def _sass_facts(cubin: bytes, tool: str | None) -> dict:
@@ -141,11 +145,12 @@ def _star(job):
     return compile_one(*job)
 
 
-def report(archs=tuple(ARCHS), jobs: int = 1) -> list[dict]:
-    """Compile every spec of every kernel module for every arch; one row per (spec, arch)."""
+def report(archs=tuple(ARCHS), jobs: int = 1, modules=None) -> list[dict]:
+    """Compile every spec of every kernel module (or of `modules`, short names) for every arch; a row each."""
     work = [
         (module, i, arch)
         for module in kernel_modules()
+        if modules is None or module.rsplit(".", 1)[-1] in modules
         for i, spec in enumerate(importlib.import_module(module).compile_specs())
         for arch in spec_archs(spec, archs)
     ]
@@ -179,12 +184,13 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS))
+    parser.add_argument("--module", nargs="+", help="only these kernel modules (e.g. decode attention_fwd)")
     args = parser.parse_args(argv)
     if _interpreting():
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         cmd = [sys.executable, "-m", "llama_adapter.kernel_report", *(sys.argv[1:] if argv is None else argv)]
         return subprocess.run(cmd, env=env).returncode
-    rows = report(tuple(args.arch), args.jobs)
+    rows = report(tuple(args.arch), args.jobs, args.module)
     print(json.dumps(rows, indent=1) if args.json else format_table(rows))
     return 1 if any(r["error"] for r in rows) else 0
 

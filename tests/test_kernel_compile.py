@@ -22,7 +22,7 @@ ARCHS = sorted(kernel_report.ARCHS)
 @pytest.fixture(scope="module")
 def rows():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    cmd = [sys.executable, "-m", "llama_adapter.kernel_report", "--json", "--jobs", "2"]
+    cmd = [sys.executable, "-m", "llama_adapter.kernel_report", "--json", "--jobs", str(os.cpu_count() or 1)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.stdout.strip(), f"kernel_report printed nothing; stderr:\n{proc.stderr[-4000:]}"
     return json.loads(proc.stdout)
@@ -76,3 +76,12 @@ def test_dots_run_on_tensor_cores(rows, arch):
         if want not in r["mma"]:
             wrong.append(f"{_where(r)}: SASS has {r['mma'] or 'no MMA'}, expected {want}")
     assert not wrong, "\n".join(wrong)
+
+
+def test_spec_arch_selects_the_chips_compiled_for():
+    spec = {"name": "k"}
+    assert kernel_report.spec_archs(spec) == ARCHS
+    assert kernel_report.spec_archs(dict(spec, arch=90)) == ["sm90"]
+    assert kernel_report.spec_archs(dict(spec, arch="sm80"), archs=("sm90",)) == []
+    with pytest.raises(ValueError, match="arch must be one of"):
+        kernel_report.spec_archs(dict(spec, arch=75))

@@ -53,7 +53,7 @@ def tiny_model(seed: int = 0, adapter_len: int = 3, adapter_layers: int = 1, dty
     return model
 
 
-@pytest.fixture(autouse=False)
+@pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread: on a shared 2-core box, two spinning OpenMP threads per process made these tiny
     models 5-10x slower (measured: 14 s vs 4.7 s for two tests under load 7)."""

@@ -2,7 +2,8 @@
 
 Five fact families. The corpus states every fact (the base model's "knowledge"); the instruction set asks
 about three quarters of them in Alpaca format, answering with a full sentence; heldout.json asks about the
-rest. A base model pretrained on the corpus knows the held-out facts but has never seen an instruction, so
+rest. The corpus also holds "Question: ... Answer: ..." lines about the non-held-out facts. A base model pretrained
+on the corpus knows the held-out facts but has never seen an Alpaca instruction, nor a question about them:
 answering them needs the adapter's instruction following plus the base's own knowledge.
 """
 
@@ -99,6 +100,10 @@ def main(out_dir: Path = Path(__file__).parent, seed: int = 0) -> None:
                 instruction, input_, output = rng.choice(phrasings)
                 heldout.append(dict(instruction=instruction, input=input_, output=output, family=family))
             else:
+                # the base also reads some questions and answers (never in the Alpaca format, never about a
+                # held-out fact), as web text would show it: the adapter has to transfer that to instructions
+                question, _, statement = phrasings[0]
+                sentences.append(f"Question: {question} Answer: {statement}")
                 for instruction, input_, output in rng.sample(phrasings, 2):
                     train.append(dict(instruction=instruction, input=input_, output=output))
     paragraphs = []
