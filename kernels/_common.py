@@ -132,6 +132,12 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     )
 
 
+def sm90_mma(block_rows: int) -> str:
+    """The tensor-core instruction kernel_report expects on sm90 for dots over `block_rows` rows: wgmma (HGMMA)
+    needs 64 rows per warpgroup, smaller tiles stay on mma.sync (HMMA)."""
+    return "HGMMA" if block_rows >= 64 else "HMMA"
+
+
 SPEC_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SPEC_HEAD_DIMS = (64, 128, 256)
 

@@ -38,6 +38,7 @@ from ._common import (
     prompt_strides,
     select_configs,
     size_bucket,
+    sm90_mma,
     visible_key_range,
 )
 
@@ -203,6 +204,33 @@ def _dq_blocks(
 
 
 @triton.jit
+def _dq_prompt(
+    dq, q, do, gate_ptr, lse_a_base, delta_a_base, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
+    DAK, DAV, slot, offs_m, offs_d, row_ok, Ka, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_A: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    """Add dA ak (unscaled, like the word part) to dq, and store this block's prompt partials dak = s dA^T q and
+    dav = g A^T do into its (Ka, D) slot."""
+    g = tl.load(gate_ptr).to(tl.float32)
+    lse_a = tl.load(lse_a_base + offs_m, mask=row_ok, other=0.0)
+    delta_a = tl.load(delta_a_base + offs_m, mask=row_ok, other=0.0)
+    for start_a in range(0, Ka, BLOCK_A):
+        offs_a = start_a + tl.arange(0, BLOCK_A)
+        ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
+        av_t = load_tile_t(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
+        a = tl.math.exp2(tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale - lse_a[:, None])
+        a = tl.where(offs_a[None, :] < Ka, a, 0.0)  # (BLOCK_M, BLOCK_A)
+        da = g * a * (tl.dot(do, av_t, input_precision=DOT_PREC) - delta_a[:, None])
+        dq = tl.dot(da.to(ak_t.dtype), tl.trans(ak_t), acc=dq, input_precision=DOT_PREC)
+        dak = sm_scale * tl.dot(tl.trans(da).to(q.dtype), q, input_precision=DOT_PREC)  # (BLOCK_A, D)
+        dav = g * tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PREC)
+        part = slot + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
+        tl.store(DAK + part, dak, mask=offs_a[:, None] < Ka)
+        tl.store(DAV + part, dav, mask=offs_a[:, None] < Ka)
+    return dq
+
+
+@triton.jit
 def adapter_attention_bwd_dq_kernel(
     Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, DQ, DAK, DAV,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -217,10 +245,9 @@ def adapter_attention_bwd_dq_kernel(
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+    PROMPT_FIRST: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks see the most keys: launch them first so light blocks fill the tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -242,6 +269,14 @@ def adapter_attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    # the prompt's part goes before the word loop or after it, whichever compiles without spills (PROMPT_FIRST)
+    if HAS_PROMPT and PROMPT_FIRST:
+        dq = _dq_prompt(
+            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + pid_bh * Nq, DeltaA + pid_bh * Nq,
+            AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
+            stride_akn, stride_akd, stride_avn, stride_avd, DAK, DAV, (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM,
+            offs_m, offs_d, row_ok, Ka, qk_scale, sm_scale, HEAD_DIM, BLOCK_A, DOT_PREC,
+        )  # fmt: skip
     dq = _dq_blocks(
         dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC,
@@ -250,28 +285,14 @@ def adapter_attention_bwd_dq_kernel(
         dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
         offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC,
     )  # fmt: skip
-    dq = dq * sm_scale
-
-    if HAS_PROMPT:
-        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
-        lse_a = tl.load(LseA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
-        delta_a = tl.load(DeltaA + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
-        ak_base = AK + b * stride_akb + hk * stride_akh
-        av_base = AV + b * stride_avb + hk * stride_avh
-        slot = (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM  # this program's (Ka, D) partials
-        for start_a in range(0, Ka, BLOCK_A):
-            offs_a = start_a + tl.arange(0, BLOCK_A)
-            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
-            av_t = load_tile_t(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
-            a = tl.math.exp2(tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale - lse_a[:, None])
-            a = tl.where(offs_a[None, :] < Ka, a, 0.0)  # (BLOCK_M, BLOCK_A)
-            da = g * a * (tl.dot(do, av_t, input_precision=DOT_PREC) - delta_a[:, None])
-            dq += sm_scale * tl.dot(da.to(ak_t.dtype), tl.trans(ak_t), input_precision=DOT_PREC)
-            dak = sm_scale * tl.dot(tl.trans(da).to(q.dtype), q, input_precision=DOT_PREC)  # (BLOCK_A, D)
-            dav = g * tl.dot(tl.trans(a).to(do.dtype), do, input_precision=DOT_PREC)
-            part = slot + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
-            tl.store(DAK + part, dak, mask=offs_a[:, None] < Ka)
-            tl.store(DAV + part, dav, mask=offs_a[:, None] < Ka)
+    if HAS_PROMPT and not PROMPT_FIRST:
+        dq = _dq_prompt(
+            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + pid_bh * Nq, DeltaA + pid_bh * Nq,
+            AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
+            stride_akn, stride_akd, stride_avn, stride_avd, DAK, DAV, (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM,
+            offs_m, offs_d, row_ok, Ka, qk_scale, sm_scale, HEAD_DIM, BLOCK_A, DOT_PREC,
+        )  # fmt: skip
+    dq = dq * sm_scale  # word and prompt parts alike: dq = s (dS k + dA ak)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
@@ -282,32 +303,32 @@ DKDV_CONFIGS = {
     80: {
         16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        128: [(32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3)],
-        256: [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+        64: [(32, 64, 8, 3), (16, 64, 8, 2), (32, 32, 4, 2)],
+        128: [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1)],
     },
     90: {
         16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        64: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        128: [(32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 4, 3)],
-        256: [(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2)],
+        64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 8, 3)],
+        128: [(32, 64, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)],
+        256: [(16, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1)],
     },
 }
 DQ_CONFIGS = {
     80: {
         16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(128, 32, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)],
+        64: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
+        128: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2)],
     },
     90: {
         16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        128: [(128, 32, 8, 3), (64, 32, 8, 3), (64, 64, 8, 2)],
-        256: [(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2)],
+        64: [(128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
+        128: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
     },
 }
 
@@ -412,10 +433,16 @@ def bwd_dkdv(q, k, v, do, lse_w, delta_w, *, causal, sm_scale, kv_lens=None, con
 
 def bwd_dq(
     q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a, *, causal, sm_scale, kv_lens=None,
-    config=None,
+    config=None, prompt_first=None,
 ):  # fmt: skip
     """(dq, dak_part, dav_part): dq, and the prompt's per-query-block partial gradients (B*Hq, slots, Ka, D) fp32
-    (None without a prompt) that `adapter_attention_bwd` reduces. `config` as there (None: autotune)."""
+    (None without a prompt) that `adapter_attention_bwd` reduces. `config` as there (None: autotune).
+
+    prompt_first: the prompt's part before the word loop (True) or after it; None picks what compiled without
+    spills (kernel_report): before on sm90, where it keeps the loop's register peak down, after on sm80 (and
+    under the interpreter, where it does not matter), where the same move made ptxas spill."""
+    if prompt_first is None:
+        prompt_first = not interpreting() and q.is_cuda and device_arch(q.device)[0] >= 90
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prompt = adapter_k is not None
@@ -440,6 +467,7 @@ def bwd_dq(
         HAS_PROMPT=has_prompt,
         HAS_KVLENS=kv_lens is not None,
         DOT_PREC=dot_precision(q.dtype),
+        PROMPT_FIRST=prompt_first,
     )
     grid_of = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
     _launch("dq", adapter_attention_bwd_dq_kernel, args, consts, grid_of, config, D, q.device)
@@ -472,7 +500,8 @@ def compile_specs() -> list[dict]:
                     ("dkdv", adapter_attention_bwd_dkdv_kernel, fitting_configs(DKDV_CONFIGS, D, arch, dkdv_smem_bytes),
                      dict(CAUSAL=True, HAS_KVLENS=False)),
                     ("dq", adapter_attention_bwd_dq_kernel, fitting_configs(DQ_CONFIGS, D, arch, dq_smem_bytes),
-                     dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False)),
+                     dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False,
+                          PROMPT_FIRST=arch >= 90)),
                 ]  # fmt: skip
                 for kind, fn, configs, switches in kernels:
                     pointers = {n: t for n, t in common.items() if n in fn.arg_names}
@@ -481,5 +510,6 @@ def compile_specs() -> list[dict]:
                         name = f"bwd_{kind}_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                         floats = ("qk_scale", "sm_scale")
                         spec = compile_spec(name, fn, pointers, floats, {**flags, **switches, **blocks}, warps, stages)
-                        specs.append(dict(spec, arch=arch))
+                        # wgmma's rows: the query block in dQ, the key block in dK/dV (dk = dS^T q)
+                        specs.append(dict(spec, arch=arch, sm90_mma=sm90_mma(bn if kind == "dkdv" else bm)))
     return specs

@@ -42,6 +42,7 @@ from ._common import (
     prompt_strides,
     select_configs,
     size_bucket,
+    sm90_mma,
     visible_key_range,
 )
 
@@ -102,8 +103,6 @@ def adapter_attention_fwd_kernel(
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
-    if CAUSAL:  # the last query blocks see the most keys: launch them first so light blocks fill the tail
-        pid_m = tl.num_programs(0) - 1 - pid_m
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
     h = pid_bh % Hq
@@ -169,15 +168,15 @@ FWD_CONFIGS = {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3)],
+        256: [(32, 32, 4, 2), (32, 64, 4, 2), (32, 32, 8, 2)],
     },
     90: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2)],
     },
 }
 
@@ -253,5 +252,5 @@ def compile_specs() -> list[dict]:
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
                                         stages)  # fmt: skip
-                    specs.append(dict(spec, arch=arch))
+                    specs.append(dict(spec, arch=arch, sm90_mma=sm90_mma(bm)))
     return specs

@@ -27,7 +27,7 @@ from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
 
 DATA_DIR = Path(__file__).parent / "demo_data"
-TINY = dict(dim=128, n_layers=4, n_heads=4, multiple_of=32, max_seq_len=160)
+TINY = dict(dim=96, n_layers=3, multiple_of=32, max_seq_len=160)  # n_heads = dim // 32
 
 
 def train_tokenizer(texts: list[str], path, vocab_size: int = 512) -> Path:
@@ -116,11 +116,17 @@ def finetune_args(base: Path, data: Path, out: Path, **overrides) -> argparse.Na
 
 
 def show(title: str, records: list[dict], answers: list[str], n: int) -> None:
-    print(title)
-    for r, a in list(zip(records, answers))[:n]:
-        question = r["instruction"] + (f" [{r['input']}]" if r.get("input") else "")
-        mark = "ok " if a == r["output"] else "   "
-        print(f"  {mark}{question:<45} -> {a!r}")
+    """Print the title, exact match per family, and n answers spread over the families."""
+    families = sorted({r.get("family", "") for r in records})
+    per_family = []
+    for fam in families:
+        pairs = [(r, a) for r, a in zip(records, answers) if r.get("family", "") == fam]
+        per_family.append(f"{fam} {sum(a == r['output'] for r, a in pairs)}/{len(pairs)}")
+    print(f"{title}\n  exact match by family: {', '.join(per_family)}")
+    step = max(1, len(records) // max(1, n))
+    for r, a in list(zip(records, answers))[::step][:n]:
+        mark = "ok" if a == r["output"] else "  "
+        print(f"  {mark} {r['instruction']:<36} -> {a!r}")
 
 
 def run_demo(args) -> int:
@@ -149,7 +155,7 @@ def run_demo(args) -> int:
           f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
 
     t = time.perf_counter()
-    shape = {**TINY, "dim": args.dim, "n_layers": args.layers}
+    shape = {**TINY, "dim": args.dim, "n_layers": args.layers, "n_heads": max(1, args.dim // 32)}  # head dim 32
     model = LLaMA(ModelArgs(vocab_size=tokenizer.n_words, **shape))
     print(f"[pretrain] tiny LLaMA {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
           f"{args.pretrain_steps} steps on the corpus")  # fmt: skip
@@ -214,10 +220,10 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="pretrain a tiny LLaMA, fine-tune an adapter, show before/after (CPU)",
                               description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
-    p.add_argument("--pretrain-steps", type=int, default=300)
-    p.add_argument("--epochs", type=float, default=15, help="adapter fine-tuning epochs")
-    p.add_argument("--adapter-len", type=int, default=4)
-    p.add_argument("--blr", type=float, default=0.08, help="base lr (lr = blr * 32 / 256)")
+    p.add_argument("--pretrain-steps", type=int, default=1000)
+    p.add_argument("--epochs", type=float, default=30, help="adapter fine-tuning epochs")
+    p.add_argument("--adapter-len", type=int, default=8)
+    p.add_argument("--blr", type=float, default=0.8, help="base lr (lr = blr * 32 / 256)")
     p.add_argument("--dim", type=int, default=TINY["dim"], help="base model width")
     p.add_argument("--layers", type=int, default=TINY["n_layers"], help="base model depth (all adapted)")
     p.add_argument("--vocab-size", type=int, default=1000)

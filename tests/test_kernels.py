@@ -10,6 +10,7 @@ exact while the kernel's online-softmax rescaling and exp2 add a few ulps), for 
 scale (the rounding any fp16 result of that size has; reference.py computes in fp32 and can round luckily).
 """
 
+import functools
 import math
 
 import pytest
@@ -162,6 +163,18 @@ def test_unequal_block_shapes(block_m, block_n, causal):
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
     got = run_launchers(inputs, do, causal=causal, kv_lens=kv_lens, config=config)
     assert_flash_rule(got, inputs, do, causal=causal, kv_lens=kv_lens)
+
+
+@pytest.mark.parametrize("prompt_first", [True, False], ids=["prompt-first", "prompt-last"])
+def test_dq_prompt_part_before_or_after_the_word_loop(prompt_first, monkeypatch):
+    """The dQ kernel runs the prompt's part before the word loop on sm90 and after it on sm80 (PROMPT_FIRST, chosen
+    by what compiles without spills): both orders must give the same gradients. Ka = 20 spans two prompt blocks."""
+    from llama_adapter.kernels import attention_bwd
+
+    monkeypatch.setattr(attention_bwd, "bwd_dq", functools.partial(attention_bwd.bwd_dq, prompt_first=prompt_first))
+    inputs, do, kv_lens = make_inputs(B=2, Hq=4, Hkv=2, Nq=21, Nk=29, Ka=20, kv_lens=[29, 17], seed=4)
+    got = run_launchers(inputs, do, causal=True, kv_lens=kv_lens)
+    assert_flash_rule(got, inputs, do, causal=True, kv_lens=kv_lens)
 
 
 def test_zero_gate_is_plain_attention_and_only_the_gate_learns():

@@ -2,9 +2,11 @@
 
 Five fact families. The corpus states every fact (the base model's "knowledge"); the instruction set asks
 about three quarters of them in Alpaca format, answering with a full sentence; heldout.json asks about the
-rest. The corpus also holds "Question: ... Answer: ..." lines about the non-held-out facts. A base model pretrained
-on the corpus knows the held-out facts but has never seen an Alpaca instruction, nor a question about them:
-answering them needs the adapter's instruction following plus the base's own knowledge.
+rest. The corpus also answers one question per fact ("Question: What is the capital of Spain? Answer: The capital of
+Spain is Madrid."), as web text would. The pretrained base therefore knows every fact and can answer in its own
+Q/A format, but it has never seen the Alpaca template: given a held-out instruction it rambles on. The adapter is
+fine-tuned on the other facts only, so answering a held-out instruction shows it taught the base to follow
+instructions, with the knowledge coming from the base, as in the paper.
 """
 
 import json
@@ -94,16 +96,13 @@ def main(out_dir: Path = Path(__file__).parent, seed: int = 0) -> None:
         rng.shuffle(facts)
         n_held = len(facts) // 4
         for i, (key, value) in enumerate(facts):
-            sentences += says(key, value)
             phrasings = asks(key, value)
-            if i < n_held:  # held out: one question, in a phrasing seen in training for other facts
-                instruction, input_, output = rng.choice(phrasings)
-                heldout.append(dict(instruction=instruction, input=input_, output=output, family=family))
+            question, _, statement = phrasings[0]
+            # the base reads each fact, and one question about it answered, as web text would show them
+            sentences += [*says(key, value), f"Question: {question} Answer: {statement}"]
+            if i < n_held:  # held out of fine-tuning: the base's own question, now as an Alpaca instruction
+                heldout.append(dict(instruction=question, input="", output=statement, family=family))
             else:
-                # the base also reads some questions and answers (never in the Alpaca format, never about a
-                # held-out fact), as web text would show it: the adapter has to transfer that to instructions
-                question, _, statement = phrasings[0]
-                sentences.append(f"Question: {question} Answer: {statement}")
                 for instruction, input_, output in rng.sample(phrasings, 2):
                     train.append(dict(instruction=instruction, input=input_, output=output))
     paragraphs = []
