@@ -70,18 +70,29 @@ def candidates(kernel: str, head_dim: int, arch: int, smem_bytes: int) -> list[t
     return out
 
 
-def make_problem(N: int, B: int, H: int, D: int, Ka: int, dtype, device, seed: int = 0) -> dict:
-    """Random inputs, plus the forward's outputs and the backward's deltas that dK/dV and dQ consume."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+def make_problem(N: int, B: int, H: int, D: int, Ka: int, dtype, device, seed: int = 0, fwd_config=None) -> dict:
+    """Random inputs, plus the forward's outputs and the backward's deltas that dK/dV and dQ consume.
+    `fwd_config` (BLOCK_M, BLOCK_N, num_warps, num_stages) skips autotuning that forward (its compiles would
+    eat the budget)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
     p = dict(q=rand(B, H, N, D), k=rand(B, H, N, D), v=rand(B, H, N, D), adapter_k=rand(H, Ka, D),
              adapter_v=rand(H, Ka, D), gate=torch.full((H,), 0.5, device=device), do=rand(B, H, N, D))  # fmt: skip
     p["sm_scale"] = D**-0.5
+    config = None if fwd_config is None else dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), fwd_config))
     o, p["lse_w"], p["lse_a"] = adapter_attention_fwd(
-        p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], causal=True, sm_scale=p["sm_scale"]
+        p["q"],
+        p["k"],
+        p["v"],
+        p["adapter_k"],
+        p["adapter_v"],
+        p["gate"],
+        causal=True,
+        sm_scale=p["sm_scale"],
+        config=config,
     )
     p["delta_w"], p["delta_a"] = bwd_preprocess(
         p["do"], p["q"], p["adapter_k"], p["adapter_v"], p["gate"], o, p["lse_a"], sm_scale=p["sm_scale"]
@@ -170,7 +181,8 @@ def run(args: argparse.Namespace) -> dict:
     problems = {}
     for N in args.seqlens:
         try:
-            problems[N] = make_problem(N, max(1, args.tokens // N), args.heads, args.head_dim, args.ka, dtype, device)
+            B, H = max(1, args.tokens // N), args.heads
+            problems[N] = make_problem(N, B, H, args.head_dim, args.ka, dtype, device, fwd_config=lists["fwd"][0])
         except Exception as exc:
             log(f"N={N}: could not build the problem: {describe_error(exc)}")
     # Kernels take turns, one config each (measured at every N: it compiles once), so a short budget still

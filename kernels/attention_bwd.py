@@ -299,6 +299,8 @@ def adapter_attention_bwd_dq_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; BLOCK_M is the query block, BLOCK_N the key block.
+# D 64/128/256: the spill-free ones of a ptxas sweep (benchmarks/NOTES.md, kernel tuning log), 8 warps mostly:
+# dK/dV holds two (BLOCK_N, D) fp32 accumulators plus k and v, which 4 warps cannot keep in registers.
 DKDV_CONFIGS = {
     80: {
         16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
@@ -328,7 +330,7 @@ DQ_CONFIGS = {
         32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
         64: [(128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
         128: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3)],
-        256: [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
+        256: [(32, 64, 8, 2), (32, 32, 8, 2)],  # 64-row blocks spill at D = 256 (kernel_report)
     },
 }
 

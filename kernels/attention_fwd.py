@@ -57,7 +57,9 @@ def _attend_blocks(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
-    keys past the row's diagonal (j > i + shift)."""
+    keys past the row's diagonal (j > i + shift). The masked loop runs a block or two (the diagonal): software
+    pipelining it only adds a prologue's registers next to the unmasked loop's, so it is not pipelined (that
+    removed the last spills on sm80, benchmarks/NOTES.md)."""
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
@@ -140,7 +142,8 @@ def adapter_attention_fwd_kernel(
 
     if HAS_PROMPT:
         # Two passes over the (few) prompt keys: their log-sum-exp first, then g * A @ av accumulated straight into
-        # o, so no second (BLOCK_M, D) accumulator competes for registers with the word one.
+        # o, so no second (BLOCK_M, D) accumulator competes for registers with the word one. Ka = 10 is one
+        # block: these loops are not pipelined (num_stages=1), which ptxas rewarded with fewer spills on sm80.
         ak_base = AK + b * stride_akb + hk * stride_akh
         av_base = AV + b * stride_avb + hk * stride_avh
         m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
@@ -162,7 +165,9 @@ def adapter_attention_fwd_kernel(
     tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; checked with ptxas for spills (see compile_specs).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90
+# (kernel_report; benchmarks/NOTES.md, kernel tuning log). sm80 at D = 256 needs 32-row blocks: q and the
+# accumulator of a 64-row block already fill the registers there.
 FWD_CONFIGS = {
     80: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],

@@ -260,3 +260,23 @@ def test_head_dims_on_gpu(D):
     to_gpu = {n: t.cuda() if t is not None else None for n, t in inputs.items()}
     got = [t.cpu() for t in run_op(to_gpu, do.cuda(), causal=True, kv_lens=None)]
     assert_flash_rule(got, inputs, do, causal=True, kv_lens=None)
+
+
+def test_compile_specs_describe_a_launch_with_contiguous_tensors():
+    """kernel_report compiles these specs: they must be specialised as a real launch is (16-byte aligned pointers and
+    strides: vector loads and cp.async), else the registers and spills it reports are not what the GPU runs."""
+    from triton.backends.compiler import BaseBackend
+
+    from llama_adapter.kernels import attention_bwd, attention_fwd
+
+    specs = attention_fwd.compile_specs() + attention_bwd.compile_specs()
+    for spec in specs:
+        fn, sig = spec["fn"], spec["signature"]
+        pointers = {a for a, t in sig.items() if t.startswith("*")}
+        assert pointers and pointers <= set(spec["divisible"]), spec["name"]
+        assert all(sig[a] == "constexpr" for a in fn.arg_names if a.startswith("stride_") and a.endswith("d"))
+        assert all(a in spec["divisible"] for a, t in sig.items() if t == "i32" and a.startswith("stride_"))
+        assert spec["attrs"] == {(fn.arg_names.index(a),): BaseBackend.parse_attr("D") for a in spec["divisible"]}
+    assert {s["sm90_mma"] for s in specs if s["arch"] == 90} == {"HGMMA", "HMMA"}
+    with pytest.raises(ValueError, match="not arguments"):
+        _common.divisibility_attrs(attention_fwd.adapter_attention_fwd_kernel, ["nope"])
