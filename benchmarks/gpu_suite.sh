@@ -3,10 +3,11 @@
 #
 #   bash benchmarks/gpu_suite.sh            # the device tool sets $OUT; elsewhere it defaults to results/suite
 #
-# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 420); a failing step
+# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 450); a failing step
 # never stops the next. The benchmarks write each row as it is measured, so a killed step keeps its rows.
-# $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3 and results.tar.gz (PNGs, JSONs,
-# per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
+# Steps: GPU tests, the kernels' block-config sweep (tune_attention), attention, fine-tuning, decoding.
+# $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3, tune_attention-<device>.json and
+# results.tar.gz (PNGs, JSONs, per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
 set -uo pipefail
 shopt -s nullglob
 cd "$(dirname "$0")/.."
@@ -14,7 +15,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 [[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY
 OUT=${OUT:-$ROOT/benchmarks/results/suite}
-BUDGET=${SUITE_BUDGET:-420}
+BUDGET=${SUITE_BUDGET:-450}
 RESULTS=${RESULTS_DIR:-$ROOT/benchmarks/results}
 LOGS=$(mktemp -d)/logs
 START=$SECONDS
@@ -69,16 +70,19 @@ main() {
   # without CUDA (a dry run of this script) every benchmark falls back to its tiny CPU sizes
   local quick=()
   "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())" && quick=(--quick)
-  local lim
-  lim=$(cap 170)
+  local lim dev
+  dev=$("$PY" -c "from benchmarks.common import device_info; print(device_info().slug)")
+  # block-config sweep of the fused kernels (forward, dK/dV, dQ timed apart): feeds the autotune tables
+  lim=$(cap 80)
+  step tune "$lim" "$PY" -m benchmarks.tune_attention --out "$RESULTS/tune_attention-$dev.json" \
+    --budget "$(inner "$lim")"
+  lim=$(cap 150)
   step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget "$(inner "$lim")"
   lim=$(cap 90)
   step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget "$(inner "$lim")"
   lim=$(cap 60)
   step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget "$(inner "$lim")"
 
-  local dev
-  dev=$("$PY" -c "from benchmarks.common import device_info; print(device_info().slug)")
   local jsons=()
   for bench in attention finetune generate; do
     [ -f "$RESULTS/$bench-$dev.json" ] && jsons+=("$RESULTS/$bench-$dev.json")
@@ -87,6 +91,7 @@ main() {
     timeout 60 "$PY" -m benchmarks.plot "${jsons[@]}" >"$LOGS/plot.log" 2>&1 || echo "plot failed: see plot.log"
     timeout 30 "$PY" -m benchmarks.plot --summary-only "${jsons[@]}" >"$OUT/summary.md" 2>>"$LOGS/plot.log"
     cp "${jsons[@]}" "$OUT/"
+    [ -f "$RESULTS/tune_attention-$dev.json" ] && cp "$RESULTS/tune_attention-$dev.json" "$OUT/"
   else
     echo "no results were written" >"$OUT/summary.md"
   fi
