@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -134,17 +133,16 @@ def run_demo(args) -> int:
     from llama_adapter.tokenizer import Tokenizer
 
     torch.manual_seed(args.seed)
-    busy = os.getloadavg()[0] >= os.cpu_count() - 0.5 if hasattr(os, "getloadavg") else False
-    if busy:  # OpenMP threads that spin on a busy machine made this demo ~10x slower here than one thread
-        torch.set_num_threads(1)
+    # A 0.5M-parameter model's matmuls are too small to share: extra OpenMP threads only spin (up to ~10x slower
+    # on a busy 2-core machine, measured), and one thread makes the printed numbers the same on every machine.
+    torch.set_num_threads(1)
     out = Path(args.out)
     base_dir, run_dir = out / "base", out / "finetune"
     t_start = time.perf_counter()
     paragraphs = (DATA_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()
     train_records = load_examples(DATA_DIR / "instructions.json")
     heldout = json.loads((DATA_DIR / "heldout.json").read_text(encoding="utf-8"))
-    note = " (machine busy: 1 thread)" if busy else ""
-    print(f"[setup] torch {torch.__version__}, {torch.get_num_threads()} CPU thread(s){note}")
+    print(f"[setup] torch {torch.__version__}, {torch.get_num_threads()} CPU thread")
     print(f"[data] corpus: {len(paragraphs)} paragraphs; instructions: {len(train_records)}; held-out: {len(heldout)}")
 
     t = time.perf_counter()
