@@ -194,3 +194,22 @@ def load_tile_t(base, offs_rows, offs_cols, stride_rows, stride_cols, n_rows, RO
     if ROW_MASK:
         return tl.load(ptrs, mask=offs_rows[None, :] < n_rows, other=0.0)
     return tl.load(ptrs)
+
+
+@triton.jit
+def sequence_of(CuSeqlens, pid_bh, H, Nq, Nk, VARLEN: tl.constexpr):
+    """(batch index, first row, query rows, key rows) of program row `pid_bh` = batch (or sequence) x H heads.
+    VARLEN: sequence s = pid_bh // H of a packed (1, H, T, D) batch holds rows cu[s] .. cu[s+1] - 1, so batch 0,
+    its rows offset by cu[s] and Nq = Nk = its length; lse / delta buffers stay indexed by absolute row."""
+    if VARLEN:
+        seq = pid_bh // H
+        row0 = tl.load(CuSeqlens + seq).to(tl.int64)
+        n_q = (tl.load(CuSeqlens + seq + 1) - row0).to(tl.int32)
+        n_k = n_q
+        b = pid_bh * 0
+    else:
+        b = pid_bh // H
+        row0 = pid_bh * 0
+        n_q = Nq
+        n_k = Nk
+    return b, row0, n_q, n_k

@@ -37,6 +37,7 @@ from ._common import (
     prompt_block,
     prompt_strides,
     select_configs,
+    sequence_of,
     size_bucket,
     sm90_mma,
     visible_key_range,
@@ -120,7 +121,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def adapter_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LseW, DeltaW, KVLens, DK, DV,
+    Q, K, V, DO, LseW, DeltaW, KVLens, CuSeqlens, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -130,27 +131,32 @@ def adapter_attention_bwd_dkdv_kernel(
     Hq, Hkv, GROUP, Nq, Nk, qk_scale, sm_scale,
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KVLENS: tl.constexpr, VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hkv
     hk = pid_bh % Hkv
+    b, row0, n_q, n_k = sequence_of(CuSeqlens, pid_bh, Hkv, Nq, Nk, VARLEN)
     start_n = pid_n * BLOCK_N
+    if VARLEN:
+        if start_n >= n_k:  # the grid covers the longest sequence
+            return
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    k = load_tile(K + b * stride_kb + hk * stride_kh, offs_n, offs_d, stride_kn, stride_kd, Nk, True)
-    v = load_tile(V + b * stride_vb + hk * stride_vh, offs_n, offs_d, stride_vn, stride_vd, Nk, True)
+    k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
+    k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_k, True)
+    v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_k, True)
     if HAS_KVLENS:
         L = tl.load(KVLens + b).to(tl.int32)
     else:
-        L = Nk
-    shift = L - Nq
-    # Query blocks [lo, mid) need the mask, [mid, Nq) see every key of this block.
-    n_rows = tl.cdiv(Nq, BLOCK_M) * BLOCK_M
+        L = n_k
+    shift = L - n_q
+    # Query blocks [lo, mid) need the mask, [mid, n_q) see every key of this block.
+    n_rows = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
     if CAUSAL:
-        lo = tl.minimum(tl.maximum(start_n - shift, 0), Nq) // BLOCK_M * BLOCK_M
-        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), Nq), BLOCK_M) * BLOCK_M
+        lo = tl.minimum(tl.maximum(start_n - shift, 0), n_q) // BLOCK_M * BLOCK_M
+        mid = tl.cdiv(tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - shift, 0), n_q), BLOCK_M) * BLOCK_M
     else:
         lo = 0
         mid = 0
@@ -162,21 +168,22 @@ def adapter_attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     for j in range(0, GROUP):
         h = hk * GROUP + j
-        q_base = Q + b * stride_qb + h * stride_qh
-        do_base = DO + b * stride_dob + h * stride_doh
-        lse_base = LseW + (b * Hq + h) * Nq
-        dw_base = DeltaW + (b * Hq + h) * Nq
+        q_base = Q + b * stride_qb + h * stride_qh + row0 * stride_qm
+        do_base = DO + b * stride_dob + h * stride_doh + row0 * stride_dom
+        lse_base = LseW + (b * Hq + h) * Nq + row0
+        dw_base = DeltaW + (b * Hq + h) * Nq + row0
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, lo, mid, Nq, L, shift, qk_scale, True, CAUSAL, BLOCK_M, DOT_PREC,
+            offs_n, offs_d, lo, mid, n_q, L, shift, qk_scale, True, CAUSAL, BLOCK_M, DOT_PREC,
         )  # fmt: skip
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, mid, Nq, Nq, L, shift, qk_scale, False, CAUSAL, BLOCK_M, DOT_PREC,
+            offs_n, offs_d, mid, n_q, n_q, L, shift, qk_scale, False, CAUSAL, BLOCK_M, DOT_PREC,
         )  # fmt: skip
-    col_ok = offs_n[:, None] < Nk
-    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    col_ok = offs_n[:, None] < n_k
+    rows_n = row0 + offs_n[:, None]
+    dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows_n * stride_dvn + offs_d[None, :] * stride_dvd
     tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=col_ok)
 
@@ -232,7 +239,7 @@ def _dq_prompt(
 
 @triton.jit
 def adapter_attention_bwd_dq_kernel(
-    Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, DQ, DAK, DAV,
+    Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, CuSeqlens, DQ, DAK, DAV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -244,35 +251,41 @@ def adapter_attention_bwd_dq_kernel(
     Hq, GROUP, Nq, Nk, Ka, N_SLOTS, qk_scale, sm_scale,
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
-    PROMPT_FIRST: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr, PROMPT_FIRST: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
+    b, row0, n_q, n_k = sequence_of(CuSeqlens, pid_bh, Hq, Nq, Nk, VARLEN)
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        if start_m >= n_q:  # the grid covers the longest sequence; this block's partial slots stay zero
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < Nq
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, True)
-    do = load_tile(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, Nq, True)
-    lse = tl.load(LseW + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
-    dw = tl.load(DeltaW + pid_bh * Nq + offs_m, mask=row_ok, other=0.0)
+    row_ok = offs_m < n_q
+    q = load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, n_q, True)
+    do = load_tile(
+        DO + b * stride_dob + h * stride_doh + row0 * stride_dom, offs_m, offs_d, stride_dom, stride_dod, n_q, True
+    )
+    row_base = (b * Hq + h) * Nq + row0  # lse / delta rows, absolute
+    lse = tl.load(LseW + row_base + offs_m, mask=row_ok, other=0.0)
+    dw = tl.load(DeltaW + row_base + offs_m, mask=row_ok, other=0.0)
     if HAS_KVLENS:
         L = tl.load(KVLens + b).to(tl.int32)
     else:
-        L = Nk
-    shift = L - Nq
-    full, hi = visible_key_range(start_m, Nq, L, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+        L = n_k
+    shift = L - n_q
+    full, hi = visible_key_range(start_m, n_q, L, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     # the prompt's part goes before the word loop or after it, whichever compiles without spills (PROMPT_FIRST)
     if HAS_PROMPT and PROMPT_FIRST:
         dq = _dq_prompt(
-            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + pid_bh * Nq, DeltaA + pid_bh * Nq,
+            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + row_base, DeltaA + row_base,
             AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
             stride_akn, stride_akd, stride_avn, stride_avd, DAK, DAV, (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM,
             offs_m, offs_d, row_ok, Ka, qk_scale, sm_scale, HEAD_DIM, BLOCK_A, DOT_PREC,
@@ -287,14 +300,15 @@ def adapter_attention_bwd_dq_kernel(
     )  # fmt: skip
     if HAS_PROMPT and not PROMPT_FIRST:
         dq = _dq_prompt(
-            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + pid_bh * Nq, DeltaA + pid_bh * Nq,
+            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + row_base, DeltaA + row_base,
             AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
             stride_akn, stride_akd, stride_avn, stride_avd, DAK, DAV, (pid_bh * N_SLOTS + pid_m) * Ka * HEAD_DIM,
             offs_m, offs_d, row_ok, Ka, qk_scale, sm_scale, HEAD_DIM, BLOCK_A, DOT_PREC,
         )  # fmt: skip
     dq = dq * sm_scale  # word and prompt parts alike: dq = s (dS k + dA ak)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
+    rows_m = row0 + offs_m[:, None]
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows_m * stride_dqm + offs_d[None, :] * stride_dqd
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -349,13 +363,13 @@ def dq_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) ->
 def _tuned(which: str, head_dim: int, arch: int, smem: int):
     if which == "dkdv":
         configs = select_configs(DKDV_CONFIGS, head_dim, arch, smem, dkdv_smem_bytes)
-        return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL"])(
+        return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "VARLEN"])(
             adapter_attention_bwd_dkdv_kernel
         )
     configs = select_configs(DQ_CONFIGS, head_dim, arch, smem, dq_smem_bytes)
     # Autotuning tries several BLOCK_M, each filling a different number of partial slots: zero between tries.
     return triton.autotune(
-        configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT"], reset_to_zero=["DAK", "DAV"]
+        configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT", "VARLEN"], reset_to_zero=["DAK", "DAV"]
     )(adapter_attention_bwd_dq_kernel)
 
 
@@ -368,23 +382,29 @@ def _launch(which, kernel, args, consts, grid_of, config, head_dim, device):
 
 
 def adapter_attention_bwd(
-    do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a, *, causal, sm_scale, kv_lens=None, config=None
-):
-    """Gradients (dq, dk, dv, dadapter_k, dadapter_v, dgate) of `adapter_attention_fwd`'s output.
+    do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a, *, causal, sm_scale, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None, config=None
+):  # fmt: skip
+    """Gradients (dq, dk, dv, dadapter_k, dadapter_v, dgate) of `adapter_attention_fwd`'s output (packed
+    sequences: cu_seqlens and max_seqlen as there; the preprocess is row-wise and needs neither).
 
     o, lse_w, lse_a are the forward's outputs. Grads come back in their inputs' dtypes and shapes (prompt ones
     None without a prompt; dgate is d(effective gate)). `config` = {"BLOCK_M", "BLOCK_N", "num_warps",
     "num_stages"} bypasses autotuning for both the dK/dV and the dQ kernel.
     """
     delta_w, delta_a = bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, sm_scale=sm_scale)
-    dk, dv = bwd_dkdv(q, k, v, do, lse_w, delta_w, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, config=config)
+    varlen = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    dk, dv = bwd_dkdv(
+        q, k, v, do, lse_w, delta_w, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, **varlen, config=config
+    )
     dq, dak_part, dav_part = bwd_dq(
         q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a,
-        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, config=config,
+        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, **varlen, config=config,
     )  # fmt: skip
     if adapter_k is None:
         return dq, dk, dv, None, None, None
-    B, Hq, _, D = q.shape
+    Hq, D = q.shape[1], q.shape[3]
+    B = dak_part.shape[0] // Hq  # batch rows, or sequences when packed (their prompt is shared)
     Hkv, Ka = k.shape[1], adapter_k.shape[-2]
 
     def reduce(part, like):  # (B*Hq, slots, Ka, D) -> like's shape, fixed summation order
@@ -416,26 +436,32 @@ def bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, *, sm_scale):
     return delta_w, delta_a
 
 
-def bwd_dkdv(q, k, v, do, lse_w, delta_w, *, causal, sm_scale, kv_lens=None, config=None):
+def bwd_dkdv(q, k, v, do, lse_w, delta_w, *, causal, sm_scale, kv_lens=None, cu_seqlens=None, max_seqlen=None,
+             config=None):  # fmt: skip
     """(dk, dv) of the word keys and values; `config` as in `adapter_attention_bwd` (None: autotune)."""
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
+    varlen = cu_seqlens is not None
+    rows, batches = (max_seqlen, cu_seqlens.shape[0] - 1) if varlen else (Nk, B)
     dk = _common.new_output(k.shape, k.dtype, k.device)
     dv = _common.new_output(v.shape, v.dtype, v.device)
     args = (
-        q, k, v, do, lse_w, delta_w, kv_lens if kv_lens is not None else q, dk, dv,
+        q, k, v, do, lse_w, delta_w, kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        Hq, Hkv, Hq // Hkv, Nq, Nk, sm_scale * LOG2E, sm_scale, size_bucket(Nq), size_bucket(Nk),
+        Hq, Hkv, Hq // Hkv, Nq, Nk, sm_scale * LOG2E, sm_scale,
+        size_bucket(max_seqlen if varlen else Nq), size_bucket(rows),
     )  # fmt: skip
-    consts = dict(HEAD_DIM=D, CAUSAL=causal, HAS_KVLENS=kv_lens is not None, DOT_PREC=dot_precision(q.dtype))
-    grid_of = lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * Hkv)  # noqa: E731
+    consts = dict(
+        HEAD_DIM=D, CAUSAL=causal, HAS_KVLENS=kv_lens is not None, VARLEN=varlen, DOT_PREC=dot_precision(q.dtype)
+    )
+    grid_of = lambda meta: (triton.cdiv(rows, meta["BLOCK_N"]), batches * Hkv)  # noqa: E731
     _launch("dkdv", adapter_attention_bwd_dkdv_kernel, args, consts, grid_of, config, D, q.device)
     return dk, dv
 
 
 def bwd_dq(
     q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a, *, causal, sm_scale, kv_lens=None,
-    config=None, prompt_first=None,
+    cu_seqlens=None, max_seqlen=None, config=None, prompt_first=None,
 ):  # fmt: skip
     """(dq, dak_part, dav_part): dq, and the prompt's per-query-block partial gradients (B*Hq, slots, Ka, D) fp32
     (None without a prompt) that `adapter_attention_bwd` reduces. `config` as there (None: autotune).
@@ -449,18 +475,23 @@ def bwd_dq(
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prompt = adapter_k is not None
     Ka = adapter_k.shape[-2] if has_prompt else 0
+    varlen = cu_seqlens is not None
+    rows, batches = (max_seqlen, cu_seqlens.shape[0] - 1) if varlen else (Nq, B)
     dq = _common.new_output(q.shape, q.dtype, q.device)
     # One (Ka, D) slot per query block of the smallest BLOCK_M any config may pick; unused slots stay zero.
-    n_slots = triton.cdiv(Nq, _min_block_m(D, q.device, config)) if has_prompt else 0
-    dak_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=q.device) if has_prompt else None
-    dav_part = torch.zeros((B * Hq, n_slots, Ka, D), dtype=torch.float32, device=q.device) if has_prompt else None
+    n_slots = triton.cdiv(rows, _min_block_m(D, q.device, config)) if has_prompt else 0
+    part_shape = (batches * Hq, n_slots, Ka, D)
+    dak_part = torch.zeros(part_shape, dtype=torch.float32, device=q.device) if has_prompt else None
+    dav_part = torch.zeros(part_shape, dtype=torch.float32, device=q.device) if has_prompt else None
     args = (
         q, k, v, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, do,
-        lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a, kv_lens if kv_lens is not None else q, dq,
+        lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a, kv_lens if kv_lens is not None else q,
+        cu_seqlens if varlen else q, dq,
         dak_part if has_prompt else lse_w, dav_part if has_prompt else lse_w,
         *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
         *gate_strides(gate), *do.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Nq, Nk, Ka, n_slots, sm_scale * LOG2E, sm_scale, size_bucket(Nq), size_bucket(Nk),
+        Hq, Hq // Hkv, Nq, Nk, Ka, n_slots, sm_scale * LOG2E, sm_scale,
+        size_bucket(rows), size_bucket(max_seqlen if varlen else Nk),
     )  # fmt: skip
     consts = dict(
         HEAD_DIM=D,
@@ -468,10 +499,11 @@ def bwd_dq(
         CAUSAL=causal,
         HAS_PROMPT=has_prompt,
         HAS_KVLENS=kv_lens is not None,
+        VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
         PROMPT_FIRST=prompt_first,
     )
-    grid_of = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)  # noqa: E731
+    grid_of = lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batches * Hq)  # noqa: E731
     _launch("dq", adapter_attention_bwd_dq_kernel, args, consts, grid_of, config, D, q.device)
     return dq, dak_part, dav_part
 
@@ -493,16 +525,20 @@ def compile_specs() -> list[dict]:
             elem = "*" + dname
             f32 = "*fp32"
             common = dict.fromkeys(("Q", "K", "V", "AK", "AV", "DO", "Out", "DQ", "DK", "DV"), elem)
-            common.update(dict.fromkeys(("Gate", "LseW", "LseA", "DeltaW", "DeltaA", "DAK", "DAV"), f32), KVLens="*i32")
+            common.update(
+                dict.fromkeys(("Gate", "LseW", "LseA", "DeltaW", "DeltaA", "DAK", "DAV"), f32),
+                KVLens="*i32",
+                CuSeqlens="*i32",
+            )
             for D in SPEC_HEAD_DIMS:
                 flags = dict(HEAD_DIM=D, DOT_PREC="ieee")
                 kernels = [
                     ("pre", adapter_attention_bwd_preprocess_kernel, [(PREPROCESS_BLOCK_M, 0, 4, 3)],
                      dict(BLOCK_A=prompt_block(10), HAS_PROMPT=True)),
                     ("dkdv", adapter_attention_bwd_dkdv_kernel, fitting_configs(DKDV_CONFIGS, D, arch, dkdv_smem_bytes),
-                     dict(CAUSAL=True, HAS_KVLENS=False)),
+                     dict(CAUSAL=True, HAS_KVLENS=False, VARLEN=False)),
                     ("dq", adapter_attention_bwd_dq_kernel, fitting_configs(DQ_CONFIGS, D, arch, dq_smem_bytes),
-                     dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False,
+                     dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False, VARLEN=False,
                           PROMPT_FIRST=arch >= 90)),
                 ]  # fmt: skip
                 for kind, fn, configs, switches in kernels:

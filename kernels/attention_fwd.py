@@ -14,6 +14,8 @@ lse_w (B, Hq, Nq) and lse_a (B, Hq, Nq). A row that sees no word key (causal wit
 gets O_w = 0 and lse_w = +inf, so its recomputed probabilities are 0.
 
 Causal aligns bottom-right over L = kv_lens[b] (or Nk) keys: query i sees key j iff j <= i + L - Nq and j < L.
+VARLEN (packed sequences, FlashAttention's cu_seqlens): B = 1 and grid row pid = s * Hq + h runs sequence s, whose
+rows cu[s] .. cu[s+1] - 1 are its queries and its keys (Nq = Nk = its length); blocks past its end exit at once.
 GQA/MQA: query head h reads key/value head h // (Hq / Hkv). A prompt shared by the batch has batch stride 0;
 a gate (Hq,) likewise. Accumulation is fp32; probabilities meet V in V's dtype, as in FlashAttention.
 """
@@ -41,6 +43,7 @@ from ._common import (
     prompt_block,
     prompt_strides,
     select_configs,
+    sequence_of,
     size_bucket,
     sm90_mma,
     visible_key_range,
@@ -91,7 +94,7 @@ def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_s
 
 @triton.jit
 def adapter_attention_fwd_kernel(
-    Q, K, V, AK, AV, Gate, KVLens, Out, LseW, LseA,
+    Q, K, V, AK, AV, Gate, KVLens, CuSeqlens, Out, LseW, LseA,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -102,26 +105,30 @@ def adapter_attention_fwd_kernel(
     Hq, GROUP, Nq, Nk, Ka, qk_scale,
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // Hq
     h = pid_bh % Hq
     hk = h // GROUP
+    b, row0, n_q, n_k = sequence_of(CuSeqlens, pid_bh, Hq, Nq, Nk, VARLEN)
     start_m = pid_m * BLOCK_M
+    if VARLEN:
+        if start_m >= n_q:  # the grid covers the longest sequence
+            return
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, stride_qd, Nq, True)
+    q = load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, n_q, True)
 
     if HAS_KVLENS:
         L = tl.load(KVLens + b).to(tl.int32)
     else:
-        L = Nk
-    shift = L - Nq
-    full, hi = visible_key_range(start_m, Nq, L, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + hk * stride_kh
-    v_base = V + b * stride_vb + hk * stride_vh
+        L = n_k
+    shift = L - n_q
+    full, hi = visible_key_range(start_m, n_q, L, CAUSAL, BLOCK_M, BLOCK_N)
+    k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn
+    v_base = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -136,8 +143,8 @@ def adapter_attention_fwd_kernel(
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
-    row_ok = offs_m < Nq
-    lse_offs = pid_bh * Nq + offs_m
+    row_ok = offs_m < n_q
+    lse_offs = (b * Hq + h) * Nq + row0 + offs_m
     tl.store(LseW + lse_offs, tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf")), mask=row_ok)
 
     if HAS_PROMPT:
@@ -161,7 +168,7 @@ def adapter_attention_fwd_kernel(
             av = load_tile(av_base, start_a + tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
             o = tl.dot((g * tl.math.exp2(s_a - lse_a[:, None])).to(av.dtype), av, acc=o, input_precision=DOT_PREC)
 
-    out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    out_ptrs = Out + b * stride_ob + h * stride_oh + (row0 + offs_m[:, None]) * stride_om + offs_d[None, :] * stride_od
     tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -194,15 +201,17 @@ def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -
 @functools.cache
 def _tuned(head_dim: int, arch: int, smem: int):
     configs = select_configs(FWD_CONFIGS, head_dim, arch, smem, fwd_smem_bytes)
-    return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT"])(
+    return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT", "VARLEN"])(
         adapter_attention_fwd_kernel
     )
 
 
 def adapter_attention_fwd(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, out=None, config=None
-):
-    """Launch the forward. Inputs as `llama_adapter.adapter_attention` (checked by the caller).
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None, out=None, config=None
+):  # fmt: skip
+    """Launch the forward. Inputs as `llama_adapter.adapter_attention` (checked by the caller; with cu_seqlens,
+    max_seqlen is required: the grid covers max_seqlen rows per sequence).
 
     Returns (o, lse_w, lse_a): o (B, Hq, Nq, D) in q's dtype (written into `out` if given), lse_w and lse_a
     (B, Hq, Nq) fp32 in log2 units (lse_a None without a prompt). `config` = {"BLOCK_M", "BLOCK_N",
@@ -211,6 +220,8 @@ def adapter_attention_fwd(
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prompt = adapter_k is not None
+    varlen = cu_seqlens is not None
+    rows, batches = (max_seqlen, cu_seqlens.shape[0] - 1) if varlen else (Nq, B)
     if out is None:
         out = _common.new_output(q.shape, q.dtype, q.device)
     lse_w = _common.new_output((B, Hq, Nq), torch.float32, q.device)
@@ -218,11 +229,11 @@ def adapter_attention_fwd(
     args = (
         q, k, v,
         adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q,
-        kv_lens if kv_lens is not None else q, out, lse_w, lse_a if has_prompt else lse_w,
+        kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, out, lse_w, lse_a if has_prompt else lse_w,
         *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
         *gate_strides(gate), *out.stride(),
         Hq, Hq // Hkv, Nq, Nk, adapter_k.shape[-2] if has_prompt else 0, sm_scale * 1.4426950408889634,
-        size_bucket(Nq), size_bucket(Nk),
+        size_bucket(rows), size_bucket(rows if varlen else Nk),
     )  # fmt: skip
     consts = dict(
         HEAD_DIM=D,
@@ -230,14 +241,15 @@ def adapter_attention_fwd(
         CAUSAL=causal,
         HAS_PROMPT=has_prompt,
         HAS_KVLENS=kv_lens is not None,
+        VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
     )
     if config is not None:
-        grid = (triton.cdiv(Nq, config["BLOCK_M"]), B * Hq)
+        grid = (triton.cdiv(rows, config["BLOCK_M"]), batches * Hq)
         adapter_attention_fwd_kernel[grid](*args, **consts, **config)
     else:
         kernel = _tuned(D, *(device_arch(q.device) if not interpreting() else (80, 0)))
-        kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * Hq)](*args, **consts)
+        kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batches * Hq)](*args, **consts)
     return out, lse_w, lse_a
 
 
@@ -248,12 +260,13 @@ def compile_specs() -> list[dict]:
     for arch in (80, 90):
         for dname in SPEC_DTYPES:
             elem = "*" + dname
-            pointers = dict(Q=elem, K=elem, V=elem, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32", Out=elem,
+            pointers = dict(Q=elem, K=elem, V=elem, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32", CuSeqlens="*i32",
+                            Out=elem,
                             LseW="*fp32", LseA="*fp32")  # fmt: skip
             for D in SPEC_HEAD_DIMS:
                 for bm, bn, warps, stages in fitting_configs(FWD_CONFIGS, D, arch, fwd_smem_bytes):
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
-                                  HAS_PROMPT=True, HAS_KVLENS=False, DOT_PREC="ieee")  # fmt: skip
+                                  HAS_PROMPT=True, HAS_KVLENS=False, VARLEN=False, DOT_PREC="ieee")  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
                                         stages)  # fmt: skip

@@ -44,8 +44,15 @@ def _shape(t) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
-def check_inputs(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None):
-    """Validate the op's inputs (DESIGN §3) and return sm_scale as a float. Raises TypeError / ValueError."""
+def check_inputs(
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None,
+):  # fmt: skip
+    """Validate the op's inputs (DESIGN §3) and return sm_scale as a float. Raises TypeError / ValueError.
+
+    cu_seqlens is checked for type, shape and device; that it starts at 0, never decreases and ends at T is the
+    caller's promise (as in FlashAttention: checking its values costs a device sync), except that
+    `adapter_attention` derives a missing max_seqlen from it and checks it then."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -116,6 +123,10 @@ def check_inputs(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=T
             raise ValueError(f"kv_lens must have shape (B={B},), got {_shape(kv_lens)}")
         if kv_lens.device != q.device:
             raise ValueError(f"kv_lens must be on q's device {q.device}, got {kv_lens.device}")
+    if cu_seqlens is not None:
+        _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen was given without cu_seqlens")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if sm_scale is None:
@@ -126,16 +137,68 @@ def check_inputs(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=T
     return sm_scale
 
 
-def adapter_attention(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None):
+def _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen):
+    T = q.shape[2]
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be a torch.Tensor of shape (S+1,), got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must have shape (S+1,) with S >= 1 sequences, got {_shape(cu_seqlens)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on q's device {q.device}, got {cu_seqlens.device}")
+    if kv_lens is not None:
+        raise ValueError("cu_seqlens (packed sequences) and kv_lens (a padded KV cache) cannot be combined")
+    if q.shape[0] != 1 or k.shape[2] != T:
+        raise ValueError(
+            f"with cu_seqlens, q must be (1, Hq, T, D) and k, v (1, Hkv, T, D) packed rows, "
+            f"got q {_shape(q)}, k {_shape(k)}"
+        )
+    if adapter_k is not None and (adapter_k.dim() != 3 or gate.dim() != 1):
+        raise ValueError(
+            f"with cu_seqlens every sequence sees the shared prompt: adapter_k/adapter_v (Hkv, Ka, D) and gate (Hq,), "
+            f"got adapter_k {_shape(adapter_k)}, gate {_shape(gate)}"
+        )
+    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
+        raise ValueError(f"max_seqlen must be a positive int (the longest sequence), got {max_seqlen!r}")
+
+
+def packed_max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
+    """The longest sequence of a packing, after checking that cu_seqlens runs from 0 up to `total` (one sync)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must start at 0, never decrease and end at T={total}, got {cu}")
+    return max(max(b - a for a, b in zip(cu, cu[1:])), 1)
+
+
+def adapter_attention(
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None,
+):  # fmt: skip
     """Causal softmax attention over words plus a separately softmaxed, gated prompt attention.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D);
     gate (Hq,) or (B, Hq), effective values (gate_act already applied). causal aligns bottom-right: query i
     sees keys j <= i + Nk - Nq (with kv_lens, Nk is kv_lens[b] and keys j >= kv_lens[b] are ignored).
     A query that sees no word key gets zero word output. Returns (B, Hq, Nq, D) in q's dtype.
+
+    Packed sequences (FlashAttention's varlen): cu_seqlens (S+1,) int32 with q (1, Hq, T, D), k, v (1, Hkv, T, D)
+    and T = cu_seqlens[-1]; sequence s holds tokens cu_seqlens[s] .. cu_seqlens[s+1] - 1 and attends only within
+    itself (causally if causal), every sequence seeing the shared prompt. max_seqlen (the longest sequence) sizes
+    the kernels' grid; None computes it from cu_seqlens (a device sync) and checks cu_seqlens on the way.
     """
-    scale = check_inputs(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens)
+    scale = check_inputs(
+        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    )  # fmt: skip
     backend = resolve_backend(q.device)
+    packed = {}
+    if cu_seqlens is not None:
+        if backend in ("sdpa", "eager"):
+            raise NotImplementedError(f"the {backend!r} attention backend does not take cu_seqlens (packed sequences)")
+        if max_seqlen is None:
+            max_seqlen = packed_max_seqlen(cu_seqlens, q.shape[2])
+        packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
     if backend == "triton":
         if q.dtype == torch.float64:
             raise TypeError("float64 inputs run on the reference backend only; the Triton kernels take fp16/bf16/fp32")
@@ -146,4 +209,4 @@ def adapter_attention(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, cau
         from llama_adapter.baselines import sdpa_adapter_attention as impl
     else:
         from llama_adapter.baselines import eager_adapter_attention as impl
-    return impl(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=scale, kv_lens=kv_lens)
+    return impl(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=scale, kv_lens=kv_lens, **packed)

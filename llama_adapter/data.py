@@ -209,11 +209,16 @@ def rank_micro_batches(batch: list[int], micro_batch_size: int, world_size: int 
     return micro[rank::world_size]
 
 
-def collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+def collate(items: list[tuple[list[int], int]], pad_id: int, pack: bool = False) -> dict:
     """Right-pad to the longest item: {"tokens": (B, N) long, "labels": (B, N) long, IGNORE_INDEX on prompt/pad}.
 
     Right padding keeps every real token's causal context free of pads, so no attention mask is needed.
+    pack=True concatenates the items into one row instead, no padding: {"tokens": (1, T), "labels": (1, T),
+    "cu_seqlens": (S+1,) int32, "max_seqlen": int} for `LLaMA.forward(tokens, cu_seqlens=, max_seqlen=)`.
+    Each item's first label is IGNORE_INDEX, so no token learns to predict across a boundary.
     """
+    if pack:
+        return _pack(items)
     width = max(len(tokens) for tokens, _ in items)
     pad = pad_id if pad_id >= 0 else 0  # sentencepiece models without a pad piece report -1
     tokens = torch.full((len(items), width), pad, dtype=torch.long)
@@ -222,6 +227,18 @@ def collate(items: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.
         tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         labels[row, prompt_len : len(ids)] = tokens[row, prompt_len : len(ids)]
     return {"tokens": tokens, "labels": labels}
+
+
+def _pack(items):
+    lengths = [len(ids) for ids, _ in items]
+    cu_seqlens = torch.zeros(len(items) + 1, dtype=torch.int32)
+    cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
+    tokens = torch.tensor([t for ids, _ in items for t in ids], dtype=torch.long)[None]  # (1, T)
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    for start, (ids, prompt_len) in zip(cu_seqlens.tolist(), items):
+        first = start + max(prompt_len, 1)  # a sequence's first token has nothing in it to predict it from
+        labels[0, first : start + len(ids)] = tokens[0, first : start + len(ids)]
+    return {"tokens": tokens, "labels": labels, "cu_seqlens": cu_seqlens, "max_seqlen": max(lengths)}
 
 
 def image_inputs(dataset: InstructionDataset, ids, device) -> dict:

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama_adapter.attention import adapter_attention
+from llama_adapter.attention import adapter_attention, packed_max_seqlen
 
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -276,7 +276,7 @@ class Attention(nn.Module):
         av = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
         return ak, av
 
-    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None):
+    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None, packed=None):
         B, N, _ = x.shape
         q = apply_rope(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
@@ -284,7 +284,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.write(self.layer_id, k, v, positions)
         ak, av, gate = adapter_kv if adapter_kv is not None else (None, None, None)
-        out = adapter_attention(q, k, v, ak, av, gate, causal=True, kv_lens=kv_lens)  # (B, H, N, D)
+        out = adapter_attention(q, k, v, ak, av, gate, causal=True, kv_lens=kv_lens, **(packed or {}))  # (B, H, N, D)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 
@@ -307,8 +307,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, cache, positions, kv_lens)
+    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None, packed=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, cache, positions, kv_lens, packed)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -463,8 +463,14 @@ class LLaMA(nn.Module):
         adapter_kv: list | None = None,
         logits_pos: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """tokens (B, N) -> logits (B, N, vocab).
+
+        Packed sequences: tokens (1, T) hold several sequences back to back, cu_seqlens (S+1,) int32 their
+        boundaries (`adapter_attention`'s varlen contract); each attends only within itself, sees the shared
+        prompt and has RoPE positions from 0. max_seqlen: the longest (None: read from cu_seqlens, one sync).
 
         With `cache`, row b's tokens sit at positions input_pos[b] + arange(N) and attend to the cached keys
         before them only. `adapter_kv` (from `adapter_kv()`) skips recomputing the prompt keys/values;
@@ -476,7 +482,21 @@ class LLaMA(nn.Module):
             raise ValueError(f"tokens must be an integer tensor of shape (B, N), got {got}")
         B, N = tokens.shape
         device = tokens.device
-        if cache is None:
+        packed = None
+        if cu_seqlens is not None:
+            if cache is not None or prompt_offset is not None or image_features is not None or B != 1:
+                raise ValueError("cu_seqlens packs sequences into tokens (1, T) for training or prefill, without "
+                                 "cache, prompt_offset or image_features (those are per row)")  # fmt: skip
+            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+            if max_seqlen is None:
+                max_seqlen = packed_max_seqlen(cu_seqlens, N)
+            if max_seqlen > self.params.max_seq_len:
+                raise ValueError(f"a packed sequence has {max_seqlen} positions, more than max_seq_len")
+            seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=device), right=True)  # (T,)
+            positions = (torch.arange(N, device=device) - cu_seqlens.long()[seq])[None]  # (1, T), from 0 per sequence
+            kv_lens = None
+            packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+        elif cache is None:
             if N > self.params.max_seq_len:
                 raise ValueError(f"tokens has {N} positions, more than max_seq_len={self.params.max_seq_len}")
             positions = torch.arange(N, device=device)[None]  # (1, N)
@@ -507,7 +527,7 @@ class LLaMA(nn.Module):
         h = self.tok_embeddings(tokens)
         first = self.first_adapter_layer()
         for i, layer in enumerate(self.layers):
-            args = (h, cos, sin, adapter_kv[i], cache, positions, kv_lens)
+            args = (h, cos, sin, adapter_kv[i], cache, positions, kv_lens, packed)
             if self.gradient_checkpointing and i >= first and cache is None and torch.is_grad_enabled():
                 h = checkpoint(layer, *args, use_reentrant=False)
             else:

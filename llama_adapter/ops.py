@@ -1,6 +1,7 @@
 """The fused op: Triton launchers wrapped as torch custom ops with autograd, so torch.compile traces them whole.
 
-    llama_adapter::adapter_attention_fwd     (q, k, v, adapter_k?, adapter_v?, gate?, kv_lens?, causal, sm_scale)
+    llama_adapter::adapter_attention_fwd     (q, k, v, adapter_k?, adapter_v?, gate?, kv_lens?, causal, sm_scale,
+                                              cu_seqlens? = None, max_seqlen = 0)
                                              -> (o, lse_w, lse_a)   lse in log2 units; lse_a empty without prompt
     llama_adapter::adapter_attention_bwd     -> (dq, dk, dv, dadapter_k, dadapter_v, dgate)   (empty if no prompt)
     llama_adapter::adapter_attention_decode  inference with few queries (flash-decoding kernel, kernels/decode.py)
@@ -33,15 +34,18 @@ def _fwd_op(
     kv_lens: Tensor | None,
     causal: bool,
     sm_scale: float,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     o, lse_w, lse_a = adapter_attention_fwd(
-        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens
-    )
+        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
+        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+    )  # fmt: skip
     return o, lse_w, lse_a if lse_a is not None else lse_w.new_empty(0)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale):
+def _(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, cu_seqlens=None, max_seqlen=0):
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     return q.new_empty(q.shape), lse, q.new_empty(q.shape[:3] if adapter_k is not None else 0, dtype=torch.float32)
 
@@ -61,11 +65,13 @@ def _bwd_op(
     lse_a: Tensor,
     causal: bool,
     sm_scale: float,
+    cu_seqlens: Tensor | None = None,
+    max_seqlen: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     has_prompt = adapter_k is not None
     grads = adapter_attention_bwd(
         do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a if has_prompt else None,
-        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
+        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
     )  # fmt: skip
     if has_prompt:
         return grads
@@ -74,7 +80,8 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal, sm_scale):
+def _(do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal, sm_scale, cu_seqlens=None,
+      max_seqlen=0):  # fmt: skip
     def like(t):  # real grads are fresh contiguous tensors
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -82,21 +89,23 @@ def _(do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal,
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale = inputs
+    q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, *varlen = inputs
     o, lse_w, lse_a = output
-    ctx.save_for_backward(q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a)
-    ctx.causal, ctx.sm_scale = causal, sm_scale
+    cu_seqlens, max_seqlen = varlen if varlen else (None, 0)
+    ctx.save_for_backward(q, k, v, adapter_k, adapter_v, gate, kv_lens, cu_seqlens, o, lse_w, lse_a)
+    ctx.causal, ctx.sm_scale, ctx.max_seqlen = causal, sm_scale, max_seqlen
     ctx.mark_non_differentiable(lse_w, lse_a)
 
 
 def _backward(ctx, do, _dlse_w, _dlse_a):
-    q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a = ctx.saved_tensors
+    q, k, v, adapter_k, adapter_v, gate, kv_lens, cu_seqlens, o, lse_w, lse_a = ctx.saved_tensors
     dq, dk, dv, dak, dav, dgate = _bwd_op(
-        do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, ctx.causal, ctx.sm_scale
-    )
+        do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, ctx.causal, ctx.sm_scale,
+        cu_seqlens, ctx.max_seqlen,
+    )  # fmt: skip
     if adapter_k is None:
         dak = dav = dgate = None
-    return dq, dk, dv, dak, dav, dgate, None, None, None
+    return dq, dk, dv, dak, dav, dgate, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -137,14 +146,18 @@ def _needs_grad(*tensors) -> bool:
 
 
 def fused_adapter_attention(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None
-) -> Tensor:
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None,
+) -> Tensor:  # fmt: skip
     """Fused gated prompt attention on the Triton kernels (inputs checked by `attention.check_inputs`).
 
     Few queries without autograd (decode) go to the split-KV decode kernel when it is installed; everything
-    else runs the FlashAttention-style forward, differentiable in q, k, v, adapter_k, adapter_v and gate.
+    else, packed sequences (cu_seqlens, max_seqlen: the longest one) always, runs the FlashAttention-style
+    forward, differentiable in q, k, v, adapter_k, adapter_v and gate.
     """
     args = (q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, float(sm_scale))
+    if cu_seqlens is not None:
+        return _fwd_op(*args, cu_seqlens, int(max_seqlen))[0]
     if (
         q.shape[2] <= DECODE_MAX_QUERIES
         and not _needs_grad(q, k, v, adapter_k, adapter_v, gate)

@@ -16,10 +16,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def word_mask(Nq: int, Nk: int, device, causal: bool = True, kv_lens=None) -> torch.Tensor:
-    """Visible word keys: (Nq, Nk), or (B, 1, 1, Nq, Nk) with kv_lens. Causal aligns bottom-right."""
+def word_mask(Nq: int, Nk: int, device, causal: bool = True, kv_lens=None, cu_seqlens=None) -> torch.Tensor:
+    """Visible word keys: (Nq, Nk), or (B, 1, 1, Nq, Nk) with kv_lens. Causal aligns bottom-right. With
+    cu_seqlens (packed sequences, Nq = Nk = cu_seqlens[-1]) the mask is block diagonal: a token sees only
+    its own sequence's tokens (those before it, if causal)."""
     i = torch.arange(Nq, device=device)[:, None]
     j = torch.arange(Nk, device=device)[None, :]
+    if cu_seqlens is not None:
+        seq = torch.searchsorted(cu_seqlens[1:].to(device=device, dtype=torch.long), torch.arange(Nq, device=device),
+                                 right=True)  # (T,) sequence id of each token  # fmt: skip
+        same = seq[:, None] == seq[None, :]
+        return same & (j <= i) if causal else same
     if kv_lens is None:
         return (j <= i + (Nk - Nq)) if causal else torch.ones(Nq, Nk, dtype=torch.bool, device=device)
     lens = kv_lens.to(device=device, dtype=torch.long).view(-1, 1, 1)  # (B, 1, 1)
@@ -29,7 +36,10 @@ def word_mask(Nq: int, Nk: int, device, causal: bool = True, kv_lens=None) -> to
     return mask[:, None, None]  # (B, 1, 1, Nq, Nk)
 
 
-def adapter_attention(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None):
+def adapter_attention(
+    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    max_seqlen=None,
+):  # fmt: skip
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv
@@ -38,8 +48,8 @@ def adapter_attention(q, k, v, adapter_k=None, adapter_v=None, gate=None, *, cau
     qg = q.to(cdt).reshape(B, Hkv, G, Nq, D)  # (B, Hkv, G, Nq, D)
 
     scores = torch.einsum("bhgnd,bhmd->bhgnm", qg, k.to(cdt)) * scale  # (B, Hkv, G, Nq, Nk)
-    mask = word_mask(Nq, Nk, q.device, causal, kv_lens)
-    if not (causal or kv_lens is not None):
+    mask = word_mask(Nq, Nk, q.device, causal, kv_lens, cu_seqlens)
+    if not (causal or kv_lens is not None or cu_seqlens is not None):
         probs = torch.softmax(scores, dim=-1)
     else:
         seen = mask.any(dim=-1, keepdim=True)  # rows with at least one visible key

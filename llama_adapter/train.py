@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_adapter import train_state
+from llama_adapter.attention import resolve_backend
 from llama_adapter.data import (
     IGNORE_INDEX,
     DataError,
@@ -182,6 +183,7 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     fsdp: bool = False
+    pack: bool = True  # micro-batches as packed sequences (cu_seqlens) where the attention backend takes them
 
     @property
     def lr(self) -> float:
@@ -268,13 +270,18 @@ class Trainer:
         micro = rank_micro_batches(batch_ids, cfg.micro_batch_size, info.world_size, info.rank)
         loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
         for j, ids in enumerate(micro):
-            batch = collate([self.train_set[i] for i in ids], self.pad_id)
+            images = image_inputs(self.train_set, ids, info.device)  # {} for text-only data
+            # Image prompts are per example, which packed rows cannot carry: those batches stay padded.
+            pack = self.packs() and not images
+            batch = collate([self.train_set[i] for i in ids], self.pad_id, pack=pack)
+            packed = (
+                dict(cu_seqlens=batch["cu_seqlens"].to(info.device), max_seqlen=batch["max_seqlen"]) if pack else {}
+            )
             last = j == len(micro) - 1
             no_sync = self.wrapped.no_sync if hasattr(self.wrapped, "no_sync") and not last else nullcontext
             with no_sync():
-                images = image_inputs(self.train_set, ids, info.device)  # {} for text-only data
                 with self.autocast:
-                    logits = self.wrapped(batch["tokens"].to(info.device), **images)
+                    logits = self.wrapped(batch["tokens"].to(info.device), **images, **packed)
                 micro_loss = lm_loss_sum(logits, batch["labels"].to(info.device))
                 scaled = micro_loss * (info.world_size / target)
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -292,6 +299,11 @@ class Trainer:
             dist.all_reduce(loss_sum)
         tokens = sum(self.train_set.lengths[i] for i in batch_ids)
         return (loss_sum / target).item(), tokens
+
+    def packs(self) -> bool:
+        """Whether micro-batches go packed: cfg.pack, unless the attention backend is a baseline (sdpa, eager)
+        that has no cu_seqlens. Same loss either way (tests/test_varlen_train.py), less compute on pads."""
+        return self.cfg.pack and resolve_backend(self.info.device) not in ("sdpa", "eager")
 
     # -- evaluation
     def evaluate(self, dataset: InstructionDataset) -> float:
@@ -498,6 +510,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers in backward")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base across ranks (FSDP2)")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-pack", action="store_true", help="pad micro-batches instead of packing their sequences")
     p.set_defaults(func=run_finetune)
 
 
@@ -576,6 +589,7 @@ def finetune(args) -> Trainer:
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size, blr=args.blr,
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
         max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume, fsdp=args.fsdp,
+        pack=not args.no_pack,
     )  # fmt: skip
     trainer = Trainer(model, train_set, val_set, cfg, pad_id=tokenizer.pad_id, tokenizer=tokenizer, dist_info=info)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)

@@ -59,22 +59,22 @@ def make_inputs(
     return inputs, do, lens
 
 
-def run_reference(inputs, do, *, causal, kv_lens, cast=None):
-    """reference.py on (optionally cast) copies: (output, *grads of the given inputs)."""
+def run_reference(inputs, do, *, causal, kv_lens, cast=None, **packed):
+    """reference.py on (optionally cast) copies: (output, *grads of the given inputs). `packed`: cu_seqlens."""
     leaves = {
         n: (t.to(cast) if cast is not None else t.clone()).requires_grad_() if t is not None else None
         for n, t in inputs.items()
     }
-    out = reference(**leaves, causal=causal, sm_scale=1 / math.sqrt(do.shape[-1]), kv_lens=kv_lens)
+    out = reference(**leaves, causal=causal, sm_scale=1 / math.sqrt(do.shape[-1]), kv_lens=kv_lens, **packed)
     out.backward(do.to(out.dtype))
     return [out] + [t.grad for t in leaves.values() if t is not None]
 
 
-def run_op(inputs, do, *, causal, kv_lens):
-    """The public op on the triton backend (custom op + autograd)."""
+def run_op(inputs, do, *, causal, kv_lens, **packed):
+    """The public op on the triton backend (custom op + autograd). `packed`: cu_seqlens, max_seqlen."""
     set_attention_backend("triton")
     leaves = {n: t.clone().requires_grad_() if t is not None else None for n, t in inputs.items()}
-    out = adapter_attention(**leaves, causal=causal, kv_lens=kv_lens)
+    out = adapter_attention(**leaves, causal=causal, kv_lens=kv_lens, **packed)
     out.backward(do)
     return [out] + [t.grad for t in leaves.values() if t is not None]
 
@@ -89,10 +89,11 @@ def run_launchers(inputs, do, *, causal, kv_lens, config=None):
     return [o] + [g for g in grads if g is not None]
 
 
-def assert_flash_rule(got, inputs, do, *, causal, kv_lens, floors=None):
-    """`floors` overrides the absolute floor per name (for values that are zero in math, see below)."""
-    exact = run_reference(inputs, do, causal=causal, kv_lens=kv_lens, cast=torch.float64)
-    same_dtype = run_reference(inputs, do, causal=causal, kv_lens=kv_lens)
+def assert_flash_rule(got, inputs, do, *, causal, kv_lens, floors=None, **packed):
+    """`floors` overrides the absolute floor per name (for values that are zero in math, see below); `packed`:
+    cu_seqlens for packed sequences."""
+    exact = run_reference(inputs, do, causal=causal, kv_lens=kv_lens, cast=torch.float64, **packed)
+    same_dtype = run_reference(inputs, do, causal=causal, kv_lens=kv_lens, **packed)
     assert len(got) == len(exact)
     for i, (name, g, ref_lo, ref64) in enumerate(zip(NAMES, got, same_dtype, exact)):
         assert g.shape == ref64.shape and g.dtype == ref_lo.dtype, (name, g.shape, g.dtype)
