@@ -5,7 +5,7 @@
 #
 # Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 450); a failing step
 # never stops the next. The benchmarks write each row as it is measured, so a killed step keeps its rows.
-# Steps: GPU tests, the kernels' block-config sweep (tune_attention), attention, fine-tuning, decoding.
+# Steps: GPU tests, the kernels' block-config sweep (tune_attention), attention, fine-tuning, decoding, packing.
 # $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3, tune_attention-<device>.json and
 # results.tar.gz (PNGs, JSONs, per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
 set -uo pipefail
@@ -76,12 +76,15 @@ main() {
   lim=$(cap 80)
   step tune "$lim" "$PY" -m benchmarks.tune_attention --out "$RESULTS/tune_attention-$dev.json" \
     --budget "$(inner "$lim")"
-  lim=$(cap 150)
+  lim=$(cap 140)
   step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget "$(inner "$lim")"
   lim=$(cap 90)
   step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget "$(inner "$lim")"
   lim=$(cap 60)
   step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget "$(inner "$lim")"
+  # packed vs padded training step on an Alpaca-like length mix (its JSON travels in results.tar.gz)
+  lim=$(cap 45)
+  step packing "$lim" "$PY" -m benchmarks.bench_packing --out "$RESULTS" --budget "$(inner "$lim")"
 
   local jsons=()
   for bench in attention finetune generate; do
