@@ -3,9 +3,10 @@
 #
 #   bash benchmarks/gpu_suite.sh            # the device tool sets $OUT; elsewhere it defaults to results/suite
 #
-# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 450); a failing step
+# Every step runs under `timeout`, cut to what is left of SUITE_BUDGET (seconds, default 460); a failing step
 # never stops the next. The benchmarks write each row as it is measured, so a killed step keeps its rows.
-# Steps: GPU tests, the kernels' block-config sweep (tune_attention), attention, fine-tuning, decoding, packing.
+# Steps: GPU tests, the kernels' block-config sweep (tune_attention), attention, fine-tuning, decoding, packing, the
+# transformers drop-in against PEFT.
 # $OUT gets at most 8 files: summary.md, suite.log, <bench>-<device>.json x3, tune_attention-<device>.json and
 # results.tar.gz (PNGs, JSONs, per-step logs). Bring them home with: tar -xzf results.tar.gz -C benchmarks/results
 set -uo pipefail
@@ -15,7 +16,7 @@ ROOT=$PWD
 PY=${PYTHON:-python3}
 [[ $PY == */* && $PY != /* ]] && PY=$ROOT/$PY
 OUT=${OUT:-$ROOT/benchmarks/results/suite}
-BUDGET=${SUITE_BUDGET:-450}
+BUDGET=${SUITE_BUDGET:-460}
 RESULTS=${RESULTS_DIR:-$ROOT/benchmarks/results}
 LOGS=$(mktemp -d)/logs
 START=$SECONDS
@@ -65,7 +66,7 @@ main() {
 
   local timeout_flag=()
   "$PY" -c "import pytest_timeout" 2>/dev/null && timeout_flag=(--timeout 60)
-  step pytest "$(cap 90)" "$PY" -m pytest -m gpu -q -rfE --durations=5 -p no:cacheprovider "${timeout_flag[@]}"
+  step pytest "$(cap 80)" "$PY" -m pytest -m gpu -q -rfE --durations=5 -p no:cacheprovider "${timeout_flag[@]}"
 
   # without CUDA (a dry run of this script) every benchmark falls back to its tiny CPU sizes
   local quick=()
@@ -73,18 +74,21 @@ main() {
   local lim dev
   dev=$("$PY" -c "from benchmarks.common import device_info; print(device_info().slug)")
   # block-config sweep of the fused kernels (forward, dK/dV, dQ timed apart): feeds the autotune tables
-  lim=$(cap 80)
+  lim=$(cap 60)
   step tune "$lim" "$PY" -m benchmarks.tune_attention --out "$RESULTS/tune_attention-$dev.json" \
     --budget "$(inner "$lim")"
-  lim=$(cap 140)
+  lim=$(cap 130)
   step attention "$lim" "$PY" -m benchmarks.bench_attention --out "$RESULTS" "${quick[@]}" --budget "$(inner "$lim")"
-  lim=$(cap 90)
+  lim=$(cap 70)
   step finetune "$lim" "$PY" -m benchmarks.bench_finetune --out "$RESULTS" --budget "$(inner "$lim")"
-  lim=$(cap 60)
+  lim=$(cap 45)
   step generate "$lim" "$PY" -m benchmarks.bench_generate --out "$RESULTS" --budget "$(inner "$lim")"
   # packed vs padded training step on an Alpaca-like length mix (its JSON travels in results.tar.gz)
-  lim=$(cap 45)
+  lim=$(cap 35)
   step packing "$lim" "$PY" -m benchmarks.bench_packing --out "$RESULTS" --budget "$(inner "$lim")"
+  # transformers drop-in vs PEFT AdaptionPrompt: train step + prefill, 7B-shaped 4 layers, B8 N512 bf16
+  lim=$(cap 50)
+  step hf "$lim" "$PY" -m benchmarks.bench_hf --out "$RESULTS" --budget "$(inner "$lim")"
 
   local jsons=()
   for bench in attention finetune generate; do
