@@ -183,7 +183,10 @@ class TrainConfig:
     progress: bool = True
     resume: bool = False
     fsdp: bool = False
-    pack: bool = True  # micro-batches as packed sequences (cu_seqlens) where the attention backend takes them
+    # Packed micro-batches (cu_seqlens): "auto" packs where it saves work (the fused kernels skip the blocks
+    # between sequences); True packs wherever the backend takes cu_seqlens (the reference then builds a T x T
+    # mask: right, but slower than padding); False pads.
+    pack: bool | str = "auto"
 
     @property
     def lr(self) -> float:
@@ -301,9 +304,12 @@ class Trainer:
         return (loss_sum / target).item(), tokens
 
     def packs(self) -> bool:
-        """Whether micro-batches go packed: cfg.pack, unless the attention backend is a baseline (sdpa, eager)
-        that has no cu_seqlens. Same loss either way (tests/test_varlen_train.py), less compute on pads."""
-        return self.cfg.pack and resolve_backend(self.info.device) not in ("sdpa", "eager")
+        """Whether micro-batches go packed (see TrainConfig.pack); never on the baselines (sdpa, eager), which
+        have no cu_seqlens. Same loss either way (tests/test_varlen_train.py)."""
+        backend = resolve_backend(self.info.device)
+        if self.cfg.pack is False or backend in ("sdpa", "eager"):
+            return False
+        return self.cfg.pack is True or backend == "triton"
 
     # -- evaluation
     def evaluate(self, dataset: InstructionDataset) -> float:
@@ -510,7 +516,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers in backward")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base across ranks (FSDP2)")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-pack", action="store_true", help="pad micro-batches instead of packing their sequences")
+    p.add_argument(
+        "--no-pack", action="store_true", help="pad micro-batches (default: pack them where the fused kernels run)"
+    )
     p.set_defaults(func=run_finetune)
 
 
@@ -589,7 +597,7 @@ def finetune(args) -> Trainer:
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size, blr=args.blr,
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
         max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume, fsdp=args.fsdp,
-        pack=not args.no_pack,
+        pack=False if args.no_pack else "auto",
     )  # fmt: skip
     trainer = Trainer(model, train_set, val_set, cfg, pad_id=tokenizer.pad_id, tokenizer=tokenizer, dist_info=info)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
