@@ -202,9 +202,13 @@ def sequence_of(CuSeqlens, pid_bh, H, Nq, Nk, VARLEN: tl.constexpr):
     VARLEN: sequence s = pid_bh // H of a packed (1, H, T, D) batch holds rows cu[s] .. cu[s+1] - 1, so batch 0,
     its rows offset by cu[s] and Nq = Nk = its length; lse / delta buffers stay indexed by absolute row."""
     if VARLEN:
+        # Clamped to [0, T] (T = Nq = Nk): cu_seqlens on a GPU is not checked on the host (that costs a sync), so
+        # whatever values arrive, no program reads or writes past the packed rows.
         seq = pid_bh // H
-        row0 = tl.load(CuSeqlens + seq).to(tl.int64)
-        n_q = (tl.load(CuSeqlens + seq + 1) - row0).to(tl.int32)
+        row0 = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq), 0), Nq)
+        end = tl.minimum(tl.maximum(tl.load(CuSeqlens + seq + 1), row0), Nq)
+        n_q = (end - row0).to(tl.int32)
+        row0 = row0.to(tl.int64)
         n_k = n_q
         b = pid_bh * 0
     else:
@@ -213,3 +217,11 @@ def sequence_of(CuSeqlens, pid_bh, H, Nq, Nk, VARLEN: tl.constexpr):
         n_q = Nq
         n_k = Nk
     return b, row0, n_q, n_k
+
+
+@triton.jit
+def key_length(KVLens, b, n_k, HAS_KVLENS: tl.constexpr):
+    """Valid keys of batch row b: kv_lens[b] clamped to [0, n_k] (unchecked on a GPU: no host sync), else n_k."""
+    if HAS_KVLENS:
+        return tl.minimum(tl.maximum(tl.load(KVLens + b).to(tl.int32), 0), n_k)
+    return n_k

@@ -32,6 +32,7 @@ from ._common import (
     fitting_configs,
     gate_strides,
     interpreting,
+    key_length,
     load_tile,
     load_tile_t,
     prompt_block,
@@ -147,10 +148,7 @@ def adapter_attention_bwd_dkdv_kernel(
     v_base = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
     k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, n_k, True)
     v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, n_k, True)
-    if HAS_KVLENS:
-        L = tl.load(KVLens + b).to(tl.int32)
-    else:
-        L = n_k
+    L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
     # Query blocks [lo, mid) need the mask, [mid, n_q) see every key of this block.
     n_rows = tl.cdiv(n_q, BLOCK_M) * BLOCK_M
@@ -273,10 +271,7 @@ def adapter_attention_bwd_dq_kernel(
     row_base = (b * Hq + h) * Nq + row0  # lse / delta rows, absolute
     lse = tl.load(LseW + row_base + offs_m, mask=row_ok, other=0.0)
     dw = tl.load(DeltaW + row_base + offs_m, mask=row_ok, other=0.0)
-    if HAS_KVLENS:
-        L = tl.load(KVLens + b).to(tl.int32)
-    else:
-        L = n_k
+    L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
     full, hi = visible_key_range(start_m, n_q, L, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn

@@ -38,6 +38,7 @@ from ._common import (
     fitting_configs,
     gate_strides,
     interpreting,
+    key_length,
     load_tile,
     load_tile_t,
     prompt_block,
@@ -121,10 +122,7 @@ def adapter_attention_fwd_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, n_q, True)
 
-    if HAS_KVLENS:
-        L = tl.load(KVLens + b).to(tl.int32)
-    else:
-        L = n_k
+    L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
     full, hi = visible_key_range(start_m, n_q, L, CAUSAL, BLOCK_M, BLOCK_N)
     k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn

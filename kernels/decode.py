@@ -27,7 +27,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import compile_spec, dot_precision, gate_strides, interpreting, prompt_block, prompt_strides
+from ._common import (
+    compile_spec,
+    dot_precision,
+    gate_strides,
+    interpreting,
+    key_length,
+    prompt_block,
+    prompt_strides,
+)
 
 LOG2E = 1.4426950408889634
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
@@ -96,10 +104,7 @@ def _decode_split_kernel(
     q_ptrs = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
-    if HAS_LENS:
-        len_b = tl.load(KV_LENS + b).to(tl.int32)
-    else:
-        len_b = Nk
+    len_b = key_length(KV_LENS, b, Nk, HAS_LENS)
     start = split * chunk
     stop = tl.minimum(tl.minimum(start + chunk, len_b), Nk)
     last_key = i + len_b - Nq  # causal: the last key row i may see
@@ -162,10 +167,7 @@ def _decode_merge_kernel(
     i = rows % Nq
     offs_d = tl.arange(0, HEAD_DIM)
 
-    if HAS_LENS:
-        len_b = tl.minimum(tl.load(KV_LENS + b).to(tl.int32), Nk)
-    else:
-        len_b = Nk
+    len_b = key_length(KV_LENS, b, Nk, HAS_LENS)
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_w = tl.zeros([BLOCK_M], tl.float32)
     o_w = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
