@@ -17,7 +17,10 @@ setup(
     package_dir={"llama_adapter": "llama_adapter", "llama_adapter.kernels": "kernels"},
     package_data={"llama_adapter": ["demo_data/*"]},
     include_package_data=True,
-    install_requires=["torch>=2.4", "triton>=3.0", "sentencepiece", "numpy", "einops", "safetensors", "tqdm"],
+    install_requires=[
+        "torch>=2.4", "triton>=3.0", "sentencepiece", "protobuf", "tiktoken", "tokenizers", "jinja2>=3.1", "numpy",
+        "einops", "safetensors", "tqdm",
+    ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "transformers", "peft", "safetensors", "ruff", "matplotlib"],
         "plot": ["matplotlib"],

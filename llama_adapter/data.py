@@ -1,8 +1,11 @@
-"""Alpaca-format instruction data: loading, tokenization with prompt masking, validation split, batching.
+"""Instruction data: loading, tokenization with prompt masking, validation split, batching.
 
-One example is `bos + alpaca_prompt(instruction, input) + output + eos`; the loss sees only the output and eos
-(labels are IGNORE_INDEX on the prompt). The prompt and the output are encoded separately and concatenated, so
-the mask boundary is exact and the model learns to continue the very token sequence `generate` feeds it.
+A record is Alpaca's {instruction, input?, output} or a chat {messages: [{role, content}, ...]} ending with an
+assistant message. In the Alpaca format one example is `bos + alpaca_prompt(instruction, input) + output + eos`;
+the loss sees only the output and eos (labels are IGNORE_INDEX on the prompt). The prompt and the output are
+encoded separately and concatenated, so the mask boundary is exact and the model learns to continue the very
+token sequence `generate` feeds it. In a chat format (llama_adapter.chat) the loss sees the assistant turns
+only, each with its end-of-turn token; Alpaca records become one user turn there.
 
 Batches are built per epoch from a seeded permutation in three steps, each a plain function so that the
 trainer, the distributed sharding and a future packed collate (issue 7) can reuse them:
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter.prompts import alpaca_prompt
+from llama_adapter.chat import AlpacaFormat, ChatError, check_messages, messages_from_record
 
 IGNORE_INDEX = -100
 FIELDS = ("instruction", "input", "output")
@@ -32,6 +35,12 @@ class DataError(ValueError):
 def _check_record(record, where: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object with 'instruction' and 'output', got {type(record).__name__}")
+    if "messages" in record:
+        try:
+            out = {"messages": check_messages(record["messages"], ends_with="assistant", where="messages")}
+        except ChatError as err:
+            raise DataError(f"{where}: {err}") from None
+        return _with_image(out, record, where)
     for field in ("instruction", "output"):
         if field not in record:
             raise DataError(f"{where}: missing field {field!r} (fields present: {sorted(record)})")
@@ -43,6 +52,10 @@ def _check_record(record, where: str) -> dict:
     if value is not None and not isinstance(value, str):
         raise DataError(f"{where}: field 'input' must be a string or null, got {type(value).__name__}")
     out = {"instruction": record["instruction"], "input": value or "", "output": record["output"]}
+    return _with_image(out, record, where)
+
+
+def _with_image(out: dict, record: dict, where: str) -> dict:
     image = record.get("image")  # multimodal: the image id whose features `finetune --image-features` adds
     if image is not None:
         if not isinstance(image, str):
@@ -83,7 +96,8 @@ def _json_array_records(text: str, path: Path):
 
 
 def load_examples(path) -> list[dict]:
-    """Read a JSON list or JSONL file of {instruction, input?, output}; raises DataError naming file and line."""
+    """Read a JSON list or JSONL file of {instruction, input?, output} or {messages}; raises DataError naming file
+    and line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
@@ -123,11 +137,47 @@ def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list
     return train, val
 
 
-def encode_example(tokenizer, example: dict) -> tuple[list[int], int]:
-    """(tokens, prompt_len): tokens = bos + prompt + output + eos, the first prompt_len of which are masked."""
-    prompt = tokenizer.encode(alpaca_prompt(example["instruction"], example.get("input")), bos=True, eos=False)
-    answer = tokenizer.encode(example["output"], bos=False, eos=True)
-    return prompt + answer, len(prompt)
+def encode_example(tokenizer, example: dict, chat_format=None) -> tuple:
+    """(tokens, prompt_len), the first prompt_len tokens masked, the rest learned; or (tokens, prompt_len, spans)
+    when the learned tokens are not all those after prompt_len (a conversation with several assistant turns):
+    spans = ((start, end), ...) of learned tokens. chat_format: a llama_adapter.chat format (default Alpaca)."""
+    fmt = chat_format or AlpacaFormat()
+    if "messages" not in example and isinstance(fmt, AlpacaFormat):
+        return fmt.encode_record(tokenizer, example["instruction"], example.get("input"), example["output"])
+    messages = example.get("messages") or messages_from_record(
+        example["instruction"], example.get("input"), example["output"]
+    )
+    tokens, learned = fmt.encode_dialog(tokenizer, messages)
+    return item_from_mask(tokens, learned)
+
+
+def item_from_mask(tokens: list[int], learned: list[bool]) -> tuple:
+    """A dataset item from per-token learned flags: (tokens, prompt_len) when they are a suffix, else with spans."""
+    spans, start = [], None
+    for i, flag in enumerate([*learned, False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append((start, i))
+            start = None
+    prompt_len = spans[0][0] if spans else len(tokens)
+    if len(spans) <= 1 and (not spans or spans[0][1] == len(tokens)):
+        return tokens, prompt_len
+    return tokens, prompt_len, tuple(spans)
+
+
+def learned_spans(item: tuple) -> tuple:
+    """The (start, end) token spans the loss covers in a dataset item."""
+    if len(item) == 3:
+        return item[2]
+    tokens, prompt_len = item
+    return ((prompt_len, len(tokens)),) if prompt_len < len(tokens) else ()
+
+
+def truncate_item(item: tuple, max_len: int) -> tuple:
+    tokens = item[0][:max_len]
+    spans = tuple((a, min(b, max_len)) for a, b in learned_spans(item) if a < max_len)
+    return item_from_mask(tokens, [any(a <= i < b for a, b in spans) for i in range(len(tokens))])
 
 
 @dataclass
@@ -145,9 +195,10 @@ class DataStats:
 
 
 class InstructionDataset:
-    """Tokenized examples: item i is (tokens, prompt_len); `lengths` drives length-grouped batching."""
+    """Tokenized examples: item i is (tokens, prompt_len) or (tokens, prompt_len, spans) (`encode_example`);
+    `lengths` drives length-grouped batching. chat_format: see `encode_example`."""
 
-    def __init__(self, examples: list[dict], tokenizer, max_seq_len: int):
+    def __init__(self, examples: list[dict], tokenizer, max_seq_len: int, chat_format=None):
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.max_seq_len = max_seq_len
@@ -155,18 +206,18 @@ class InstructionDataset:
         self.stats = DataStats()
         features = []  # per item: the "image_features" that `multimodal.attach_image_features` put on examples
         for example in examples:
-            tokens, prompt_len = encode_example(tokenizer, example)
-            if len(tokens) > max_seq_len:
+            item = encode_example(tokenizer, example, chat_format)
+            if len(item[0]) > max_seq_len:
                 self.stats.truncated += 1
-                tokens = tokens[:max_seq_len]
-            if prompt_len >= len(tokens):
+                item = truncate_item(item, max_seq_len)
+            if not learned_spans(item):
                 self.stats.dropped += 1
                 continue
-            self.items.append((tokens, prompt_len))
+            self.items.append(item)
             features.append(example.get("image_features"))
-            self.stats.target_tokens += len(tokens) - prompt_len
+            self.stats.target_tokens += self.target_tokens([len(self.items) - 1])
         self.stats.examples = len(self.items)
-        self.lengths = [len(tokens) for tokens, _ in self.items]
+        self.lengths = [len(item[0]) for item in self.items]
         if any(f is not None for f in features) and any(f is None for f in features):
             raise DataError("some examples have image features and others not (attach_image_features gives all)")
         self.image_features = features if features and features[0] is not None else None
@@ -174,12 +225,12 @@ class InstructionDataset:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[list[int], int]:
+    def __getitem__(self, i: int) -> tuple:
         return self.items[i]
 
     def target_tokens(self, ids) -> int:
         """Loss-bearing tokens of the given examples (labels after the one-token shift)."""
-        return sum(len(self.items[i][0]) - self.items[i][1] for i in ids)
+        return sum(b - a for i in ids for a, b in learned_spans(self.items[i]))
 
 
 def global_batches(lengths: list[int], global_batch_size: int, seed: int, epoch: int, group: int = 16):
@@ -209,7 +260,7 @@ def rank_micro_batches(batch: list[int], micro_batch_size: int, world_size: int 
     return micro[rank::world_size]
 
 
-def collate(items: list[tuple[list[int], int]], pad_id: int, pack: bool = False) -> dict:
+def collate(items: list[tuple], pad_id: int, pack: bool = False) -> dict:
     """Right-pad to the longest item: {"tokens": (B, N) long, "labels": (B, N) long, IGNORE_INDEX on prompt/pad}.
 
     Right padding keeps every real token's causal context free of pads, so no attention mask is needed.
@@ -219,25 +270,27 @@ def collate(items: list[tuple[list[int], int]], pad_id: int, pack: bool = False)
     """
     if pack:
         return _pack(items)
-    width = max(len(tokens) for tokens, _ in items)
+    width = max(len(item[0]) for item in items)
     pad = pad_id if pad_id >= 0 else 0  # sentencepiece models without a pad piece report -1
     tokens = torch.full((len(items), width), pad, dtype=torch.long)
     labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
-    for row, (ids, prompt_len) in enumerate(items):
-        tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        labels[row, prompt_len : len(ids)] = tokens[row, prompt_len : len(ids)]
+    for row, item in enumerate(items):
+        tokens[row, : len(item[0])] = torch.tensor(item[0], dtype=torch.long)
+        for a, b in learned_spans(item):
+            labels[row, a:b] = tokens[row, a:b]
     return {"tokens": tokens, "labels": labels}
 
 
 def _pack(items):
-    lengths = [len(ids) for ids, _ in items]
+    lengths = [len(item[0]) for item in items]
     cu_seqlens = torch.zeros(len(items) + 1, dtype=torch.int32)
     cu_seqlens[1:] = torch.tensor(lengths).cumsum(0)
-    tokens = torch.tensor([t for ids, _ in items for t in ids], dtype=torch.long)[None]  # (1, T)
+    tokens = torch.tensor([t for item in items for t in item[0]], dtype=torch.long)[None]  # (1, T)
     labels = torch.full_like(tokens, IGNORE_INDEX)
-    for start, (ids, prompt_len) in zip(cu_seqlens.tolist(), items):
-        first = start + max(prompt_len, 1)  # a sequence's first token has nothing in it to predict it from
-        labels[0, first : start + len(ids)] = tokens[0, first : start + len(ids)]
+    for start, item in zip(cu_seqlens.tolist(), items):
+        for a, b in learned_spans(item):
+            a = max(a, 1)  # a sequence's first token has nothing in it to predict it from
+            labels[0, start + a : start + b] = tokens[0, start + a : start + b]
     return {"tokens": tokens, "labels": labels, "cu_seqlens": cu_seqlens, "max_seqlen": max(lengths)}
 
 
@@ -268,6 +321,8 @@ __all__ = [
     "encode_example",
     "global_batches",
     "image_inputs",
+    "item_from_mask",
+    "learned_spans",
     "load_examples",
     "padding_waste",
     "rank_micro_batches",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from llama_adapter.attention import BACKENDS, set_attention_backend
+from llama_adapter.chat import FORMATS
 
 
 @dataclass
@@ -87,8 +88,12 @@ def generate_stream(
     adapter_bank=None,
     compile: bool = False,
     compile_options: dict | None = None,
+    stop_ids=None,
 ) -> Iterator[Step]:
-    """Yield a `Step` per decoding step until every row has produced eos_id or max_new_tokens tokens.
+    """Yield a `Step` per decoding step until every row has produced a stop id or max_new_tokens tokens.
+
+    stop_ids: ids that end a row (a tokenizer's `stop_ids`: eos and, for instruct models, end-of-turn), together
+    with eos_id when that is given.
 
     adapters: one choice per prompt (None for the base model, an adapter path, an `Adapter`, or a name in
     `adapter_bank`), so one batch serves several adapters (llama_adapter.multi_adapter); the model's own
@@ -97,6 +102,7 @@ def generate_stream(
     on CUDA, inductor's default elsewhere).
     """
     lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p)
+    stops = _stop_set(eos_id, stop_ids)
     device = model.tok_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
@@ -120,7 +126,7 @@ def generate_stream(
             next_tokens = sample(logits, temperature, top_p, generator)
             out: list[int | None] = []
             for b, t in enumerate(next_tokens.tolist()):
-                stopped[b] = stopped[b] or t == eos_id
+                stopped[b] = stopped[b] or t in stops
                 out.append(None if stopped[b] else t)
             yield Step(out, logits)
             if all(stopped) or step == max_new_tokens - 1:
@@ -129,6 +135,16 @@ def generate_stream(
     finally:
         if compile:
             _STATIC_CACHES[model] = cache
+
+
+def _stop_set(eos_id, stop_ids) -> frozenset:
+    stops = set() if stop_ids is None else set(stop_ids)
+    if eos_id is not None:
+        stops.add(eos_id)
+    bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int)]
+    if bad:
+        raise TypeError(f"eos_id and stop_ids must be ints, got {bad[:3]}")
+    return frozenset(stops)
 
 
 def _adapter_kv(model, batch: int, prompt_offset, adapters, adapter_bank) -> list:
@@ -216,14 +232,15 @@ def generate(
     adapter_bank=None,
     compile: bool = False,
     compile_options: dict | None = None,
+    stop_ids=None,
 ) -> list[list[int]]:
-    """The new tokens of each prompt (eos itself not included). `callback(step)` sees every step as it comes.
-    adapters, adapter_bank, compile, compile_options: see `generate_stream`."""
+    """The new tokens of each prompt (the stop token itself not included). `callback(step)` sees every step as it
+    comes. adapters, adapter_bank, compile, compile_options, stop_ids: see `generate_stream`."""
     results: list[list[int]] = [[] for _ in prompts]
     stream = generate_stream(
         model, prompts, max_new_tokens, temperature, top_p, eos_id, seed=seed, generator=generator,
         prompt_offset=prompt_offset, adapters=adapters, adapter_bank=adapter_bank, compile=compile,
-        compile_options=compile_options,
+        compile_options=compile_options, stop_ids=stop_ids,
     )  # fmt: skip
     for step in stream:
         if callback is not None:
@@ -240,10 +257,14 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("generate", help="answer an instruction with a (adapted) LLaMA checkpoint")
-    p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory (with tokenizer.model)")
+    p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory (with its tokenizer)")
     p.add_argument("--adapter", help="adapter to load: our dir, a PEFT adaption-prompt dir or the official .pth")
     p.add_argument("--instruction", required=True)
-    p.add_argument("--input", default=None, help="optional context for the instruction (Alpaca template)")
+    p.add_argument("--input", default=None, help="optional context for the instruction")
+    p.add_argument("--chat", action="store_true", help="instruct/chat model: send the instruction as a user turn")
+    p.add_argument("--chat-format", choices=FORMATS, default=None,
+                   help="prompt format (default: auto with --chat, else alpaca); see llama_adapter.chat")  # fmt: skip
+    p.add_argument("--system", default=None, help="system message (chat formats)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -255,8 +276,8 @@ def register_cli(subparsers) -> None:
 
 
 def _cli_generate(args) -> int:
+    from llama_adapter.chat import AlpacaFormat, ChatError, get_chat_format, messages_from_record
     from llama_adapter.model import LLaMA
-    from llama_adapter.prompts import alpaca_prompt
     from llama_adapter.tokenizer import Tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -264,10 +285,20 @@ def _cli_generate(args) -> int:
     # the Triton kernels take fp16/bf16/fp32 only; "auto" would pick them for CUDA or under TRITON_INTERPRET
     set_attention_backend("reference" if args.backend == "auto" and dtype == torch.float64 else args.backend)
     tokenizer = Tokenizer.from_dir(args.model)
+    chat_format = get_chat_format(args.chat_format or ("auto" if args.chat else "alpaca"), tokenizer)
+    print(f"[{tokenizer.kind} tokenizer {tokenizer.model_path}; {chat_format.name} format]", file=sys.stderr)
+    if isinstance(chat_format, AlpacaFormat):  # Alpaca's own template for an input, as fine-tuning writes it
+        if args.system is not None:
+            raise ChatError("--system needs a chat format (--chat or --chat-format llama2/llama3/template)")
+        prompt = chat_format.encode_prompt_record(tokenizer, args.instruction, args.input)
+    else:
+        messages = messages_from_record(args.instruction, args.input)
+        if args.system is not None:
+            messages.insert(0, {"role": "system", "content": args.system})
+        prompt = chat_format.encode_prompt(tokenizer, messages)  # format errors surface before the model loads
     model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
     if args.adapter:
         model.load_adapter(args.adapter)
-    prompt = tokenizer.encode(alpaca_prompt(args.instruction, args.input), bos=True, eos=False)
 
     new_ids: list[int] = []
     printed = ""
@@ -284,8 +315,8 @@ def _cli_generate(args) -> int:
 
     start = time.perf_counter()
     generate(
-        model, [prompt], args.max_new_tokens, args.temperature, args.top_p, tokenizer.eos_id, seed=args.seed,
-        callback=show,
+        model, [prompt], args.max_new_tokens, args.temperature, args.top_p, seed=args.seed, callback=show,
+        stop_ids=tokenizer.stop_ids,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     print(tokenizer.decode(new_ids)[len(printed) :])

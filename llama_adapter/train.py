@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from llama_adapter import train_state
 from llama_adapter.attention import resolve_backend
+from llama_adapter.chat import FORMATS
 from llama_adapter.data import (
     IGNORE_INDEX,
     DataError,
@@ -326,12 +327,13 @@ class Trainer:
             from llama_adapter.generation import generate
         except ImportError:
             return None
-        tokens, prompt_len = (self.val_set or self.train_set)[0]
+        tokens, prompt_len = (self.val_set or self.train_set)[0][:2]  # the conversation up to its first answer
         room = min(self.cfg.sample_max_new_tokens, self.model.params.max_seq_len - prompt_len)
         if room < 1:
             return None
         with torch.no_grad(), self.autocast:
-            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=self.tokenizer.eos_id)
+            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=self.tokenizer.eos_id,
+                           stop_ids=getattr(self.tokenizer, "stop_ids", None))  # fmt: skip
         return self.tokenizer.decode(out[0])
 
     # -- the loop
@@ -504,9 +506,12 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("finetune", help="train a LLaMA-Adapter on Alpaca-format instructions",
                               description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory")
-    p.add_argument("--data", required=True, help="Alpaca JSON list or JSONL (instruction, input, output)")
+    p.add_argument("--data", required=True, help="JSON list or JSONL of Alpaca records or chat {messages} records")
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, adapter/)")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or its parent)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: in --model or its parent)")
+    p.add_argument("--chat-format", choices=FORMATS, default="auto",
+                   help="how examples are formatted (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
+                        "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
     add_recipe_args(p)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpoint written)")
@@ -522,11 +527,12 @@ def register_cli(subparsers) -> None:
     p.set_defaults(func=run_finetune)
 
 
-def prepare_data(examples: list[dict], tokenizer, max_seq_len: int, val_fraction: float, seed: int, say=print):
+def prepare_data(examples: list[dict], tokenizer, max_seq_len: int, val_fraction: float, seed: int, say=print,
+                 chat_format=None):  # fmt: skip
     """Split and tokenize `load_examples`' records; reports truncation. Raises DataError on nothing to learn."""
     train, val = split_examples(examples, val_fraction, seed)
-    train_set = InstructionDataset(train, tokenizer, max_seq_len)
-    val_set = InstructionDataset(val, tokenizer, max_seq_len) if val else None
+    train_set = InstructionDataset(train, tokenizer, max_seq_len, chat_format)
+    val_set = InstructionDataset(val, tokenizer, max_seq_len, chat_format) if val else None
     say(f"train: {train_set.stats}")
     if val_set is not None:
         say(f"val:   {val_set.stats}")
@@ -564,6 +570,7 @@ def run_finetune(args) -> int:
 def finetune(args) -> Trainer:
     """`llama-adapter finetune` without the signal handling: load, train, save; returns the trainer (whose
     `.model` holds the trained adapter)."""
+    from llama_adapter.chat import get_chat_format
     from llama_adapter.model import AdapterConfig, LLaMA
     from llama_adapter.tokenizer import Tokenizer
 
@@ -578,7 +585,10 @@ def finetune(args) -> Trainer:
 
         visual_dim = attach_image_features(examples, args.image_features)
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
-    train_set, val_set = prepare_data(examples, tokenizer, args.max_seq_len, args.val_fraction, args.seed, say)
+    chat_format = get_chat_format(args.chat_format, tokenizer)
+    say(f"tokenizer: {tokenizer.kind} ({tokenizer.model_path}, {tokenizer.n_words} tokens); {chat_format.name} format")
+    train_set, val_set = prepare_data(examples, tokenizer, args.max_seq_len, args.val_fraction, args.seed, say,
+                                      chat_format)  # fmt: skip
 
     dtype = _base_dtype(args.dtype, info.device)
     # FSDP shards from host memory; DDP loads straight onto this rank's device.

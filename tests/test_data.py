@@ -138,3 +138,85 @@ def test_rank_micro_batches_shard_the_global_batch():
 def test_helper_examples_roundtrip():
     ds = InstructionDataset(make_examples(12), TOK, max_seq_len=256)
     assert len(ds) == 12 and ds.stats.truncated == 0
+
+
+# ----------------------------------------------------------------------------- chat records
+CHAT = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
+                     {"role": "assistant", "content": "Ciao"}]}  # fmt: skip
+
+
+class HeaderTokenizer(CharTokenizer):
+    """CharTokenizer plus LLaMA-3's header tokens (ids 130..) written out in text, as the llama3 format needs."""
+
+    special_tokens = {"<|begin_of_text|>": 1, "<|end_of_text|>": 2, "<|start_header_id|>": 130,
+                      "<|end_header_id|>": 131, "<|eot_id|>": 132}  # fmt: skip
+    n_words, bos_token, eos_token = 133, "<|begin_of_text|>", "<|end_of_text|>"
+
+    def token_id(self, token):
+        return self.special_tokens.get(token)
+
+    def encode_with_offsets(self, s, *, special=False):
+        ids, starts, i = [], [], 0
+        while i < len(s):
+            name = next((t for t in self.special_tokens if special and s.startswith(t, i)), None)
+            ids.append(self.special_tokens[name] if name else 3 + ord(s[i]) % 125)
+            starts.append(i)
+            i += len(name) if name else 1
+        return ids, starts
+
+    def encode(self, s, bos, eos, *, special=False):
+        return [1] * bos + self.encode_with_offsets(s, special=special)[0] + [2] * eos
+
+    def decode(self, ids):
+        return super().decode([i for i in ids if i < 130])
+
+
+def test_chat_records_load_and_mask_assistant_turns_only(tmp_path):
+    from llama_adapter.chat import Llama3Format
+
+    path = _write(tmp_path, "chat.jsonl", json.dumps(CHAT) + "\n" + OK + "\n")
+    examples = load_examples(path)
+    assert examples[0] == {"messages": CHAT["messages"]} and examples[1]["instruction"] == "a"
+    tok = HeaderTokenizer()
+    ds = InstructionDataset(examples, tok, max_seq_len=400, chat_format=Llama3Format())
+    tokens, prompt_len, spans = ds[0]
+    labels = collate([ds[0]], tok.pad_id)["labels"][0].tolist()
+    learned = [t for t, label in zip(tokens, labels) if label != IGNORE_INDEX]
+    assert learned == [t for t in labels if t != IGNORE_INDEX]
+    assert tok.decode(learned) == "Hello" + "Ciao" and learned.count(132) == 2  # each answer and its <|eot_id|>
+    assert len(spans) == 2 and prompt_len == spans[0][0] and tokens[prompt_len - 1] == ord("\n") % 125 + 3
+    assert ds.stats.target_tokens == ds.target_tokens([0, 1]) == len(learned) + len("b") + 1
+    # an Alpaca record in a chat format is one user turn: its answer and <|eot_id|> are learned
+    tokens, prompt_len = ds[1]
+    assert tokens[prompt_len:] == [*tok.encode("b", False, False), 132]
+    # packed rows mask the same tokens
+    packed = collate([ds[0], ds[1]], tok.pad_id, pack=True)["labels"][0].tolist()
+    assert packed[: len(labels)] == labels and packed[len(labels) :] == collate([ds[1]], -1)["labels"][0].tolist()
+
+
+def test_chat_truncation_keeps_earlier_turns():
+    from llama_adapter.chat import Llama3Format
+
+    tok = HeaderTokenizer()
+    full = InstructionDataset([CHAT], tok, max_seq_len=400, chat_format=Llama3Format())[0]
+    cut = full[2][1][0] + 2  # two tokens into the second answer
+    ds = InstructionDataset([CHAT], tok, max_seq_len=cut, chat_format=Llama3Format())
+    assert ds.stats.truncated == 1 and ds[0][2] == (full[2][0], (full[2][1][0], cut))
+    ds = InstructionDataset([CHAT], tok, max_seq_len=full[2][0][1], chat_format=Llama3Format())
+    assert ds[0] == (full[0][: full[2][0][1]], full[1])  # only the first answer left: a plain (tokens, prompt_len)
+    assert len(InstructionDataset([CHAT], tok, max_seq_len=full[1], chat_format=Llama3Format())) == 0
+
+
+@pytest.mark.parametrize(
+    "messages, message",
+    [
+        ('[{"role": "user", "content": "a"}]', "chat.jsonl:1: messages: the last message must be from the assistant"),
+        ('[{"role": "robot", "content": "a"}]', r"chat.jsonl:1: messages\[0\]: unknown role 'robot'"),
+        ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', r"messages\[1\]: expected a assist"),
+        ('"hi"', "chat.jsonl:1: messages must be a non-empty list"),
+    ],
+)  # fmt: skip
+def test_bad_chat_records_name_file_and_line(tmp_path, messages, message):
+    with pytest.raises(DataError, match=message):
+        load_examples(_write(tmp_path, "chat.jsonl", '{"messages": ' + messages + "}\n"))

@@ -178,3 +178,52 @@ def test_cli_generate_prints_what_generate_returns(tmp_path, capsys):
     adapted = tok.decode(generate(model, [prompt], 12, eos_id=tok.eos_id)[0])
     assert main([*args, "--adapter", str(tmp_path / "adapter")]) == 0
     assert capsys.readouterr().out == adapted + "\n" != expected + "\n"
+
+
+def test_stops_at_any_stop_id():
+    model = make_model()
+    prompts = prompts_of([4, 6])
+    free = generate(model, prompts, 10)
+    a, b = free[0][2], free[1][4]  # e.g. eos and eot: a row stops at whichever comes first
+    stopped = generate(model, prompts, 10, stop_ids={a, b})
+
+    def cut(row):
+        return row[: min([row.index(t) for t in (a, b) if t in row], default=len(row))]
+
+    assert stopped == [cut(free[0]), cut(free[1])] and len(stopped[0]) <= 2 and len(stopped[1]) <= 4
+    assert generate(model, prompts, 10, eos_id=a, stop_ids=[b]) == stopped  # eos_id= joins the set
+    with pytest.raises(TypeError, match="stop_ids must be ints"):
+        generate(model, prompts, 2, stop_ids=["</s>"])
+
+
+def test_cli_generate_chat_with_a_llama3_tokenizer(tmp_path, capsys):
+    """`generate --chat` on a Meta LLaMA-3 dir (tiktoken tokenizer.model): the llama3 format, and the row stops at
+    <|eot_id|> (a stop id that is not eos)."""
+    from tokenizer_files import write_llama3_ranks
+
+    from llama_adapter.chat import get_chat_format
+    from llama_adapter.cli import main
+    from llama_adapter.tokenizer import Tokenizer
+
+    tok = Tokenizer(write_llama3_ranks(tmp_path / "tokenizer.model", vocab_size=300))
+    model = make_model(adapter=None, vocab_size=tok.n_words, max_seq_len=256)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    prompt = get_chat_format("llama3", tok).encode_prompt(tok, messages)
+    free = generate(model, [prompt], 8)[0]
+    with torch.no_grad():  # make <|eot_id|> the 4th greedy token: same logits as the 4th token had, raised
+        hidden = {}
+        handle = model.norm.register_forward_hook(lambda m, i, o: hidden.setdefault("h", o))
+        model(torch.tensor([prompt + free[:3]]))
+        handle.remove()
+        h = hidden["h"][0, -1]
+        model.output.weight[tok.eot_id] = model.output.weight[free[3]] + 0.5 * h / h.norm() ** 2
+    expected = generate(model, [prompt], 8, stop_ids=tok.stop_ids)[0]
+    assert expected == free[:3]
+    params = {k: v for k, v in vars(model.params).items() if k not in ("head_dim", "hidden_dim", "max_seq_len")}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    torch.save(model.state_dict(), tmp_path / "consolidated.00.pth")
+    args = ["generate", "--model", str(tmp_path), "--chat", "--system", "Be brief.", "--instruction", "Name a colour."]
+    assert main([*args, "--max-new-tokens", "8", "--dtype", "float64", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == tok.decode(expected) + "\n"
+    assert "tiktoken tokenizer" in err and "llama3 format" in err and "[3 tokens" in err
