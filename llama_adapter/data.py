@@ -205,8 +205,11 @@ class InstructionDataset:
         self.items: list[tuple[list[int], int]] = []
         self.stats = DataStats()
         features = []  # per item: the "image_features" that `multimodal.attach_image_features` put on examples
-        for example in examples:
-            item = encode_example(tokenizer, example, chat_format)
+        for k, example in enumerate(examples):
+            try:
+                item = encode_example(tokenizer, example, chat_format)
+            except ChatError as err:
+                raise DataError(f"example {k}: {err}") from None
             if len(item[0]) > max_seq_len:
                 self.stats.truncated += 1
                 item = truncate_item(item, max_seq_len)

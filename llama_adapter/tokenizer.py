@@ -218,6 +218,15 @@ class _HFTokenizers:
         enc = self.tk.encode(s, add_special_tokens=False)
         return enc.ids, [start for start, _ in enc.offsets]
 
+    def encode_with_specials(self, s: str) -> tuple[list[int], list[int]]:
+        """The library splits out its added tokens itself: pieces between them are encoded as transformers encodes
+        them (a Metaspace pre-tokenizer, say, prefixes only the text's first piece)."""
+        self.tk.encode_special_tokens = False
+        try:
+            return self.encode_ordinary(s)
+        finally:
+            self.tk.encode_special_tokens = True
+
     def decode(self, ids: list[int]) -> str:
         return self.tk.decode(ids, skip_special_tokens=False)
 
@@ -331,6 +340,8 @@ class Tokenizer:
             raise TypeError(f"s must be a str, got {type(s).__name__}")
         if not special or self._special_split is None:
             return self._backend.encode_ordinary(s)
+        if hasattr(self._backend, "encode_with_specials"):
+            return self._backend.encode_with_specials(s)
         ids: list[int] = []
         starts: list[int] = []
         pos = 0

@@ -2,8 +2,10 @@
 the checks on conversations and templates."""
 
 import json
+import shutil
 
 import pytest
+import torch
 from tokenizer_files import train_llama2_sentencepiece, write_hf_llama3_dir, write_llama3_ranks
 from transformers import AutoTokenizer
 
@@ -50,6 +52,7 @@ def llama3(tmp_path_factory):
     ranks = write_llama3_ranks(root / "meta" / "tokenizer.model")
     write_hf_llama3_dir(root / "hf", ranks, chat_template=LLAMA3_TEMPLATE)
     return {
+        "hf_dir": root / "hf",
         "meta": Tokenizer.from_dir(root / "meta"),
         "hf": Tokenizer.from_dir(root / "hf"),
         "auto": AutoTokenizer.from_pretrained(root / "hf"),
@@ -188,3 +191,36 @@ def test_template_sees_transformers_variables(llama3):
     expected = auto.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert fmt.render(tok, messages, False) == expected
     assert expected == json.dumps(messages[0], ensure_ascii=False) + "4True<|eot_id|>"
+
+
+def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
+    """`finetune` end to end on chat and Alpaca records with an HF LLaMA-3 tokenizer dir: the template format is
+    picked and a conversation's two answers are what its loss covers."""
+    from llama_adapter.demo import finetune_args
+    from llama_adapter.model import LLaMA, ModelArgs
+    from llama_adapter.train import finetune
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(llama3["hf_dir"], model_dir)
+    tok = Tokenizer.from_dir(model_dir)
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words, multiple_of=16)
+    model = LLaMA(args, dtype=torch.float32)
+    keys = "dim n_layers n_heads n_kv_heads vocab_size multiple_of norm_eps rope_theta".split()
+    (model_dir / "params.json").write_text(json.dumps({k: getattr(model.params, k) for k in keys}))
+    torch.save(model.state_dict(), model_dir / "consolidated.00.pth")
+    records = [{"messages": [SYSTEM, *DIALOG]}, {"instruction": "Say hi.", "output": "Hi!"}] * 4
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    trainer = finetune(
+        finetune_args(model_dir, data, tmp_path / "run", adapter_len=2, adapter_layers=1, epochs=1, warmup_epochs=0,
+                      global_batch_size=2, micro_batch_size=2, max_seq_len=128, val_fraction=0.25, no_progress=True,
+                      max_steps=1)
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert "tokenizer: huggingface" in out and "template format" in out
+    expected, _ = get_chat_format("template", tok).encode_dialog(tok, [SYSTEM, *DIALOG])
+    items = [trainer.train_set[i] for i in range(len(trainer.train_set))]
+    chat_item = next(item for item in items if item[0] == expected)
+    assert len(chat_item) == 3 and len(chat_item[2]) == 2  # two answers, two learned spans
+    assert trainer.history and (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

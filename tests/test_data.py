@@ -220,3 +220,8 @@ def test_chat_truncation_keeps_earlier_turns():
 def test_bad_chat_records_name_file_and_line(tmp_path, messages, message):
     with pytest.raises(DataError, match=message):
         load_examples(_write(tmp_path, "chat.jsonl", '{"messages": ' + messages + "}\n"))
+
+
+def test_chat_record_the_format_cannot_hold_is_named():
+    with pytest.raises(DataError, match="example 1: the alpaca format has no system message"):
+        InstructionDataset([{"instruction": "a", "output": "b"}, CHAT], TOK, max_seq_len=400)

@@ -198,6 +198,14 @@ def test_sentencepiece_agrees_with_auto_tokenizer(tmp_path):
     text = "<s>[INST] Hi [/INST] Hello </s>"
     assert tok.encode(text, bos=False, eos=False, special=True) == [1, *sp.encode("[INST] Hi [/INST] Hello "), 2]
 
+    # transformers' own tokenizer.json of it (Metaspace, the HF LLaMA-2 layout): read by tokenizers, the same ids
+    # as AutoTokenizer, special tokens included
+    auto.save_pretrained(tmp_path / "hf")
+    hf = Tokenizer.from_dir(tmp_path / "hf")
+    assert (hf.kind, hf.bos_id, hf.eos_id, hf.stop_ids) == ("huggingface", 1, 2, {2})
+    for text in [*CORPUS, "<s>[INST] Hi [/INST] Hello </s><s>[INST] Again [/INST]"]:
+        assert hf.encode(text, bos=False, eos=False, special=True) == auto(text, add_special_tokens=False).input_ids
+
 
 def test_config_errors(llama3_files, tmp_path):
     bad = tmp_path / "bad"
