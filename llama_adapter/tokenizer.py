@@ -52,6 +52,11 @@ EOT_TOKENS = ("<|eot_id|>", "<|eom_id|>")  # end of turn / of message (a tool ca
 _DEFAULT_BOS = ("<|begin_of_text|>", "<s>")
 _DEFAULT_EOS = ("<|end_of_text|>", "</s>")
 
+# Meta's LLaMA-3 tokenizer encodes at most 400k characters per tiktoken call and cuts runs of whitespace or of
+# non-whitespace every 25k characters: tiktoken is very slow on such runs, and ids must match Meta's on any text.
+TIKTOKEN_MAX_CHARS = 400_000
+TIKTOKEN_MAX_RUN = 25_000
+_LONG_RUN = re.compile(rf"\s{{{TIKTOKEN_MAX_RUN + 1},}}|\S{{{TIKTOKEN_MAX_RUN + 1},}}")
 # One line of a tiktoken ranks file: a base64 token, a space, its rank.
 _TIKTOKEN_LINE = re.compile(rb"^[A-Za-z0-9+/]+={0,2} \d+$")
 
@@ -188,11 +193,28 @@ class _Tiktoken:
         return ids[0] if len(ids) == 1 else None
 
     def encode_ordinary(self, s: str) -> tuple[list[int], list[int]]:
-        ids = self.enc.encode_ordinary(s)
-        return ids, self.enc.decode_with_offsets(ids)[1]
+        ids: list[int] = []
+        starts: list[int] = []
+        for start, piece in _meta_pieces(s):
+            piece_ids = self.enc.encode_ordinary(piece)
+            ids += piece_ids
+            starts += [start + offset for offset in self.enc.decode_with_offsets(piece_ids)[1]]
+        return ids, starts
 
     def decode(self, ids: list[int]) -> str:
         return self.enc.decode(ids)
+
+
+def _meta_pieces(s: str):
+    """(offset, piece) as Meta's LLaMA-3 tokenizer cuts a text before tiktoken sees it (see TIKTOKEN_MAX_RUN)."""
+    for chunk_start in range(0, len(s), TIKTOKEN_MAX_CHARS):
+        chunk = s[chunk_start : chunk_start + TIKTOKEN_MAX_CHARS]
+        cuts = [0]
+        for run in _LONG_RUN.finditer(chunk):
+            cuts += range(run.start() + TIKTOKEN_MAX_RUN, run.end(), TIKTOKEN_MAX_RUN)
+        cuts.append(len(chunk))
+        for a, b in zip(cuts, cuts[1:]):
+            yield chunk_start + a, chunk[a:b]
 
 
 class _HFTokenizers:

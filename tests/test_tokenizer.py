@@ -226,3 +226,29 @@ def test_config_errors(llama3_files, tmp_path):
     (bad / "generation_config.json").write_text(json.dumps({"eos_token_id": 10**6}))
     with pytest.raises(TokenizerError, match="id 1000000 is outside the vocabulary"):
         Tokenizer.from_dir(bad)
+
+
+def test_long_runs_are_cut_as_metas_tokenizer_cuts_them(llama3_files):
+    """Meta's LLaMA-3 tokenizer cuts runs of whitespace / non-whitespace every 25,000 characters (tiktoken is slow on
+    them) and encodes 400,000 characters per call: the same ids here."""
+    import tiktoken
+
+    tok = Tokenizer.from_dir(llama3_files["meta"])
+    ranks = {base64.b64decode(t): int(r) for t, r in (line.split() for line in open(llama3_files["ranks"]))}
+    enc = tiktoken.Encoding("ref", pat_str=llama3_pattern(), mergeable_ranks=ranks, special_tokens={})
+    run = "l" + "llama" * 10_440  # 52,201 non-space characters, cut 25,000 and 50,000 characters in: mid-"llama"
+    text = "x " + run + " " * 30_000 + "end"
+    spaces = 2 + len(run)
+    cuts = [0, 2 + 25_000, 2 + 50_000, spaces, spaces + 25_000, len(text)]
+    pieces = [text[a:b] for a, b in zip(cuts, cuts[1:])]
+    ids = tok.encode(text, bos=False, eos=False)
+    assert ids == [i for piece in pieces for i in enc.encode_ordinary(piece)]
+    assert ids != enc.encode_ordinary(text) and tok.decode(ids) == text
+    ids, starts = tok.encode_with_offsets(text)
+    assert starts == sorted(starts) and [text[a:b] for a, b in zip(starts, starts[1:] + [len(text)])] == [
+        tok.decode([i]) for i in ids
+    ]
+    long = "word " * 90_000  # 450,000 characters: two tiktoken calls
+    assert tok.encode(long, bos=False, eos=False) == enc.encode_ordinary(long[:400_000]) + enc.encode_ordinary(
+        long[400_000:]
+    )
