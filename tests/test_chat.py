@@ -182,15 +182,17 @@ def test_bad_templates(llama3):
 
 
 def test_template_sees_transformers_variables(llama3):
-    """tojson keeps non-ASCII, strftime_now exists, loop controls work, tools is none: as in transformers."""
+    """tojson keeps non-ASCII, strftime_now exists, loop controls and namespaces work, tools is none: as in
+    transformers."""
     tok, auto = llama3["hf"], llama3["auto"]
-    source = ("{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
-              "{{ strftime_now('%Y') | length }}{{ tools is none }}{{ eos_token }}")  # fmt: skip
+    source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+              "{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+              "{{ strftime_now('%Y') | length }}{{ tools is none }}{{ eos_token }}{{ ns.n }}")  # fmt: skip
     fmt = TemplateFormat(source)
-    messages = [{"role": "user", "content": "Déjà 🦙"}]
+    messages = [{"role": "user", "content": "Déjà 🦙"}, {"role": "assistant", "content": "x"}]
     expected = auto.apply_chat_template(messages, chat_template=source, tokenize=False)
     assert fmt.render(tok, messages, False) == expected
-    assert expected == json.dumps(messages[0], ensure_ascii=False) + "4True<|eot_id|>"
+    assert expected == json.dumps(messages[0], ensure_ascii=False) + "4True<|eot_id|>2"
 
 
 def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
