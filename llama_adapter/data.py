@@ -175,6 +175,7 @@ def learned_spans(item: tuple) -> tuple:
 
 
 def truncate_item(item: tuple, max_len: int) -> tuple:
+    """The item cut to its first max_len tokens, its learned spans with it."""
     tokens = item[0][:max_len]
     spans = tuple((a, min(b, max_len)) for a, b in learned_spans(item) if a < max_len)
     return item_from_mask(tokens, [any(a <= i < b for a, b in spans) for i in range(len(tokens))])
@@ -202,7 +203,7 @@ class InstructionDataset:
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be >= 2, got {max_seq_len}")
         self.max_seq_len = max_seq_len
-        self.items: list[tuple[list[int], int]] = []
+        self.items: list[tuple] = []
         self.stats = DataStats()
         features = []  # per item: the "image_features" that `multimodal.attach_image_features` put on examples
         for k, example in enumerate(examples):

@@ -138,6 +138,8 @@ def generate_stream(
 
 
 def _stop_set(eos_id, stop_ids) -> frozenset:
+    if stop_ids is not None and not isinstance(stop_ids, (list, tuple, set, frozenset)):
+        raise TypeError(f"stop_ids must be a list or set of token ids, got {type(stop_ids).__name__}")
     stops = set() if stop_ids is None else set(stop_ids)
     if eos_id is not None:
         stops.add(eos_id)

@@ -194,6 +194,8 @@ def test_stops_at_any_stop_id():
     assert generate(model, prompts, 10, eos_id=a, stop_ids=[b]) == stopped  # eos_id= joins the set
     with pytest.raises(TypeError, match="stop_ids must be ints"):
         generate(model, prompts, 2, stop_ids=["</s>"])
+    with pytest.raises(TypeError, match="stop_ids must be a list or set of token ids, got int"):
+        generate(model, prompts, 2, stop_ids=a)
 
 
 def test_cli_generate_chat_with_a_llama3_tokenizer(tmp_path, capsys):
