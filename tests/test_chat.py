@@ -198,6 +198,7 @@ def test_template_sees_transformers_variables(llama3):
 def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
     """`finetune` end to end on chat and Alpaca records with an HF LLaMA-3 tokenizer dir: the template format is
     picked and a conversation's two answers are what its loss covers."""
+    from llama_adapter.attention import get_attention_backend, set_attention_backend
     from llama_adapter.demo import finetune_args
     from llama_adapter.model import LLaMA, ModelArgs
     from llama_adapter.train import finetune
@@ -214,11 +215,16 @@ def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
     records = [{"messages": [SYSTEM, *DIALOG]}, {"instruction": "Say hi.", "output": "Hi!"}] * 4
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    trainer = finetune(
-        finetune_args(model_dir, data, tmp_path / "run", adapter_len=2, adapter_layers=1, epochs=1, warmup_epochs=0,
-                      global_batch_size=2, micro_batch_size=2, max_seq_len=128, val_fraction=0.25, no_progress=True,
-                      max_steps=1)
-    )  # fmt: skip
+    previous = get_attention_backend()
+    set_attention_backend("reference")  # the formats are under test here, not the kernels (the interpreter is slow)
+    try:
+        run_args = finetune_args(
+            model_dir, data, tmp_path / "run", adapter_len=2, adapter_layers=1, epochs=1, warmup_epochs=0,
+            global_batch_size=2, micro_batch_size=2, max_seq_len=128, val_fraction=0.25, no_progress=True, max_steps=1,
+        )  # fmt: skip
+        trainer = finetune(run_args)
+    finally:
+        set_attention_backend(previous)
     out = capsys.readouterr().out
     assert "tokenizer: huggingface" in out and "template format" in out
     expected, _ = get_chat_format("template", tok).encode_dialog(tok, [SYSTEM, *DIALOG])
