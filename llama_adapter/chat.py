@@ -229,8 +229,18 @@ class TemplateFormat(TextChatFormat):
 _BUILTIN = {"alpaca": AlpacaFormat, "llama2": Llama2Format, "llama3": Llama3Format}
 
 
-def get_chat_format(name: str, tokenizer):
-    """The format called `name` (one of FORMATS) for this tokenizer; "auto" as the module doc says."""
+def get_chat_format(name: str, tokenizer, *, chat_only: bool = False):
+    """The format called `name` (one of FORMATS) for this tokenizer; "auto" as the module doc says. chat_only: an
+    instruct model's format is wanted, so resolving to alpaca is an error."""
+    fmt = _resolve(name, tokenizer)
+    if chat_only and isinstance(fmt, AlpacaFormat):
+        where = getattr(tokenizer, "model_path", "the tokenizer")
+        why = "" if name == "alpaca" else f" ({where} has no chat template and no LLaMA-3 header tokens)"
+        raise ChatError(f"a chat format is needed, not alpaca{why}: name one, e.g. llama2 for LLaMA-2-chat")
+    return fmt
+
+
+def _resolve(name: str, tokenizer):
     if name not in FORMATS:
         raise ValueError(f"chat_format must be one of {', '.join(FORMATS)}, got {name!r}")
     template = getattr(tokenizer, "chat_template", None)

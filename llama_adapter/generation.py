@@ -263,9 +263,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--adapter", help="adapter to load: our dir, a PEFT adaption-prompt dir or the official .pth")
     p.add_argument("--instruction", required=True)
     p.add_argument("--input", default=None, help="optional context for the instruction")
-    p.add_argument("--chat", action="store_true", help="instruct/chat model: send the instruction as a user turn")
-    p.add_argument("--chat-format", choices=FORMATS, default=None,
-                   help="prompt format (default: auto with --chat, else alpaca); see llama_adapter.chat")  # fmt: skip
+    p.add_argument("--chat", action="store_true",
+                   help="an instruct model: the instruction is a user turn in its chat format (error if none is found)")
+    p.add_argument("--chat-format", choices=FORMATS, default="auto",
+                   help="prompt format, as finetune's (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
+                        "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
     p.add_argument("--system", default=None, help="system message (chat formats)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -287,11 +289,11 @@ def _cli_generate(args) -> int:
     # the Triton kernels take fp16/bf16/fp32 only; "auto" would pick them for CUDA or under TRITON_INTERPRET
     set_attention_backend("reference" if args.backend == "auto" and dtype == torch.float64 else args.backend)
     tokenizer = Tokenizer.from_dir(args.model)
-    chat_format = get_chat_format(args.chat_format or ("auto" if args.chat else "alpaca"), tokenizer)
+    chat_format = get_chat_format(args.chat_format, tokenizer, chat_only=args.chat)
     print(f"[{tokenizer.kind} tokenizer {tokenizer.model_path}; {chat_format.name} format]", file=sys.stderr)
     if isinstance(chat_format, AlpacaFormat):  # Alpaca's own template for an input, as fine-tuning writes it
         if args.system is not None:
-            raise ChatError("--system needs a chat format (--chat or --chat-format llama2/llama3/template)")
+            raise ChatError("--system needs a chat format, not alpaca (--chat-format llama2, llama3 or template)")
         prompt = chat_format.encode_prompt_record(tokenizer, args.instruction, args.input)
     else:
         messages = messages_from_record(args.instruction, args.input)

@@ -136,6 +136,13 @@ def test_auto_and_named_formats(llama3, tmp_path):
     with pytest.raises(ValueError, match="chat_format must be one of"):
         get_chat_format("chatml", sp)
     assert get_chat_format("template", llama3["hf"]).name == "template"
+    # an instruct model's format is wanted (generate --chat): alpaca is refused, the others pass
+    with pytest.raises(ChatError, match=r"model has no chat template and no LLaMA-3 header tokens\): name one"):
+        get_chat_format("auto", sp, chat_only=True)
+    with pytest.raises(ChatError, match="a chat format is needed, not alpaca: name one"):
+        get_chat_format("alpaca", llama3["meta"], chat_only=True)
+    assert get_chat_format("llama2", sp, chat_only=True).name == "llama2"
+    assert get_chat_format("auto", llama3["meta"], chat_only=True).name == "llama3"
 
 
 @pytest.mark.parametrize(
