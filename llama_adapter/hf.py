@@ -8,25 +8,35 @@ a GPU), with prompt keys/values k_proj(prompt), v_proj(prompt): no RoPE, no norm
 
 With gate="scalar", gate_act="none" this is PEFT's AdaptionPrompt (peft/tuners/adaption_prompt): same layers, same
 parameter names, shapes and dtype (q_proj's), same math, so `save_peft` / `load_peft` round-trip with
-`PeftModel.save_pretrained` / `from_pretrained`. Two differences, both outside PEFT's tested use: PEFT applies o_proj
-to the two attention outputs separately, so with `attention_bias=True` it adds o_proj's bias twice (here once); PEFT
-takes the prompt softmax in float32 and rounds it to the model dtype before gating, even for a float64 model (here the
-op's accumulation: float32, float64 for float64).
+`PeftModel.save_pretrained` / `from_pretrained`. `accelerate_peft(peft_model)` goes the other way: a model built by
+PEFT keeps its own modules and parameters and runs its prompts through the same attention function. Two differences
+from PEFT, both outside its tested use: PEFT applies o_proj to the two attention outputs separately, so with
+`attention_bias=True` it adds o_proj's bias twice (here once); PEFT takes the prompt softmax in float32 and rounds it to
+the model dtype before gating, even for a float64 model (here the op's accumulation: float32, float64 for float64).
 
-Masks: the mask function registered with the attention is transformers' `sdpa_mask`, which returns None when SDPA's
-`is_causal` would do (no padding, no sliding window in reach: training, prefill, dynamic-cache decoding, a static
-cache's prefill). Then the fused op runs. Any other mask (left padding in batched generation, static-cache decoding,
-packed rows) runs PyTorch's SDPA for the words plus SDPA over the prompt: correct, not fused.
+Masks. The mask function registered with the attention (`padding_mask`) hands the attention one of three things,
+all of which run the fused op:
+- None: no padding; every key the layer sees is visible, causal aligned bottom-right (training, prefill, decoding
+  with a DynamicCache).
+- a (B,) int32 tensor: valid lengths of a static cache without padding (kv_lens; no device sync to build it).
+- a (B, L) bool padding mask (1 = token), as transformers' FlashAttention-2 path gets. Without a past (training,
+  prefill: L = the number of queries) the batch is unpadded into packed sequences (cu_seqlens, max_seqlen) for the
+  varlen kernel and the output padded back, zero at padded positions. With a past (decoding), each row's valid
+  keys are gathered to the front (what FA2's unpadding copies too) and attended with per-row kv_lens. Any 0/1
+  pattern works, left or right padding alike, except that the tokens fed with a cache must not be padding.
+Rows packed without a mask (position_ids restarting at each sequence, found once per forward outside torch.compile,
+or FA2's cu_seq_lens_q keywords, as transformers' DataCollatorWithFlattening gives) take the varlen kernel too.
+A 4D mask, a sliding window shorter than the keys, or padding among the new tokens of a cached step raise
+ValueError: there is no unfused fallback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llama_adapter.attention import adapter_attention
@@ -39,6 +49,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> AdaptionPromptModel -> the transformers model
+PROMPT_OWNER_KWARG = "llama_adapter_prompt_owner"  # how a PEFT AdaptedAttention hands its prompt to the attention
 _ADAPTER_PARAM_NAMES = ("adaption_prompt", "adaption_gate")
 
 
@@ -47,39 +58,167 @@ def is_adapter_param(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in _ADAPTER_PARAM_NAMES
 
 
-def adapter_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+def padding_mask(
+    batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None, attention_mask=None, **kwargs
+):
+    """transformers mask interface for "llama_adapter": None, (B,) int32 valid lengths, a (B, L) bool mask, or
+    PackedSequences.
+
+    Called once per model forward (not per layer); the one device sync is `all()` on a given 2D mask, as in
+    transformers' FlashAttention-2 mask."""
+    if attention_mask is not None:
+        if attention_mask.dim() == 1:  # already ours: generate builds a static cache's mask ahead, then again
+            return attention_mask
+        if attention_mask.dim() != 2:
+            return attention_mask  # a 4D mask: the attention says what it supports
+        mask = attention_mask[:, -kv_length:].bool()
+        if not bool(mask.all()):
+            return mask
+        if mask.shape[1] == kv_length:
+            return None
+        return torch.full((batch_size,), mask.shape[1], dtype=torch.int32, device=mask.device)
+    if not kwargs.get("allow_is_causal_skip", True) and q_offset == 0 and kv_length == q_length > 1:
+        packed = _packed_sequences(batch_size, q_length, mask_function, kwargs.get("device", "cpu"))
+        if packed is not None:
+            return packed
+    if isinstance(q_offset, torch.Tensor):  # a static cache: kv_length is its capacity, q_offset what it holds
+        filled = (q_offset + q_length).to(torch.int32).reshape(1)
+        return filled.expand(batch_size).contiguous()  # the kernels index kv_lens with stride 1
+    if kv_length != q_offset + q_length:  # a static cache before its first write reports q_offset as the int 0
+        device = kwargs.get("device", "cpu")
+        return torch.full((batch_size,), q_offset + q_length, dtype=torch.int32, device=device)
+    return None
+
+
+def adapter_attention_forward(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
+    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, **kwargs,
+):  # fmt: skip
     """transformers attention function: query (B, Hq, N, D), key/value (B, Hkv, Nk, D) -> ((B, N, Hq, D), None)."""
     if dropout:
         raise ValueError(f"attention dropout is not supported by the llama_adapter attention, got dropout={dropout}")
-    prompt_k = prompt_v = gate = None
-    if getattr(module, "adaption_prompt", None) is not None:
-        prompt_k, prompt_v = prompt_keys_values(module, query.dtype)
-        gate = effective_gate(module, query.shape[1])
+    if kwargs.get("is_causal") is False:
+        raise ValueError("the llama_adapter attention is causal; got is_causal=False")
+    owner = kwargs.get(PROMPT_OWNER_KWARG) or module
+    prompt = {}
+    if getattr(owner, "adaption_prompt", None) is not None:
+        prompt_k, prompt_v = prompt_keys_values(module, owner.adaption_prompt, query.dtype)
+        prompt = dict(adapter_k=prompt_k, adapter_v=prompt_v, gate=effective_gate(owner, query.shape[1]))
 
-    if attention_mask is None:
-        # None means what it means to SDPA: causal aligned top-left for several queries (a static cache's prefill
-        # has Nk > Nq, the tail unwritten), every key for one. kv_lens=Nq turns the op's bottom-right into top-left.
-        B, _, Nq, _ = query.shape
-        kv_lens = None if Nq in (1, key.shape[2]) else torch.full((B,), Nq, dtype=torch.int32, device=query.device)
-        out = adapter_attention(
-            query, key, value, prompt_k, prompt_v, gate, causal=True, sm_scale=scaling, kv_lens=kv_lens
+    def attend(q, k, v, **extra):
+        return adapter_attention(q, k, v, causal=True, sm_scale=scaling, **prompt, **extra)
+
+    B, _, Nq, _ = query.shape
+    mask = attention_mask
+    if isinstance(mask, torch.Tensor) and mask.dim() not in (1, 2):
+        raise ValueError(
+            f"the llama_adapter attention takes transformers' 2D padding mask (B, L) of 0/1 (any left or right "
+            f"padding), not a {mask.dim()}D mask of shape {tuple(mask.shape)}: custom masks are not supported"
         )
-    else:
-        out = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scaling, enable_gqa=True
+    _check_window(sliding_window, mask.shape[1] if isinstance(mask, torch.Tensor) and mask.dim() == 2 else key.shape[2])
+    if mask is None:
+        mask = _kwarg_packing(query, key, cu_seq_lens_q, cu_seq_lens_k, max_length_q)
+    if mask is None:
+        return attend(query, key, value).transpose(1, 2), None
+    if isinstance(mask, PackedSequences):
+        flat = [t.transpose(1, 2).reshape(1, B * t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+                for t in (query, key, value)]  # fmt: skip  # (1, H, B*N, D): rows laid end to end
+        out = attend(*flat, cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen)  # (1, Hq, B*N, D)
+        return out.transpose(1, 2).reshape(B, Nq, out.shape[1], out.shape[3]), None
+    if mask.dim() == 1:  # a static cache's valid lengths; the queries are the last Nq of them
+        return attend(query, key, value, kv_lens=mask.to(torch.int32)).transpose(1, 2), None
+    return _attend_padded(attend, query, key, value, mask.bool()), None
+
+
+def _check_window(sliding_window, n_keys: int) -> None:
+    # A window reaching every key changes nothing (Mistral v0.2+ has none; v0.1's 4096 covers shorter inputs).
+    if sliding_window is not None and n_keys > sliding_window:
+        raise ValueError(
+            f"the llama_adapter attention has no sliding window: sliding_window={sliding_window} must cover all "
+            f"{n_keys} keys (use inputs and caches of at most {sliding_window} tokens)"
         )
-        if prompt_k is not None:
-            B = query.shape[0]
-            prompt = F.scaled_dot_product_attention(
-                query, prompt_k.expand(B, -1, -1, -1), prompt_v.expand(B, -1, -1, -1), scale=scaling, enable_gqa=True
-            )
-            out = out + gate.to(out.dtype).view(1, -1, 1, 1) * prompt
-    return out.transpose(1, 2), None
 
 
-def prompt_keys_values(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's prompt through its frozen k_proj / v_proj: two (Hkv, K, D) tensors in `dtype` (no RoPE)."""
-    prompt = module.adaption_prompt[0]  # (K, hidden)
+class PackedSequences(NamedTuple):
+    """Rows holding several sequences each, laid end to end: FlashAttention-varlen's cu_seqlens and max_seqlen."""
+
+    cu_seqlens: torch.Tensor  # (S+1,) int32 over the B*N flattened tokens
+    max_seqlen: int
+
+
+def _packed_sequences(batch_size, q_length, mask_function, device) -> PackedSequences | None:
+    """The packing transformers found in position_ids (restarting at each sequence), read off its mask function.
+
+    transformers builds a packed mask function only without a mask and a cache. Probing it on the sub-diagonal
+    (query i, key i - 1) is O(B*N): key i - 1 is hidden from query i exactly where a new sequence starts. Reading the
+    result is one device sync per forward; under torch.compile that would break the graph, so packing is then only
+    taken from FA2's cu_seq_lens_q keyword (transformers' DataCollatorWithFlattening gives it)."""
+    if mask_function is None or torch.compiler.is_compiling():
+        return None
+    rows = torch.arange(batch_size, device=device)[:, None]
+    queries = torch.arange(1, q_length, device=device)[None, :]
+    starts = torch.ones(batch_size, q_length, dtype=torch.bool, device=device)
+    starts[:, 1:] = ~mask_function(rows, 0, queries, queries - 1)
+    if not bool(starts[:, 1:].any()):
+        return None
+    bounds = torch.nonzero(starts.reshape(-1)).reshape(-1)
+    cu_seqlens = torch.cat([bounds, bounds.new_tensor([batch_size * q_length])]).to(torch.int32)
+    return PackedSequences(cu_seqlens, int((cu_seqlens[1:] - cu_seqlens[:-1]).max()))
+
+
+def _kwarg_packing(query, key, cu_seq_lens_q, cu_seq_lens_k, max_length_q) -> PackedSequences | None:
+    """FA2's padding-free keywords (cu_seq_lens_q/_k, max_length_q) as PackedSequences, or None without them."""
+    if cu_seq_lens_q is None:
+        return None
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+        raise ValueError("the llama_adapter attention needs cu_seq_lens_k equal to cu_seq_lens_q (self-attention)")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"cu_seq_lens_q packs {query.shape[2]} queries, but the layer has {key.shape[2]} keys")
+    cu_seqlens = cu_seq_lens_q.to(torch.int32)
+    max_seqlen = int(max_length_q) if max_length_q is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSequences(cu_seqlens, max_seqlen)
+
+
+def _attend_padded(attend, query, key, value, mask):
+    """`attend` under a (B, L) bool padding mask: unpad into packed sequences without a past, compact keys with one."""
+    B, Hq, Nq, D = query.shape
+    L = mask.shape[1]
+    if not Nq <= L <= key.shape[2]:
+        raise ValueError(
+            f"attention_mask covers {L} positions; it must cover the {Nq} queries and at most the {key.shape[2]} keys"
+        )
+    key, value = key[:, :, :L], value[:, :, :L]  # a static cache holds its capacity; the mask says what is filled
+    lengths = mask.sum(dim=1, dtype=torch.int32)  # (B,) tokens per row
+    if L == Nq:  # no past: FA2-style unpadding into the varlen kernel
+        tokens = torch.nonzero(mask.reshape(-1)).reshape(-1)  # (T,) flat indices of real tokens
+        out = query.new_zeros(B * L, Hq, D)
+        if tokens.numel() == 0:
+            return out.view(B, L, Hq, D)
+
+        def packed(t):  # (B, H, L, D) -> (1, H, T, D)
+            return t.transpose(1, 2).reshape(B * L, t.shape[1], D).index_select(0, tokens).transpose(0, 1)[None]
+
+        cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        o = attend(packed(query), packed(key), packed(value), cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
+        return out.index_copy(0, tokens, o[0].transpose(0, 1)).view(B, L, Hq, D)  # pads get 0, as in FA2
+    if not bool(mask[:, L - Nq :].all()):
+        raise ValueError(
+            "with a KV cache the new tokens must not be padding: the llama_adapter attention supports padding "
+            "(left, right or anywhere) in the tokens of a step without a past, and any padding already in the cache"
+        )
+    n_keys = int(lengths.min())
+    if n_keys == L:  # no padding in reach: the keys are a full prefix of each row
+        return attend(query, key, value, kv_lens=lengths).transpose(1, 2)
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : int(lengths.max())]  # real tokens first
+    index = order[:, None, :, None].expand(B, key.shape[1], order.shape[1], D)
+    compact_k, compact_v = key.gather(2, index), value.gather(2, index)  # (B, Hkv, max real, D)
+    return attend(query, compact_k, compact_v, kv_lens=lengths).transpose(1, 2)
+
+
+def prompt_keys_values(module, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (1, K, hidden) prompt through the layer's frozen k_proj / v_proj: two (Hkv, K, D) tensors in `dtype`."""
+    prompt = prompt[0]  # (K, hidden)
     n_kv = module.config.num_key_value_heads
     K = prompt.shape[0]
     keys = module.k_proj(prompt).view(K, n_kv, module.head_dim).transpose(0, 1)  # (Hkv, K, D)
@@ -87,20 +226,22 @@ def prompt_keys_values(module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.
     return keys.to(dtype), values.to(dtype)
 
 
-def effective_gate(module, n_heads: int) -> torch.Tensor:
-    """gate_act(adaption_gate) expanded to (Hq,): what the op multiplies each head's prompt output by."""
-    gate = module.adaption_gate
-    if module.adapter_gate_act == "tanh":
+def effective_gate(owner, n_heads: int) -> torch.Tensor:
+    """gate_act(adaption_gate) expanded to (Hq,): what the op multiplies each head's prompt output by.
+
+    `owner` holds adaption_gate: one of our adapted attention modules, or a PEFT AdaptedAttention (no gate_act)."""
+    gate = owner.adaption_gate
+    if getattr(owner, "adapter_gate_act", "none") == "tanh":
         gate = torch.tanh(gate)
     return gate.expand(n_heads)
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, adapter_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
 
 
 _register()
@@ -243,3 +384,61 @@ def _read_peft_weights(directory) -> dict[str, torch.Tensor]:
     if os.path.isfile(legacy):
         return torch.load(legacy, map_location="cpu", weights_only=True)
     raise ValueError(f"{directory}: neither {PEFT_WEIGHTS_NAME} nor adapter_model.bin found")
+
+
+def accelerate_peft(peft_model):
+    """Run a PEFT AdaptionPrompt model's prompts through the fused attention. Returns `peft_model` (changed in place).
+
+    `peft_model` is what `peft.get_peft_model(model, AdaptionPromptConfig(...))` or `PeftModel.from_pretrained`
+    returns for a transformers Llama/Mistral model. Its AdaptedAttention modules (active, and cached for inactive
+    adapters) keep their parameters `adaption_prompt` / `adaption_gate`, names and state dict, so `save_pretrained`,
+    `PeftModel.from_pretrained`, `set_adapter` and `disable_adapter` work as before; only their forward changes: the
+    wrapped attention computes words and prompt in one call of the "llama_adapter" attention implementation, to
+    which the base model is switched. Adapters added to the model afterwards run PEFT's own forward (correct, not
+    fused) until this is called again. Should the base later be switched to another attention implementation, the
+    adapted modules run PEFT's forward again.
+    """
+    from peft.tuners.adaption_prompt.layer import AdaptedAttention
+
+    tuner = getattr(peft_model, "base_model", None)
+    peft_type = getattr(getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None)),
+                        "peft_type", None)  # fmt: skip
+    if not hasattr(tuner, "_cached_adapters") or str(getattr(peft_type, "value", peft_type)) != "ADAPTION_PROMPT":
+        raise TypeError(
+            f"peft_model must be a PeftModel with an AdaptionPromptConfig adapter (peft.get_peft_model), "
+            f"got {type(peft_model).__name__} with peft_type {peft_type!r}"
+        )
+    model = tuner.model
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"peft_model must wrap a transformers model of type {SUPPORTED_MODEL_TYPES}, got {model_type!r}"
+        )
+    fused_cls = _fused_adapted_attention_class(AdaptedAttention)
+    modules = [m for m in model.modules() if isinstance(m, AdaptedAttention)]
+    modules += [m for cached in tuner._cached_adapters.values() for m in cached if isinstance(m, AdaptedAttention)]
+    for module in modules:
+        module.__class__ = fused_cls  # a subclass: PEFT's isinstance checks and its state dict see no change
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    else:
+        model.config._attn_implementation = ATTN_IMPLEMENTATION
+    return peft_model
+
+
+_FUSED_CLASSES: dict[type, type] = {}
+
+
+def _fused_adapted_attention_class(base: type) -> type:
+    """PEFT's AdaptedAttention with a forward that hands its prompt to the wrapped attention (one class per base)."""
+    if base not in _FUSED_CLASSES:
+
+        def forward(self, **kwargs):
+            if self.model.config._attn_implementation != ATTN_IMPLEMENTATION:
+                return base.forward(self, **kwargs)
+            if kwargs.get("output_attention", False):
+                raise NotImplementedError("output_attention is not supported (nor by PEFT's AdaptedAttention)")
+            return self.model(**kwargs, **{PROMPT_OWNER_KWARG: self})
+
+        _FUSED_CLASSES[base] = type("FusedAdaptedAttention", (base,), {"forward": forward, "__module__": __name__})
+    return _FUSED_CLASSES[base]
