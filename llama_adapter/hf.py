@@ -127,7 +127,7 @@ def adapter_attention_forward(
         return out.transpose(1, 2).reshape(B, Nq, out.shape[1], out.shape[3]), None
     if mask.dim() == 1:  # a static cache's valid lengths; the queries are the last Nq of them
         return attend(query, key, value, kv_lens=mask.to(torch.int32)).transpose(1, 2), None
-    return _attend_padded(attend, query, key, value, mask.bool()), None
+    return _attend_padded(attend, query, key, value, mask.bool(), bool(prompt)), None
 
 
 def _check_window(sliding_window, n_keys: int) -> None:
@@ -179,8 +179,13 @@ def _kwarg_packing(query, key, cu_seq_lens_q, cu_seq_lens_k, max_length_q) -> Pa
     return PackedSequences(cu_seqlens, max_seqlen)
 
 
-def _attend_padded(attend, query, key, value, mask):
-    """`attend` under a (B, L) bool padding mask: unpad into packed sequences without a past, compact keys with one."""
+def _attend_padded(attend, query, key, value, mask, has_prompt):
+    """`attend` under a (B, L) bool padding mask: unpad into packed sequences without a past, compact keys with one.
+
+    Padded query positions get what SDPA with transformers' mask gives them where the loss can read it: a pad
+    before a row's first token sees no word (output = the gated prompt attention; the shifted LM loss reads its
+    logits, predicting the row's first token). Other pads (after the last token, or between tokens) get zero, as
+    in FA2."""
     B, Hq, Nq, D = query.shape
     L = mask.shape[1]
     if not Nq <= L <= key.shape[2]:
@@ -190,18 +195,25 @@ def _attend_padded(attend, query, key, value, mask):
     key, value = key[:, :, :L], value[:, :, :L]  # a static cache holds its capacity; the mask says what is filled
     lengths = mask.sum(dim=1, dtype=torch.int32)  # (B,) tokens per row
     if L == Nq:  # no past: FA2-style unpadding into the varlen kernel
-        tokens = torch.nonzero(mask.reshape(-1)).reshape(-1)  # (T,) flat indices of real tokens
+
+        def packed(t, rows):  # (B, H, L, D) -> (1, H, len(rows), D)
+            return t.transpose(1, 2).reshape(B * L, t.shape[1], D).index_select(0, rows).transpose(0, 1)[None]
+
         out = query.new_zeros(B * L, Hq, D)
-        if tokens.numel() == 0:
-            return out.view(B, L, Hq, D)
-
-        def packed(t):  # (B, H, L, D) -> (1, H, T, D)
-            return t.transpose(1, 2).reshape(B * L, t.shape[1], D).index_select(0, tokens).transpose(0, 1)[None]
-
-        cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
-        cu_seqlens[1:] = torch.cumsum(lengths, 0)
-        o = attend(packed(query), packed(key), packed(value), cu_seqlens=cu_seqlens, max_seqlen=int(lengths.max()))
-        return out.index_copy(0, tokens, o[0].transpose(0, 1)).view(B, L, Hq, D)  # pads get 0, as in FA2
+        tokens = torch.nonzero(mask.reshape(-1)).reshape(-1)  # (T,) flat indices of real tokens
+        if tokens.numel():
+            cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+            cu_seqlens[1:] = torch.cumsum(lengths, 0)
+            o = attend(*(packed(t, tokens) for t in (query, key, value)), cu_seqlens=cu_seqlens,
+                       max_seqlen=int(lengths.max()))  # fmt: skip
+            out = out.index_copy(0, tokens, o[0].transpose(0, 1))
+        if has_prompt:
+            leading = torch.nonzero((mask.cumsum(dim=1) == 0).reshape(-1)).reshape(-1)  # pads before a first token
+            if leading.numel():
+                no_words = key.new_zeros(1, key.shape[1], 1, D)  # kv_lens = 0: the op's word output is 0
+                o = attend(packed(query, leading), no_words, no_words, kv_lens=lengths.new_zeros(1))
+                out = out.index_copy(0, leading, o[0].transpose(0, 1))
+        return out.view(B, L, Hq, D)
     if not bool(mask[:, L - Nq :].all()):
         raise ValueError(
             "with a KV cache the new tokens must not be padding: the llama_adapter attention supports padding "
