@@ -143,7 +143,8 @@ class KernelCounter:
 
     def __init__(self, monkeypatch):
         self.launches = Counter()
-        self.calls = []
+        self.calls = []  # per op call: "cu_seqlens", "kv_lens" or "plain"
+        self.prompts = []  # per op call: whether the prompt went in with the words
 
         def counted(name, fn):
             def launcher(*args, **kwargs):
@@ -166,6 +167,7 @@ class KernelCounter:
         def spy(q, k, v, **kwargs):
             modes = [m for m in ("cu_seqlens", "kv_lens") if kwargs.get(m) is not None]
             self.calls.append(modes[0] if modes else "plain")
+            self.prompts.append(kwargs.get("adapter_k") is not None)
             return real(q, k, v, **kwargs)
 
         monkeypatch.setattr(hf, "adapter_attention", spy)
