@@ -1,6 +1,7 @@
 """benchmarks/bench_hf.py runs end to end at its tiny CPU size and writes rows whose ours-vs-PEFT columns are checked.
 
-No speed is asserted; the parity columns are: fp32 logits and adapter gradients of ours and PEFT agree.
+No speed is asserted; the parity columns are: fp32 logits and adapter gradients of the fused providers and PEFT
+agree (full and padded batches), and their greedy generate() tokens equal PEFT's.
 """
 
 import json
@@ -18,9 +19,18 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed; the scripts run a
 from benchmarks import bench_hf  # noqa: E402
 from llama_adapter.attention import get_attention_backend  # noqa: E402
 
-ROW_KEYS = {"provider", "mode", "dtype", "B", "N", "layers", "Ka", "adapter_layers", "backend", "ms", "tokens_per_s",
-            "peak_mem_mb", "speedup_vs_peft", "logits_max_abs_diff", "adapter_effect", "error"}  # fmt: skip
-TINY = ["--layers", "1", "--batch", "2", "--seq", "8", "--warmup-ms", "0", "--rep-ms", "0", "--dtype", "fp32"]
+ROW_KEYS = {"provider", "mode", "dtype", "B", "N", "layers", "Ka", "adapter_layers", "backend", "ms", "tokens",
+            "tokens_per_s", "peak_mem_mb", "speedup_vs_peft", "error"}  # fmt: skip
+TINY = ["--layers", "1", "--batch", "3", "--seq", "8", "--new-tokens", "2", "--warmup-ms", "0", "--rep-ms", "0",
+        "--dtype", "fp32"]  # fmt: skip
+
+
+def test_alpaca_lengths_mix_long_and_short_rows():
+    lengths = bench_hf.alpaca_lengths(8, 100)
+    assert lengths[0] == 100 and min(lengths) < 25 and 35 < sum(lengths) / 8 < 55
+    mask = bench_hf.padding_mask([3, 1], 4, "left")
+    assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
+    assert bench_hf.padding_mask([3, 1], 4, "right").tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
 
 
 def test_tiny_run_writes_every_row_and_ours_matches_peft(tmp_path):
@@ -32,19 +42,30 @@ def test_tiny_run_writes_every_row_and_ours_matches_peft(tmp_path):
     assert data["bench"] == "bench_hf" and data["device"] == "cpu" and data["args"]["layers"] == 1
     rows = {(r["provider"], r["mode"]): r for r in data["rows"]}
     assert set(rows) == {(p, m) for p in bench_hf.PROVIDERS for m in bench_hf.MODES}
+    real_tokens = sum(bench_hf.alpaca_lengths(3, 8))
+    assert real_tokens < 3 * 8  # the padded batch really has pads
+    expected_tokens = {"train": 3 * 8, "prefill": 3 * 8, "train_padded": real_tokens, "generate": 3 * 2}
     for (provider, mode), row in rows.items():
         assert ROW_KEYS <= set(row), (provider, mode)
         assert row["error"] is None, (provider, mode, row["error"])
-        assert (row["B"], row["N"], row["layers"], row["adapter_layers"]) == (2, 8, 1, 1)
-        assert row["ms"] > 0 and row["tokens_per_s"] == pytest.approx(2 * 8 / row["ms"] * 1e3, rel=1e-2)
+        assert (row["B"], row["N"], row["layers"], row["adapter_layers"]) == (3, 8, 1, 1)
+        assert row["tokens"] == expected_tokens[mode]
+        assert row["ms"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["ms"] * 1e3, rel=1e-2)
         assert row["peak_mem_mb"] is None  # the CPU has no allocator statistics
+        if mode == "generate":  # greedy tokens of the fused providers equal PEFT's
+            assert row["tokens_equal"] == 1.0
+            continue
         assert row["adapter_effect"] > 1e-3  # the gates are nonzero: the diff below compares live prompts
         assert row["logits_max_abs_diff"] < 1e-4
-        if mode == "train":
+        if provider == "peft":
+            assert row["logits_max_abs_diff"] == 0
+        if mode.startswith("train"):
             assert 0 <= row["grad_max_abs_diff"] < 1e-5
     # CPU default "auto" runs the fused kernel under TRITON_INTERPRET=1 (set by conftest before any import)
-    assert rows["ours", "train"]["backend"] == "triton" and rows["peft", "train"]["backend"].startswith("peft+")
-    assert rows["peft", "train"]["speedup_vs_peft"] == 1.0
+    for mode in bench_hf.MODES:
+        assert rows["ours", mode]["backend"] == rows["peft_fused", mode]["backend"] == "triton"
+        assert rows["peft", mode]["backend"].startswith("peft+")
+        assert rows["peft", mode]["speedup_vs_peft"] == 1.0
     peft_ms, ours_ms = rows["peft", "prefill"]["ms"], rows["ours", "prefill"]["ms"]
     assert rows["ours", "prefill"]["speedup_vs_peft"] == pytest.approx(peft_ms / ours_ms, rel=1e-2)
 
@@ -56,7 +77,7 @@ def test_set_up_failure_becomes_rows(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_hf, "build_base", broken)
     bench_hf.run(bench_hf.parse_args(["--out", str(tmp_path), "--size", "tiny", "--modes", "prefill", *TINY]))
     rows = json.loads((tmp_path / "bench_hf-cpu.json").read_text())["rows"]
-    assert [(r["provider"], r["mode"]) for r in rows] == [("peft", "prefill"), ("ours", "prefill")]
+    assert [(r["provider"], r["mode"]) for r in rows] == [(p, "prefill") for p in bench_hf.PROVIDERS]
     assert all(r["error"] == "set-up failed: RuntimeError: no weights" and r["ms"] is None for r in rows)
 
 

@@ -173,19 +173,18 @@ class KernelCounter:
         monkeypatch.setattr(hf, "adapter_attention", spy)
 
 
-@pytest.mark.parametrize("kind", ["left", "right"])
-def test_padded_training_step_launches_only_our_kernels(kind, monkeypatch):
+def test_padded_training_step_launches_only_our_kernels(monkeypatch):
+    """Left padding (right padding: test_hf_accelerate_peft's launch test)."""
     ours = adapted(tiny_base(dtype=torch.float32))
-    x, mask = tokens(B, N), padding(kind)
+    x, mask = tokens(B, N), padding("left")
     set_attention_backend("reference")
     expected = grads(ours, x, mask)
     set_attention_backend("triton")
     counter = KernelCounter(monkeypatch)
     got = grads(ours, x, mask)
-    # 3 layers, each unpadded into packed sequences; with left padding the 2 adapted layers also give the pads
-    # before each row's first token their prompt attention (no word keys: kv_lens = 0), as SDPA + PEFT do
-    lead = ["kv_lens"] if kind == "left" else []
-    assert counter.calls == ["cu_seqlens"] + (["cu_seqlens"] + lead) * 2
+    # 3 layers, each unpadded into packed sequences; the 2 adapted layers also give the pads before each row's
+    # first token their prompt attention (no word keys: kv_lens = 0), as SDPA + PEFT do
+    assert counter.calls == ["cu_seqlens"] + ["cu_seqlens", "kv_lens"] * 2
     # every call's forward; backward where something upstream needs a gradient: the adapted layers' calls
     assert counter.launches == Counter(forward=len(counter.calls), backward=len(counter.calls) - 1)
     for name, g in got.items():
