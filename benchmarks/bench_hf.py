@@ -8,8 +8,9 @@ CUDA, a tiny fp32 config on the CPU) is given three adapters holding the same pr
 
 Modes, each a row per provider:
 - "train": forward + backward of the LM loss on a full (B, N) batch; only prompts and gates get gradients.
-- "train_padded": the same on a right-padded batch with an Alpaca-like length mix (`alpaca_lengths`: a few long
-  examples, most short; labels -100 on pads), as the HF Trainer gives it: ours unpads it for the varlen kernel.
+- "train_padded": the same on a right-padded batch with an Alpaca-like length mix (`alpaca_lengths`, as in
+  bench_packing: lengths uniform from N/10 to N; labels -100 on pads), as the HF Trainer gives it: the fused
+  providers unpad it for the varlen kernel.
 - "prefill": inference mode, the KV cache filled and only the last logits kept, as generate() does.
 - "generate": HF `generate`, greedy, --new-tokens tokens for left-padded prompts of the same length mix
   (prefill, then one token per step through the decode kernel with per-row cache lengths).
@@ -50,14 +51,14 @@ PROVIDERS = ("peft", "peft_fused", "ours")  # peft first: the others' speedup an
 MODES = ("train", "train_padded", "prefill", "generate")
 SEVEN_B = dict(hidden_size=4096, num_attention_heads=32, intermediate_size=11008, vocab_size=32000)
 TINY = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, vocab_size=128)
-# Fractions of the longest example: the shape of Alpaca's instruction + response lengths, a long tail over many
-# short ones (mean ~0.45 of the longest; padding a batch to its longest wastes about half of it).
-ALPACA_FRACTIONS = (1.0, 0.32, 0.18, 0.55, 0.25, 0.7, 0.4, 0.22)
 
 
 def alpaca_lengths(batch: int, longest: int) -> list[int]:
-    """Per-row lengths of an Alpaca-like batch: the first row is the longest, the rest follow ALPACA_FRACTIONS."""
-    return [max(1, round(longest * ALPACA_FRACTIONS[i % len(ALPACA_FRACTIONS)])) for i in range(batch)]
+    """Per-row lengths of an Alpaca-like batch (bench_packing's mix: uniform from longest/10 up), the first the
+    longest, so the padded batch is (batch, longest)."""
+    from benchmarks.bench_packing import length_mix
+
+    return [longest] + length_mix(batch - 1, max(1, longest // 10), longest, seed=0)
 
 
 def padding_mask(lengths: list[int], longest: int, side: str) -> torch.Tensor:

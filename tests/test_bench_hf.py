@@ -27,7 +27,7 @@ TINY = ["--layers", "1", "--batch", "3", "--seq", "8", "--new-tokens", "2", "--w
 
 def test_alpaca_lengths_mix_long_and_short_rows():
     lengths = bench_hf.alpaca_lengths(8, 100)
-    assert lengths[0] == 100 and min(lengths) < 25 and 35 < sum(lengths) / 8 < 55
+    assert len(lengths) == 8 and lengths[0] == 100 and min(lengths) >= 10 and sum(lengths) < 8 * 100
     mask = bench_hf.padding_mask([3, 1], 4, "left")
     assert mask.tolist() == [[0, 1, 1, 1], [0, 0, 0, 1]]
     assert bench_hf.padding_mask([3, 1], 4, "right").tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
