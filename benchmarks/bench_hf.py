@@ -251,7 +251,7 @@ def run(args: argparse.Namespace) -> Results:
                 ms = time_ms(step, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
                 peak = peak_memory_mb()
                 tokens = step_tokens(mode, inputs, args)
-                row.update(ms=round(ms, 3), tokens=tokens, tokens_per_s=round(tokens / ms * 1e3, 1),
+                row.update(ms=round(ms, 3), tokens=tokens, tokens_per_s=float(f"{tokens / ms * 1e3:.4g}"),
                            peak_mem_mb=peak)  # fmt: skip
                 if peak is not None:
                     row["act_mem_mb"] = round(peak - resident / 2**20, 1)
