@@ -77,7 +77,8 @@ def padding_mask(
         if mask.shape[1] == kv_length:
             return None
         return torch.full((batch_size,), mask.shape[1], dtype=torch.int32, device=mask.device)
-    if not kwargs.get("allow_is_causal_skip", True) and q_offset == 0 and kv_length == q_length > 1:
+    packing_possible = kv_length == q_length > 1 and isinstance(q_offset, int) and q_offset == 0  # no cache
+    if packing_possible and not kwargs.get("allow_is_causal_skip", True):
         packed = _packed_sequences(batch_size, q_length, mask_function, kwargs.get("device", "cpu"))
         if packed is not None:
             return packed
@@ -99,7 +100,8 @@ def adapter_attention_forward(
         raise ValueError(f"attention dropout is not supported by the llama_adapter attention, got dropout={dropout}")
     if kwargs.get("is_causal") is False:
         raise ValueError("the llama_adapter attention is causal; got is_causal=False")
-    owner = kwargs.get(PROMPT_OWNER_KWARG) or module
+    owner = kwargs.get(PROMPT_OWNER_KWARG)
+    owner = module if owner is None else owner
     prompt = {}
     if getattr(owner, "adaption_prompt", None) is not None:
         prompt_k, prompt_v = prompt_keys_values(module, owner.adaption_prompt, query.dtype)

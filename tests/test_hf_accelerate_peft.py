@@ -12,9 +12,10 @@ import pytest
 import torch
 
 pytest.importorskip("peft")
-from peft import AdaptionPromptConfig, LoraConfig, PeftModel, get_peft_model  # noqa: E402
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from test_hf_dropin import K, L, logits, peft_float64_softmax, tiny_base, tokens  # noqa: E402, F401
 from test_hf_padded import KernelCounter, grads, padding  # noqa: E402
+from test_hf_parity import _peft_model as stock_peft  # noqa: E402
 
 from llama_adapter import hf  # noqa: E402
 from llama_adapter.attention import set_attention_backend  # noqa: E402
@@ -22,24 +23,9 @@ from llama_adapter.attention import set_attention_backend  # noqa: E402
 B, N = 3, 9
 
 
-def stock_peft(base, seed=4):
-    """PEFT's AdaptionPrompt on a copy of `base` with random prompts and nonzero gates."""
-    model = get_peft_model(
-        copy.deepcopy(base), AdaptionPromptConfig(adapter_len=K, adapter_layers=L, task_type="CAUSAL_LM")
-    ).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("adaption_prompt"):
-                p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype))
-            elif name.endswith("adaption_gate"):
-                p.copy_(torch.rand(p.shape, generator=gen, dtype=p.dtype) + 0.5)
-    return model
-
-
 def stock_and_accelerated(dtype=torch.float64):
     base = tiny_base(dtype=dtype)
-    stock = stock_peft(base)
+    stock = stock_peft(base, adapter_len=K, adapter_layers=L, seed=4)  # random prompts, gates in [0.5, 1.5)
     return base, stock, hf.accelerate_peft(copy.deepcopy(stock))
 
 
