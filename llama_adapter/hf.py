@@ -14,16 +14,19 @@ from PEFT, both outside its tested use: PEFT applies o_proj to the two attention
 `attention_bias=True` it adds o_proj's bias twice (here once); PEFT takes the prompt softmax in float32 and rounds it to
 the model dtype before gating, even for a float64 model (here the op's accumulation: float32, float64 for float64).
 
-Masks. The mask function registered with the attention (`padding_mask`) hands the attention one of three things,
-all of which run the fused op:
+Masks. The mask function registered with the attention (`padding_mask`) hands the attention one of four things
+(once per model forward), all of which run the fused op:
 - None: no padding; every key the layer sees is visible, causal aligned bottom-right (training, prefill, decoding
   with a DynamicCache).
 - a (B,) int32 tensor: valid lengths of a static cache without padding (kv_lens; no device sync to build it).
 - a (B, L) bool padding mask (1 = token), as transformers' FlashAttention-2 path gets. Without a past (training,
   prefill: L = the number of queries) the batch is unpadded into packed sequences (cu_seqlens, max_seqlen) for the
-  varlen kernel and the output padded back, zero at padded positions. With a past (decoding), each row's valid
-  keys are gathered to the front (what FA2's unpadding copies too) and attended with per-row kv_lens. Any 0/1
-  pattern works, left or right padding alike, except that the tokens fed with a cache must not be padding.
+  varlen kernel and the output padded back. Pads before a row's first token get the gated prompt attention (no
+  word is visible to them: what SDPA + PEFT give, and the shifted LM loss reads that pad's logits); other pads
+  get zero, as in FA2. With a past (decoding), each row's valid keys are gathered to the front (what FA2's
+  unpadding copies too) and attended with per-row kv_lens. Any 0/1 pattern works, left or right padding alike,
+  except that the tokens fed with a cache must not be padding.
+- PackedSequences (below).
 Rows packed without a mask (position_ids restarting at each sequence, found once per forward outside torch.compile,
 or FA2's cu_seq_lens_q keywords, as transformers' DataCollatorWithFlattening gives) take the varlen kernel too.
 A 4D mask, a sliding window shorter than the keys, or padding among the new tokens of a cached step raise
@@ -64,8 +67,8 @@ def padding_mask(
     """transformers mask interface for "llama_adapter": None, (B,) int32 valid lengths, a (B, L) bool mask, or
     PackedSequences.
 
-    Called once per model forward (not per layer); the one device sync is `all()` on a given 2D mask, as in
-    transformers' FlashAttention-2 mask."""
+    Called once per model forward (not per layer). Device syncs: `all()` on a given 2D mask, as in transformers'
+    FlashAttention-2 mask, and reading the packing probe where transformers built a packed mask function."""
     if attention_mask is not None:
         if attention_mask.dim() == 1:  # already ours: generate builds a static cache's mask ahead, then again
             return attention_mask
