@@ -212,7 +212,7 @@ def test_greedy_generation_with_cache_equals_peft(peft_float64_softmax):
     ours_out = ours.generate(x, attention_mask=mask, **args)
     assert ours_out.shape == (2, 13)
     assert torch.equal(ours_out, peft.generate(input_ids=x, attention_mask=mask, **args))
-    # A static cache and left padding both come with a materialized mask: the SDPA path must agree too.
+    # A static cache (per-row kv_lens) and left padding (varlen prefill, gathered cache) must agree too.
     assert torch.equal(ours.generate(x, attention_mask=mask, cache_implementation="static", **args), ours_out)
     mask[0, :2] = 0
     assert torch.equal(
