@@ -184,6 +184,48 @@ def _kwarg_packing(query, key, cu_seq_lens_q, cu_seq_lens_k, max_length_q) -> Pa
     return PackedSequences(cu_seqlens, max_seqlen)
 
 
+class _PaddingPlan(NamedTuple):
+    """What a (B, L) padding mask means for the op, worked out (with its device syncs) once per model forward."""
+
+    mask: torch.Tensor  # the mask it was made for: every layer of one forward gets this very tensor
+    n_queries: int
+    lengths: torch.Tensor  # (B,) int32 real tokens per row
+    tokens: torch.Tensor | None  # no past: (T,) flat indices of real tokens, packed by cu_seqlens
+    cu_seqlens: torch.Tensor | None
+    max_seqlen: int
+    leading: torch.Tensor | None  # no past: flat indices of pads before a row's first token
+    order: torch.Tensor | None  # with a past: (B, longest) cache slots, real tokens first; None if no pad in reach
+
+
+_last_plan: list[_PaddingPlan | None] = [None]  # the current forward's; holding its mask keeps its id unique
+
+
+def _padding_plan(mask: torch.Tensor, n_queries: int) -> _PaddingPlan:
+    plan = _last_plan[0]
+    if plan is not None and plan.mask is mask and plan.n_queries == n_queries:
+        return plan
+    B, L = mask.shape
+    lengths = mask.sum(dim=1, dtype=torch.int32)
+    tokens = cu_seqlens = leading = order = None
+    max_seqlen = int(lengths.max())
+    if L == n_queries:  # no past: FA2-style unpadding into the varlen kernel
+        tokens = torch.nonzero(mask.reshape(-1)).reshape(-1)
+        cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
+        cu_seqlens[1:] = torch.cumsum(lengths, 0)
+        leading = torch.nonzero((mask.cumsum(dim=1) == 0).reshape(-1)).reshape(-1)
+    else:
+        if not bool(mask[:, L - n_queries :].all()):
+            raise ValueError(
+                "with a KV cache the new tokens must not be padding: the llama_adapter attention supports padding "
+                "(left, right or anywhere) in the tokens of a step without a past, and any padding already in the cache"
+            )
+        if int(lengths.min()) < L:  # the pads' cache slots must leave: real tokens to the front, in order
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :max_seqlen]
+    plan = _PaddingPlan(mask, n_queries, lengths, tokens, cu_seqlens, max_seqlen, leading, order)
+    _last_plan[0] = plan
+    return plan
+
+
 def _attend_padded(attend, query, key, value, mask, has_prompt):
     """`attend` under a (B, L) bool padding mask: unpad into packed sequences without a past, compact keys with one.
 
@@ -197,40 +239,27 @@ def _attend_padded(attend, query, key, value, mask, has_prompt):
         raise ValueError(
             f"attention_mask covers {L} positions; it must cover the {Nq} queries and at most the {key.shape[2]} keys"
         )
+    plan = _padding_plan(mask, Nq)
     key, value = key[:, :, :L], value[:, :, :L]  # a static cache holds its capacity; the mask says what is filled
-    lengths = mask.sum(dim=1, dtype=torch.int32)  # (B,) tokens per row
-    if L == Nq:  # no past: FA2-style unpadding into the varlen kernel
+    if plan.tokens is None:  # a past: per-row cache lengths over its real tokens
+        if plan.order is not None:
+            index = plan.order[:, None, :, None].expand(B, key.shape[1], plan.order.shape[1], D)
+            key, value = key.gather(2, index), value.gather(2, index)  # (B, Hkv, longest, D)
+        return attend(query, key, value, kv_lens=plan.lengths).transpose(1, 2)
 
-        def packed(t, rows):  # (B, H, L, D) -> (1, H, len(rows), D)
-            return t.transpose(1, 2).reshape(B * L, t.shape[1], D).index_select(0, rows).transpose(0, 1)[None]
+    def packed(t, rows):  # (B, H, L, D) -> (1, H, len(rows), D)
+        return t.transpose(1, 2).reshape(B * L, t.shape[1], D).index_select(0, rows).transpose(0, 1)[None]
 
-        out = query.new_zeros(B * L, Hq, D)
-        tokens = torch.nonzero(mask.reshape(-1)).reshape(-1)  # (T,) flat indices of real tokens
-        if tokens.numel():
-            cu_seqlens = torch.zeros(B + 1, dtype=torch.int32, device=mask.device)
-            cu_seqlens[1:] = torch.cumsum(lengths, 0)
-            o = attend(*(packed(t, tokens) for t in (query, key, value)), cu_seqlens=cu_seqlens,
-                       max_seqlen=int(lengths.max()))  # fmt: skip
-            out = out.index_copy(0, tokens, o[0].transpose(0, 1))
-        if has_prompt:
-            leading = torch.nonzero((mask.cumsum(dim=1) == 0).reshape(-1)).reshape(-1)  # pads before a first token
-            if leading.numel():
-                no_words = key.new_zeros(1, key.shape[1], 1, D)  # kv_lens = 0: the op's word output is 0
-                o = attend(packed(query, leading), no_words, no_words, kv_lens=lengths.new_zeros(1))
-                out = out.index_copy(0, leading, o[0].transpose(0, 1))
-        return out.view(B, L, Hq, D)
-    if not bool(mask[:, L - Nq :].all()):
-        raise ValueError(
-            "with a KV cache the new tokens must not be padding: the llama_adapter attention supports padding "
-            "(left, right or anywhere) in the tokens of a step without a past, and any padding already in the cache"
-        )
-    n_keys = int(lengths.min())
-    if n_keys == L:  # no padding in reach: the keys are a full prefix of each row
-        return attend(query, key, value, kv_lens=lengths).transpose(1, 2)
-    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, : int(lengths.max())]  # real tokens first
-    index = order[:, None, :, None].expand(B, key.shape[1], order.shape[1], D)
-    compact_k, compact_v = key.gather(2, index), value.gather(2, index)  # (B, Hkv, max real, D)
-    return attend(query, compact_k, compact_v, kv_lens=lengths).transpose(1, 2)
+    out = query.new_zeros(B * L, Hq, D)
+    if plan.tokens.numel():
+        o = attend(*(packed(t, plan.tokens) for t in (query, key, value)), cu_seqlens=plan.cu_seqlens,
+                   max_seqlen=plan.max_seqlen)  # fmt: skip
+        out = out.index_copy(0, plan.tokens, o[0].transpose(0, 1))
+    if has_prompt and plan.leading.numel():
+        no_words = key.new_zeros(1, key.shape[1], 1, D)  # kv_lens = 0: the op's word output is 0
+        o = attend(packed(query, plan.leading), no_words, no_words, kv_lens=plan.lengths.new_zeros(1))
+        out = out.index_copy(0, plan.leading, o[0].transpose(0, 1))
+    return out.view(B, L, Hq, D)
 
 
 def prompt_keys_values(module, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

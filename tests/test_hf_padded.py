@@ -171,6 +171,14 @@ class KernelCounter:
             return real(q, k, v, **kwargs)
 
         monkeypatch.setattr(hf, "adapter_attention", spy)
+        self.plans = 0  # padding plans made: one per model forward, whatever the number of layers
+        plan = hf._PaddingPlan
+
+        def counted_plan(*args):
+            self.plans += 1
+            return plan(*args)
+
+        monkeypatch.setattr(hf, "_PaddingPlan", counted_plan)
 
 
 def test_padded_training_step_launches_only_our_kernels(monkeypatch):
@@ -187,6 +195,7 @@ def test_padded_training_step_launches_only_our_kernels(monkeypatch):
     assert counter.calls == ["cu_seqlens"] + ["cu_seqlens", "kv_lens"] * 2
     # every call's forward; backward where something upstream needs a gradient: the adapted layers' calls
     assert counter.launches == Counter(forward=len(counter.calls), backward=len(counter.calls) - 1)
+    assert counter.plans == 1  # the mask's unpadding indices (and their device syncs) are worked out once
     for name, g in got.items():
         torch.testing.assert_close(g, expected[name], rtol=1e-4, atol=1e-6)
 
@@ -210,6 +219,7 @@ def test_padded_generate_launches_only_our_kernels(cache, monkeypatch):
     prefill = ["cu_seqlens"] + ["cu_seqlens", "kv_lens"] * 2
     assert counter.calls == prefill + ["kv_lens"] * 3 * (new - 1)
     assert counter.launches == Counter(forward=3, decode=2 + 3 * (new - 1))
+    assert counter.plans == new  # one per forward: the prefill and each decoding step
 
 
 def test_static_cache_without_padding_uses_kv_lens(monkeypatch):
