@@ -21,7 +21,7 @@ from llama_adapter.attention import get_attention_backend  # noqa: E402
 
 ROW_KEYS = {"provider", "mode", "dtype", "B", "N", "layers", "Ka", "adapter_layers", "backend", "ms", "tokens",
             "tokens_per_s", "peak_mem_mb", "speedup_vs_peft", "error"}  # fmt: skip
-TINY = ["--layers", "1", "--batch", "3", "--seq", "8", "--new-tokens", "2", "--warmup-ms", "0", "--rep-ms", "0",
+TINY = ["--layers", "1", "--batch", "2", "--seq", "8", "--new-tokens", "2", "--warmup-ms", "0", "--rep-ms", "0",
         "--dtype", "fp32"]  # fmt: skip
 
 
@@ -42,13 +42,13 @@ def test_tiny_run_writes_every_row_and_ours_matches_peft(tmp_path):
     assert data["bench"] == "bench_hf" and data["device"] == "cpu" and data["args"]["layers"] == 1
     rows = {(r["provider"], r["mode"]): r for r in data["rows"]}
     assert set(rows) == {(p, m) for p in bench_hf.PROVIDERS for m in bench_hf.MODES}
-    real_tokens = sum(bench_hf.alpaca_lengths(3, 8))
-    assert real_tokens < 3 * 8  # the padded batch really has pads
-    expected_tokens = {"train": 3 * 8, "prefill": 3 * 8, "train_padded": real_tokens, "generate": 3 * 2}
+    real_tokens = sum(bench_hf.alpaca_lengths(2, 8))
+    assert real_tokens < 2 * 8  # the padded batch really has pads
+    expected_tokens = {"train": 2 * 8, "prefill": 2 * 8, "train_padded": real_tokens, "generate": 2 * 2}
     for (provider, mode), row in rows.items():
         assert ROW_KEYS <= set(row), (provider, mode)
         assert row["error"] is None, (provider, mode, row["error"])
-        assert (row["B"], row["N"], row["layers"], row["adapter_layers"]) == (3, 8, 1, 1)
+        assert (row["B"], row["N"], row["layers"], row["adapter_layers"]) == (2, 8, 1, 1)
         assert row["tokens"] == expected_tokens[mode]
         assert row["ms"] > 0 and row["tokens_per_s"] == pytest.approx(row["tokens"] / row["ms"] * 1e3, rel=1e-2)
         assert row["peak_mem_mb"] is None  # the CPU has no allocator statistics
