@@ -233,3 +233,16 @@ def test_static_cache_without_padding_uses_kv_lens(monkeypatch):
     assert torch.equal(ours.generate(x, **args), expected)
     assert counter.calls == ["kv_lens"] * 3 * 3  # prefill and decode read the cache's filled length, no mask
     assert counter.launches == Counter(decode=3 * 3)  # a 9-token prefill without grad is "few queries" too
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    """The Trainer's gradient checkpointing re-runs each layer in backward, with the forward's mask."""
+    ours = adapted(tiny_base())
+    x, mask = tokens(B, N), padding("left")
+    expected = grads(ours, x, mask)
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours.train()
+    assert ours.model.gradient_checkpointing
+    got = grads(ours, x, mask)
+    for name, g in got.items():
+        torch.testing.assert_close(g, expected[name], rtol=0, atol=1e-12)
