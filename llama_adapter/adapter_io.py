@@ -11,8 +11,9 @@ Official v1 (`llama/model.py` of the LLaMA-Adapter repo, loaded by its example.p
 (L*K, dim) whose j-th block of K rows is the prompt of layer n_layers - L + j (the top L layers, in order),
 and `layers.N.attention.gate` (1, H, 1, 1). Its extraction script saves a gate for every layer, but only
 the top L are used; the inference code applies the gate without tanh (the training code's tanh is not in
-the released weights' semantics): AdapterConfig(gate="head", gate_act="none"). K is not stored: the
-official default 10 is assumed unless `adapter_len` says otherwise.
+the released weights' semantics): AdapterConfig(gate="head", gate_act="none"). The first release had one
+scalar gate per layer, `layers.N.attention.gate` (1,): such a file loads as gate="scalar", gate_act="none".
+K is not stored: the official default 10 is assumed unless `adapter_len` says otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import re
 
 import torch
 
-from llama_adapter.loading import CheckpointError, read_tensor_file
+from llama_adapter.loading import CheckpointError, read_json_object, read_tensor_file
+from llama_adapter.validation import ConfigError, check_values
 
 FORMAT = "llama_adapter"
 FORMAT_VERSION = 1
@@ -77,11 +79,7 @@ def read_adapter(model, path, *, adapter_len: int | None = None) -> tuple:
         config_path = os.path.join(path, CONFIG_FILE)
         if not os.path.isfile(config_path):
             raise FileNotFoundError(f"no {CONFIG_FILE} in adapter directory {path}")
-        with open(config_path, encoding="utf-8") as f:
-            try:
-                config = json.load(f)
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{config_path} is not valid JSON: {e}") from e
+        config = read_json_object(config_path)
         if config.get("format") == FORMAT:
             cfg, tensors = _read_ours(model, path, config)
         elif config.get("peft_type") == "ADAPTION_PROMPT":
@@ -142,13 +140,20 @@ def _shape_error(source: str, made_for: dict, model) -> CheckpointError:
 def _read_ours(model, path: str, config: dict):
     from llama_adapter.model import AdapterConfig
 
+    config_path = os.path.join(path, CONFIG_FILE)
     made_for = config.get("base_model", {})
+    if not isinstance(made_for, dict):
+        raise CheckpointError(f"{config_path}: 'base_model' must be an object (the base model's shape)")
     ours = base_shape(model)
     if any(made_for.get(k) != v for k, v in ours.items()):
         raise _shape_error(path, made_for, model)
     if not isinstance(config.get("adapter"), dict):
-        raise CheckpointError(f"{path}/{CONFIG_FILE} has no 'adapter' section (the AdapterConfig)")
-    return AdapterConfig.from_dict(config["adapter"]), read_tensor_file(os.path.join(path, WEIGHTS_FILE))
+        raise CheckpointError(f"{config_path} has no 'adapter' section (the AdapterConfig)")
+    try:
+        cfg = AdapterConfig.from_dict(config["adapter"])
+    except ValueError as e:  # ConfigError: names the key
+        raise CheckpointError(f"{config_path}: 'adapter': {e}") from None
+    return cfg, read_tensor_file(os.path.join(path, WEIGHTS_FILE))
 
 
 def _read_peft(model, path: str, config: dict):
@@ -156,9 +161,11 @@ def _read_peft(model, path: str, config: dict):
 
     if config.get("target_modules", "self_attn") != "self_attn":
         raise CheckpointError(f"{path}: PEFT target_modules {config['target_modules']!r} is not LLaMA's 'self_attn'")
-    K, L = config.get("adapter_len"), config.get("adapter_layers")
-    if not isinstance(K, int) or not isinstance(L, int):
-        raise CheckpointError(f"{path}/{CONFIG_FILE} needs integer adapter_len and adapter_layers, got {K!r}, {L!r}")
+    try:
+        sizes = {k: config.get(k) for k in ("adapter_len", "adapter_layers")}
+        K, L = check_values(sizes, AdapterConfig.RULES).values()
+    except ConfigError as e:
+        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights) and os.path.isfile(os.path.join(path, "adapter_model.bin")):
         weights = os.path.join(path, "adapter_model.bin")
@@ -218,10 +225,18 @@ def _read_official(model, path: str, adapter_len: int):
             f"'adapter_query.weight' in {path} has shape {tuple(query.shape)}, not (L*{adapter_len}, dim)"
         )
     L = query.shape[0] // adapter_len
-    heads = {t.numel() for t in gates.values()}
+    sizes = {t.numel() for t in gates.values()}
+    # The official code's first release had one scalar gate per layer (zeros(1)), later ones a gate per head
+    # (zeros(1, H, 1, 1)): a file holds one kind or the other.
+    gate = "scalar" if sizes == {1} and p.n_heads != 1 else "head"
+    if len(sizes) > 1:
+        raise CheckpointError(
+            f"{path} mixes gate sizes {sorted(sizes)} across layers: an official adapter has either one scalar "
+            "gate per layer (first release) or one per head"
+        )
     source_layers = max(gates) + 1 if gates else 0
-    if query.shape[1] != p.dim or heads != {p.n_heads} or source_layers != p.n_layers or L > p.n_layers:
-        made_for = dict(dim=query.shape[1], n_heads=sorted(heads), n_layers=source_layers, adapter_layers=L)
+    if query.shape[1] != p.dim or sizes - {1, p.n_heads} or source_layers != p.n_layers or L > p.n_layers:
+        made_for = dict(dim=query.shape[1], n_heads=sorted(sizes), n_layers=source_layers, adapter_layers=L)
         raise _shape_error(path, made_for, model)
     tensors = {}
     for j, prompt in enumerate(query.view(L, adapter_len, p.dim)):
@@ -229,5 +244,5 @@ def _read_official(model, path: str, adapter_len: int):
         if i not in gates:
             raise CheckpointError(f"{path} lacks tensor 'layers.{i}.attention.gate' (layer {i} has a prompt)")
         tensors[f"layers.{i}.attention.adapter_prompt"] = prompt
-        tensors[f"layers.{i}.attention.adapter_gate"] = gates[i].reshape(p.n_heads)
-    return AdapterConfig(adapter_len=adapter_len, adapter_layers=L, gate="head", gate_act="none"), tensors
+        tensors[f"layers.{i}.attention.adapter_gate"] = gates[i].reshape(1 if gate == "scalar" else p.n_heads)
+    return AdapterConfig(adapter_len=adapter_len, adapter_layers=L, gate=gate, gate_act="none"), tensors

@@ -1,11 +1,16 @@
 """`llama-adapter` command line: each subcommand lives beside the code it runs.
 
+Errors: argparse reports a bad flag (every number flag is checked by a rule of llama_adapter.validation); a user
+error (`user_errors`) while a command runs prints one line `llama-adapter: error: ...` and exits 1; Ctrl-C
+exits 130. `--debug` or LLAMA_ADAPTER_DEBUG=1 shows the traceback instead.
+
 A module listed in SUBCOMMANDS exposes `register_cli(subparsers)`, which adds its parser(s) and sets
 `func=callable(args) -> int` on them. Modules load only when the command line is built, so a broken optional
 feature never hides the others: its import error is reported when that subcommand is asked for.
 """
 
 import argparse
+import os
 import sys
 from importlib import import_module
 
@@ -17,8 +22,12 @@ SUBCOMMANDS = (
 )
 
 
+DEBUG_HELP = "show the traceback of an error (also: LLAMA_ADAPTER_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llama-adapter", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         try:
@@ -28,7 +37,19 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register_cli(subparsers)
+    for sub in subparsers.choices.values():  # `llama-adapter finetune ... --debug` works too
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """What counts as a user error, reported in one line: a problem with the inputs (files, data, configs,
+    flags, the device asked for) or the environment (disk, memory, a missing optional package). ValueError
+    covers the project's CheckpointError, DataError, ConfigError and RunDirectoryError and every argument check;
+    OSError missing, unreadable or full files and disks. Anything else is a bug and keeps its traceback."""
+    import torch
+
+    return (ValueError, OSError, ModuleNotFoundError, torch.OutOfMemoryError)
 
 
 def main(argv=None) -> int:
@@ -37,7 +58,17 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    debug = args.debug or os.environ.get("LLAMA_ADAPTER_DEBUG", "") not in ("", "0")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except user_errors() as e:
+        if debug:
+            raise
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+        print(f"llama-adapter: error: {message} (--debug shows where)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from llama_adapter.data import InstructionDataset, collate, load_examples
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
+from llama_adapter.validation import ANY_INT, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Number
 
 DATA_DIR = Path(__file__).parent / "demo_data"
 TINY = dict(dim=96, n_layers=3, multiple_of=32, max_seq_len=160)  # n_heads = dim // 32
@@ -191,6 +192,7 @@ def run_demo(args) -> int:
             seed=args.seed,
             eval_every=30,
             no_progress=True,
+            overwrite=True,  # the demo rebuilds everything under --out, its previous run included
         )
     )
     print(f"[finetune] {trainer.step} steps in {time.perf_counter() - t:.0f}s")
@@ -218,13 +220,13 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("demo", help="pretrain a tiny LLaMA, fine-tune an adapter, show before/after (CPU)",
                               description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
-    p.add_argument("--pretrain-steps", type=int, default=1000)
-    p.add_argument("--epochs", type=float, default=30, help="adapter fine-tuning epochs")
-    p.add_argument("--adapter-len", type=int, default=8)
-    p.add_argument("--blr", type=float, default=0.8, help="base lr (lr = blr * 32 / 256)")
-    p.add_argument("--dim", type=int, default=TINY["dim"], help="base model width")
-    p.add_argument("--layers", type=int, default=TINY["n_layers"], help="base model depth (all adapted)")
-    p.add_argument("--vocab-size", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--show", type=int, default=8, help="held-out answers to print")
+    p.add_argument("--pretrain-steps", type=POSITIVE_INT, default=1000)
+    p.add_argument("--epochs", type=POSITIVE, default=30, help="adapter fine-tuning epochs")
+    p.add_argument("--adapter-len", type=POSITIVE_INT, default=8)
+    p.add_argument("--blr", type=POSITIVE, default=0.8, help="base lr (lr = blr * 32 / 256)")
+    p.add_argument("--dim", type=Number(int, min=32), default=TINY["dim"], help="base model width")
+    p.add_argument("--layers", type=POSITIVE_INT, default=TINY["n_layers"], help="base model depth (all adapted)")
+    p.add_argument("--vocab-size", type=Number(int, min=16), default=1000)
+    p.add_argument("--seed", type=ANY_INT, default=0)
+    p.add_argument("--show", type=NON_NEGATIVE_INT, default=8, help="held-out answers to print")
     p.set_defaults(func=run_demo)

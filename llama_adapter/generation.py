@@ -24,6 +24,17 @@ import torch
 
 from llama_adapter.attention import BACKENDS, set_attention_backend
 from llama_adapter.chat import FORMATS
+from llama_adapter.validation import (
+    ANY_INT,
+    NON_NEGATIVE,
+    POSITIVE_INT,
+    Number,
+    check_arg,
+    require_device,
+    require_triton_device,
+)
+
+TOP_P = Number(float, min=0, max=1, min_open=True)
 
 
 @dataclass
@@ -48,7 +59,7 @@ def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, g
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _check_request(model, prompts, max_new_tokens, temperature, top_p) -> list[int]:
+def _check_request(model, prompts, max_new_tokens, temperature, top_p, eos_id=None, seed=None) -> list[int]:
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise TypeError(f"prompts must be a non-empty list of token-id lists, got {type(prompts).__name__}")
     vocab, max_seq_len = model.params.vocab_size, model.params.max_seq_len
@@ -57,12 +68,11 @@ def _check_request(model, prompts, max_new_tokens, temperature, top_p) -> list[i
             raise TypeError(f"prompts[{b}] must be a non-empty list of ints, got {p!r:.60}")
         if not all(0 <= t < vocab for t in p):
             raise ValueError(f"prompts[{b}] has token ids outside [0, vocab_size={vocab})")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    check_arg("max_new_tokens", max_new_tokens, POSITIVE_INT)
+    check_arg("temperature", temperature, NON_NEGATIVE)
+    check_arg("top_p", top_p, TOP_P)
+    check_arg("eos_id", eos_id, Number(int, min=0, max=vocab - 1, optional=True))
+    check_arg("seed", seed, Number(int, optional=True))
     lengths = [len(p) for p in prompts]
     if max(lengths) + max_new_tokens > max_seq_len:
         raise ValueError(
@@ -101,7 +111,7 @@ def generate_stream(
     a static KV cache; compile_options override the torch.compile arguments (default: mode="reduce-overhead"
     on CUDA, inductor's default elsewhere).
     """
-    lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p)
+    lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p, eos_id, seed)
     stops = _stop_set(eos_id, stop_ids)
     device = model.tok_embeddings.weight.device
     if generator is None and seed is not None:
@@ -269,14 +279,28 @@ def register_cli(subparsers) -> None:
                    help="prompt format, as finetune's (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
                         "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
     p.add_argument("--system", default=None, help="system message (chat formats)")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="at most the room left in the model's "
+                   "context (clamped, with a note)")  # fmt: skip
+    p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=TOP_P, default=1.0)
+    p.add_argument("--seed", type=ANY_INT, default=None)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)")
     p.set_defaults(func=_cli_generate)
+
+
+def clamp_new_tokens(requested: int, prompt_len: int, max_seq_len: int, flag: str = "--max-new-tokens") -> int:
+    """`requested`, or the room the model's context leaves after the prompt (with a note on stderr);
+    ValueError if the prompt alone fills it."""
+    room = max_seq_len - prompt_len
+    if room < 1:
+        raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room in the model's {max_seq_len}-token context")
+    if requested > room:
+        print(f"note: {flag} {requested} > the {room} tokens left in the model's {max_seq_len}-token context "
+              f"after the {prompt_len}-token prompt; generating at most {room}", file=sys.stderr)  # fmt: skip
+        return room
+    return requested
 
 
 def _cli_generate(args) -> int:
@@ -285,6 +309,9 @@ def _cli_generate(args) -> int:
     from llama_adapter.tokenizer import Tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    require_device(device, "--device")
+    if args.backend == "triton":
+        require_triton_device(device)
     dtype = _DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     # the Triton kernels take fp16/bf16/fp32 only; "auto" would pick them for CUDA or under TRITON_INTERPRET
     set_attention_backend("reference" if args.backend == "auto" and dtype == torch.float64 else args.backend)
@@ -303,6 +330,7 @@ def _cli_generate(args) -> int:
     model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
     if args.adapter:
         model.load_adapter(args.adapter)
+    max_new_tokens = clamp_new_tokens(args.max_new_tokens, len(prompt), model.params.max_seq_len)
 
     new_ids: list[int] = []
     printed = ""
@@ -319,7 +347,7 @@ def _cli_generate(args) -> int:
 
     start = time.perf_counter()
     generate(
-        model, [prompt], args.max_new_tokens, args.temperature, args.top_p, seed=args.seed, callback=show,
+        model, [prompt], max_new_tokens, args.temperature, args.top_p, seed=args.seed, callback=show,
         stop_ids=tokenizer.stop_ids,
     )  # fmt: skip
     seconds = time.perf_counter() - start

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llama_adapter.validation import ConfigError, check_values, require_device
+
 META_PARAMS = "params.json"
 HF_CONFIG = "config.json"
 # Meta's hard-coded LLaMA-3.1 scaling (llama-models' apply_scaling); params.json may override two of them.
@@ -48,6 +50,9 @@ _HF_LAYER_NAMES = {
 }
 _HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
                  "lm_head.weight": "output.weight"}  # fmt: skip
+_HF_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
+                n_kv_heads="num_key_value_heads", hidden_dim="intermediate_size", norm_eps="rms_norm_eps",
+                max_seq_len="max_position_embeddings", rope_scaling="rope_scaling / rope_parameters")  # fmt: skip
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -62,14 +67,33 @@ class Checkpoint:
     args: dict
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     sources: dict[str, str] = field(default_factory=dict)
+    config_path: str = ""  # params.json or config.json
 
 
-def _read_json(path: str) -> dict:
+def read_json_object(path) -> dict:
+    """A JSON file holding an object (a config): CheckpointError naming the file if it is not UTF-8 JSON or
+    holds anything else (a list, a number)."""
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            value = json.load(f)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object of keys")
+    return value
+
+
+def check_model_args(args: dict, path, names: dict | None = None) -> dict:
+    """`args` (ModelArgs fields) checked against ModelArgs.RULES; CheckpointError naming the file and the key
+    (`names`: field -> the file's key, for Hugging Face's names)."""
+    from llama_adapter.model import ModelArgs
+
+    try:
+        return check_values(args, ModelArgs.RULES, names)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _torch_load(path: str) -> dict:
@@ -120,12 +144,12 @@ def meta_model_args(params: dict, path: str = META_PARAMS) -> dict:
     args = {k: params[k] for k in _MODEL_ARG_FIELDS if params.get(k) is not None}
     if params.get("use_scaled_rope"):
         scaling = dict(_META_ROPE_SCALING)
-        if params.get("rope_scaling_factor") is not None:  # LLaMA-3.2 1B/3B use 32
-            scaling["factor"] = float(params["rope_scaling_factor"])
-        if params.get("rope_high_freq_factor") is not None:
-            scaling["high_freq_factor"] = float(params["rope_high_freq_factor"])
+        for key, field_name in (("rope_scaling_factor", "factor"), ("rope_high_freq_factor", "high_freq_factor")):
+            if params.get(key) is not None:  # LLaMA-3.2 1B/3B use factor 32
+                scaling[field_name] = params[key]
         args["rope_scaling"] = scaling
-    return args
+    from_embedding = {"vocab_size": -1} if args.get("vocab_size") == -1 else {}  # filled from the embedding
+    return {**check_model_args({k: v for k, v in args.items() if k not in from_embedding}, path), **from_embedding}
 
 
 def _meta_split_dim(name: str, shard_shape: torch.Size, n_shards: int, dim: int) -> int | None:
@@ -146,7 +170,7 @@ def _meta_split_dim(name: str, shard_shape: torch.Size, n_shards: int, dim: int)
 
 def read_meta_checkpoint(path: str) -> Checkpoint:
     params_path = os.path.join(path, META_PARAMS)
-    args = meta_model_args(_read_json(params_path), params_path)
+    args = meta_model_args(read_json_object(params_path), params_path)
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
     if not files:
         raise FileNotFoundError(f"no consolidated.*.pth checkpoint files in {path} (next to {META_PARAMS})")
@@ -160,7 +184,7 @@ def read_meta_checkpoint(path: str) -> Checkpoint:
                 f"model-parallel shards disagree: tensor {odd!r} is in only one of {files[0]} and {f}"
             )
 
-    ckpt = Checkpoint(args)
+    ckpt = Checkpoint(args, config_path=params_path)
     for name, first in shards[0].items():
         pieces = [s[name] for s in shards]
         split = _meta_split_dim(name, first.shape, len(files), args["dim"]) if len(files) > 1 else None
@@ -190,18 +214,13 @@ def hf_model_args(config: dict, path: str = HF_CONFIG) -> dict:
                if k not in config]  # fmt: skip
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
-    dim, n_heads = config["hidden_size"], config["num_attention_heads"]
-    if config.get("head_dim") not in (None, dim // n_heads):
-        raise CheckpointError(
-            f"{path}: head_dim {config['head_dim']} != hidden_size / num_attention_heads is not supported"
-        )
     if config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {config['hidden_act']!r} is not supported, only 'silu'")
     args = dict(
-        dim=dim,
+        dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads,
+        n_heads=config["num_attention_heads"],
+        n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
         vocab_size=config["vocab_size"],
         hidden_dim=config["intermediate_size"],
         norm_eps=config.get("rms_norm_eps", 1e-6),
@@ -209,8 +228,11 @@ def hf_model_args(config: dict, path: str = HF_CONFIG) -> dict:
     if config.get("max_position_embeddings"):
         args["max_seq_len"] = config["max_position_embeddings"]
     # transformers 5 keeps rope_theta and the scaling in rope_parameters; 4.x had rope_theta + rope_scaling.
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    args["rope_theta"] = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope_key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
+    rope = config.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{path}: {rope_key} must be an object, got {rope!r}")
+    args["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -219,6 +241,11 @@ def hf_model_args(config: dict, path: str = HF_CONFIG) -> dict:
         args["rope_scaling"] = {k: rope[k] for k in keys}
     elif rope_type not in ("default", None):
         raise CheckpointError(f"{path}: rope_type {rope_type!r} is not supported (only default and llama3)")
+    args = check_model_args(args, path, _HF_KEYS)
+    if config.get("head_dim") not in (None, args["dim"] // args["n_heads"]):
+        raise CheckpointError(
+            f"{path}: head_dim {config['head_dim']} != hidden_size / num_attention_heads is not supported"
+        )
     return args
 
 
@@ -245,7 +272,7 @@ def _hf_weight_files(path: str) -> dict[str, list[str] | None]:
     for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         index_path = os.path.join(path, index_name)
         if os.path.isfile(index_path):
-            weight_map = _read_json(index_path).get("weight_map")
+            weight_map = read_json_object(index_path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{index_path} has no weight_map")
             files: dict[str, list[str]] = {}
@@ -262,8 +289,8 @@ def _hf_weight_files(path: str) -> dict[str, list[str] | None]:
 
 def read_hf_checkpoint(path: str) -> Checkpoint:
     config_path = os.path.join(path, HF_CONFIG)
-    config = _read_json(config_path)
-    ckpt = Checkpoint(hf_model_args(config, config_path))
+    config = read_json_object(config_path)
+    ckpt = Checkpoint(hf_model_args(config, config_path), config_path=config_path)
     for fname, names in _hf_weight_files(path).items():
         for name, t in read_tensor_file(fname, names).items():
             meta_name = hf_to_meta_name(name)
@@ -328,8 +355,13 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     """
     from llama_adapter.model import LLaMA, ModelArgs
 
+    require_device("cpu" if device is None else device)  # before reading gigabytes for a device we lack
     ckpt = read_checkpoint(path)
-    args = ModelArgs(**{**ckpt.args, **overrides})
+    try:  # the rules were checked key by key; what remains are relations (dim divisible by n_heads, ...)
+        args = ModelArgs(**{**ckpt.args, **overrides})
+    except ValueError as e:
+        with_overrides = f" (with overrides {overrides})" if overrides else ""
+        raise CheckpointError(f"{ckpt.config_path}: {e}{with_overrides}") from None
     model = LLaMA(args, device="meta")
     expected = {name: t.shape for name, t in model.state_dict().items()}
     check_state_dict(ckpt, expected, os.fspath(path))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,17 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from llama_adapter.attention import adapter_attention, packed_max_seqlen
+from llama_adapter.validation import (
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Choice,
+    ConfigError,
+    Flag,
+    Number,
+    Table,
+    check_fields,
+)
 
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
@@ -38,7 +50,18 @@ class ModelArgs:
     hidden_dim: int | None = None  # None: Meta's SwiGLU rule below
     head_dim: int = field(init=False)
 
+    # Every field's type and range (llama_adapter.validation); the checkpoint loaders check params.json and
+    # config.json against the same rules, naming the file and key.
+    RULES: ClassVar[dict] = dict(
+        dim=POSITIVE_INT, n_layers=POSITIVE_INT, n_heads=POSITIVE_INT, n_kv_heads=Number(int, min=1, optional=True),
+        vocab_size=POSITIVE_INT, multiple_of=POSITIVE_INT, ffn_dim_multiplier=Number(float, min=0, min_open=True,
+        optional=True), norm_eps=POSITIVE, rope_theta=POSITIVE, max_seq_len=POSITIVE_INT,
+        rope_scaling=Table(tuple((k, POSITIVE) for k in _ROPE_SCALING_KEYS), optional=True),
+        hidden_dim=Number(int, min=1, optional=True),
+    )  # fmt: skip
+
     def __post_init__(self):
+        check_fields(self, self.RULES)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.dim % self.n_heads:
@@ -51,11 +74,11 @@ class ModelArgs:
             if self.ffn_dim_multiplier is not None:
                 hidden = int(self.ffn_dim_multiplier * hidden)
             self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        if self.rope_scaling is not None:
-            self.rope_scaling = dict(self.rope_scaling)  # never alias CONFIGS' dict
-            missing = [k for k in _ROPE_SCALING_KEYS if k not in self.rope_scaling]
-            if missing:
-                raise ValueError(f"rope_scaling needs keys {_ROPE_SCALING_KEYS}, missing {missing}")
+        if self.head_dim % 2:
+            raise ConfigError("n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even (RoPE pairs dims)")
+        if self.rope_scaling is not None:  # check_fields made a copy: CONFIGS' dict is never aliased
+            if self.rope_scaling["high_freq_factor"] == self.rope_scaling["low_freq_factor"]:
+                raise ConfigError("rope_scaling", "rope_scaling's high_freq_factor must differ from low_freq_factor")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> ModelArgs:
@@ -95,24 +118,14 @@ class AdapterConfig:
     visual_hidden: int = 512  # hidden width of that MLP
     early_fusion: int = 0  # V2: image offsets go only to the first N layers (own prompts); static prompts above
 
+    RULES: ClassVar[dict] = dict(
+        adapter_len=POSITIVE_INT, adapter_layers=POSITIVE_INT, gate=Choice(("head", "scalar")),
+        gate_act=Choice(("tanh", "none")), bias_tuning=Flag(), norm_tuning=Flag(),
+        visual_dim=Number(int, min=1, optional=True), visual_hidden=POSITIVE_INT, early_fusion=NON_NEGATIVE_INT,
+    )  # fmt: skip
+
     def __post_init__(self):
-        if not isinstance(self.adapter_len, int) or self.adapter_len < 1:
-            raise ValueError(f"adapter_len must be a positive int, got {self.adapter_len!r}")
-        if not isinstance(self.adapter_layers, int) or self.adapter_layers < 1:
-            raise ValueError(f"adapter_layers must be a positive int, got {self.adapter_layers!r}")
-        if self.gate not in ("head", "scalar"):
-            raise ValueError(f"gate must be 'head' or 'scalar', got {self.gate!r}")
-        if self.gate_act not in ("tanh", "none"):
-            raise ValueError(f"gate_act must be 'tanh' or 'none', got {self.gate_act!r}")
-        for name in ("bias_tuning", "norm_tuning"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.visual_dim is not None and (not isinstance(self.visual_dim, int) or self.visual_dim < 1):
-            raise ValueError(f"visual_dim must be None or a positive int, got {self.visual_dim!r}")
-        if not isinstance(self.visual_hidden, int) or self.visual_hidden < 1:
-            raise ValueError(f"visual_hidden must be a positive int, got {self.visual_hidden!r}")
-        if not isinstance(self.early_fusion, int) or self.early_fusion < 0:
-            raise ValueError(f"early_fusion must be an int >= 0, got {self.early_fusion!r}")
+        check_fields(self, self.RULES)
 
     def to_dict(self) -> dict:
         """The fields, less the V2 / multimodal switches left at their defaults (v1 configs read as before)."""
@@ -122,6 +135,8 @@ class AdapterConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> AdapterConfig:
+        if not isinstance(d, dict):
+            raise ConfigError("adapter", f"an AdapterConfig must be an object of fields, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

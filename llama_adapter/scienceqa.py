@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from llama_adapter.data import IGNORE_INDEX, DataError, collate, encode_example
+from llama_adapter.validation import POSITIVE_INT, require_device
 
 LETTERS = string.ascii_uppercase
 
@@ -205,6 +206,7 @@ def _run_eval(args) -> int:
     problems = load_problems(args.data, args.split)[: args.limit]
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require_device(device, "--device")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
     model.load_adapter(args.adapter)
@@ -246,7 +248,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--image-features", help="feature file/directory (extract-features); needed with a projector")
     p.add_argument("--tokenizer", help="tokenizer.model (default: in --model or its parent)")
     p.add_argument("--out", help="write the report and per-problem predictions as JSON")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N problems only")
+    p.add_argument("--limit", type=POSITIVE_INT, default=None, help="evaluate the first N problems only")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")

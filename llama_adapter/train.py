@@ -20,11 +20,15 @@ import argparse
 import json
 import math
 import os
+import shutil
 import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -43,6 +47,19 @@ from llama_adapter.data import (
     load_examples,
     rank_micro_batches,
     split_examples,
+)
+from llama_adapter.loading import CheckpointError
+from llama_adapter.validation import (
+    ANY_INT,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    Choice,
+    Flag,
+    Number,
+    check_fields,
+    require_device,
 )
 
 
@@ -188,6 +205,21 @@ class TrainConfig:
     # between sequences); True packs wherever the backend takes cu_seqlens (the reference then builds a T x T
     # mask: right, but slower than padding); False pads.
     pack: bool | str = "auto"
+    overwrite: bool = False  # replace a run already in out_dir (else it is refused unless resume)
+
+    RULES: ClassVar[dict] = dict(
+        epochs=POSITIVE, warmup_epochs=NON_NEGATIVE, global_batch_size=POSITIVE_INT, micro_batch_size=POSITIVE_INT,
+        blr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, seed=ANY_INT, eval_every=NON_NEGATIVE_INT,
+        save_every=NON_NEGATIVE_INT, max_steps=Number(int, min=1, optional=True),
+        sample_max_new_tokens=NON_NEGATIVE_INT,
+        progress=Flag(), resume=Flag(), fsdp=Flag(), pack=Choice((True, False, "auto")), overwrite=Flag(),
+    )  # fmt: skip
+
+    def __post_init__(self):
+        check_fields(self, self.RULES)
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other (--resume continues a run, --overwrite "
+                             "replaces it)")  # fmt: skip
 
     @property
     def lr(self) -> float:
@@ -262,7 +294,7 @@ class Trainer:
         self.step = state["step"]
         self.rng = state["rng"]
         train_state.restore_rng(self.rng)
-        self.history = [m for m in read_metrics(self.out_dir) if m["step"] <= self.step]
+        self.history = [m for m in read_metrics(self.out_dir, say=self._warn) if m["step"] <= self.step]
         if self.info.is_main:  # drop what an interrupted run logged past its last checkpoint
             write_metrics(self.out_dir, self.history)
 
@@ -292,6 +324,9 @@ class Trainer:
             loss_sum += micro_loss.detach().double()
         if cfg.fsdp and info.world_size > 1:
             sync_adapter_grads(self.model, info.world_size)
+        # From here until fit() has advanced the step counter the weights belong to no step: an exception
+        # raised in between must not be saved as a checkpoint (signals wait for the step boundary anyway).
+        self._mid_update = True
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -343,10 +378,51 @@ class Trainer:
             with open(self.out_dir / METRICS_FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def _warn(self, message: str) -> None:
+        if self.info.is_main:
+            print(f"warning: {message}", file=sys.stderr)
+
+    def _prepare_out_dir(self) -> bool:
+        """Apply the run-directory rules (`check_run_dir`); True if there is a checkpoint to resume from."""
+        cfg = self.cfg
+        refused = None
+        if self.info.is_main:
+            try:
+                check_run_dir(self.out_dir, cfg.resume, cfg.overwrite)
+            except RunDirectoryError as e:
+                refused = e
+            else:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                for tmp in train_state.remove_stale_temporaries(self.out_dir):
+                    self._warn(f"removed {tmp}, a partial file left by an interrupted write")
+                if cfg.overwrite:
+                    remove_run(self.out_dir)
+        if self.info.world_size > 1:  # every rank learns the main rank's verdict before anyone reads the dir
+            flag = torch.tensor([float(refused is not None)], device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and refused is None:
+                refused = RunDirectoryError(f"rank 0 refused the output directory {self.out_dir}")
+        if refused is not None:
+            raise refused
+        resumable = cfg.resume and (self.out_dir / train_state.CHECKPOINT_NAME).exists()
+        if cfg.resume and not resumable:
+            self._warn(f"--resume: no {train_state.CHECKPOINT_NAME} in {self.out_dir}, starting from step 0")
+        return resumable
+
+    def _stop_requested(self, signals: StepBoundarySignals) -> bool:
+        """Whether a signal arrived on any rank (all ranks must stop at the same step boundary)."""
+        stop = signals.received is not None
+        if self.info.world_size > 1:
+            flag = torch.tensor([float(stop)], device=self.info.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
     def fit(self) -> list[dict]:
+        """Train to the end (or max_steps). SIGINT/SIGTERM stop it at the next step boundary with a checkpoint
+        of that step (then KeyboardInterrupt propagates); `resume=True` continues exactly where it stopped."""
         cfg, info = self.cfg, self.info
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if cfg.resume and (self.out_dir / train_state.CHECKPOINT_NAME).exists():
+        if self._prepare_out_dir():
             self.restore()
         elif info.is_main:
             (self.out_dir / METRICS_FILE).unlink(missing_ok=True)
@@ -359,43 +435,58 @@ class Trainer:
         eval_every = cfg.eval_every or self.steps_per_epoch
         save_every = cfg.save_every or self.steps_per_epoch
         epoch_cache = (None, None)
+        self._mid_update = False
         try:
-            while self.step < last:
-                epoch, index = divmod(self.step, self.steps_per_epoch)
-                if epoch_cache[0] != epoch:
-                    epoch_cache = (
-                        epoch,
-                        global_batches(self.train_set.lengths, cfg.global_batch_size, cfg.seed, epoch),
-                    )
-                t0 = time.perf_counter()
-                lr = self.optimizer.param_groups[0]["lr"]
-                loss, tokens = self.train_step(epoch_cache[1][index])
-                self.step += 1
-                self.rng = train_state.capture_rng()
-                seconds = time.perf_counter() - t0
-                record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
-                          "tokens_per_s": tokens / seconds}  # fmt: skip
-                if (
-                    self.val_set is not None
-                    and len(self.val_set)
-                    and (self.step % eval_every == 0 or self.step == last)
-                ):
-                    record["val_loss"] = self.evaluate(self.val_set)
-                    record["sample"] = self.sample()
-                self.log(record)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-                    if "val_loss" in record:
-                        bar.write(f"step {self.step}: val_loss {record['val_loss']:.4f} | sample: {record['sample']!r}")
-                if self.step % save_every == 0 or self.step == last:
-                    self.save()
-        except KeyboardInterrupt:
-            # The model/optimizer reflect the last completed step (a half-accumulated one is dropped).
-            self.optimizer.zero_grad(set_to_none=True)
-            self.save()
+            with StepBoundarySignals() as signals:
+                while self.step < last:
+                    epoch, index = divmod(self.step, self.steps_per_epoch)
+                    if epoch_cache[0] != epoch:
+                        epoch_cache = (
+                            epoch,
+                            global_batches(self.train_set.lengths, cfg.global_batch_size, cfg.seed, epoch),
+                        )
+                    t0 = time.perf_counter()
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    loss, tokens = self.train_step(epoch_cache[1][index])
+                    self.step += 1
+                    self.rng = train_state.capture_rng()
+                    self._mid_update = False
+                    seconds = time.perf_counter() - t0
+                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
+                              "tokens_per_s": tokens / seconds}  # fmt: skip
+                    if (
+                        self.val_set is not None
+                        and len(self.val_set)
+                        and (self.step % eval_every == 0 or self.step == last)
+                    ):
+                        record["val_loss"] = self.evaluate(self.val_set)
+                        record["sample"] = self.sample()
+                    self.log(record)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                        if "val_loss" in record:
+                            bar.write(
+                                f"step {self.step}: val_loss {record['val_loss']:.4f} | sample: {record['sample']!r}"
+                            )
+                    saved = self.step % save_every == 0 or self.step == last
+                    if saved:
+                        self.save()
+                    if self._stop_requested(signals):
+                        if not saved:
+                            self.save()
+                        raise StoppedAtStepBoundary(f"signal {signals.received}")
+        except KeyboardInterrupt as stop:
+            if isinstance(stop, StoppedAtStepBoundary):
+                where = f"checkpoint at step {self.step}"
+            elif self._mid_update:  # the weights are past the counted step: keep the last checkpoint as it is
+                where = "stopped during an optimizer update; the last checkpoint written is kept"
+            else:  # raised inside a step before its update: the model still holds step `self.step`'s weights
+                self.optimizer.zero_grad(set_to_none=True)
+                self.save()
+                where = f"checkpoint at step {self.step}"
             if info.is_main:
-                print(f"\ninterrupted: checkpoint at step {self.step} in {self.out_dir} (resume with --resume)")
+                print(f"\ninterrupted: {where} in {self.out_dir} (resume with --resume)", file=sys.stderr)
             raise
         finally:
             if bar is not None:
@@ -403,14 +494,96 @@ class Trainer:
         return self.history
 
 
+class StoppedAtStepBoundary(KeyboardInterrupt):
+    """Training stopped on a signal at a step boundary, after writing that step's checkpoint."""
+
+
+class StepBoundarySignals:
+    """While training runs, SIGINT (Ctrl-C) and SIGTERM (torchrun, schedulers) only set `received`; the loop
+    stops at the next step boundary, so the checkpoint it writes holds exactly that step's weights. A second
+    signal interrupts at once. Handlers can only be installed from the main thread; elsewhere signals keep
+    their handlers (Python delivers them to the main thread anyway)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt(f"second signal {signum}")
+        self.received = signum
+
+    def __enter__(self) -> StepBoundarySignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+class RunDirectoryError(ValueError):
+    """An output directory that holds a run which this run would silently replace or continue."""
+
+
+RUN_FILES = (train_state.CHECKPOINT_NAME, "metrics.jsonl", "adapter", "loss.png")
+
+
+def check_run_dir(out_dir, resume: bool, overwrite: bool) -> None:
+    """A run directory that already holds a run (checkpoint, metrics, adapter) is continued with resume, replaced
+    with overwrite, and refused otherwise."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirectoryError(f"--out {out_dir} exists and is not a directory")
+    existing = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if existing and not (resume or overwrite):
+        raise RunDirectoryError(
+            f"{out_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, or --overwrite "
+            "to delete it and start again"
+        )
+
+
+def remove_run(out_dir) -> None:
+    """Delete what a run wrote into `out_dir` (RUN_FILES), nothing else."""
+    for name in RUN_FILES:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+
 METRICS_FILE = "metrics.jsonl"
 
 
-def read_metrics(out_dir) -> list[dict]:
+def read_metrics(out_dir, say=None) -> list[dict]:
+    """The records of OUT/metrics.jsonl. A torn last line (a kill while it was written) is dropped, with a
+    warning through `say`; any other unreadable line is a CheckpointError naming the file and line."""
     path = Path(out_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path} is not UTF-8 text ({e}); delete it or start again with --overwrite") from None
+    numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+    records = []
+    for n, line in numbered:
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a record with an integer 'step'")
+        except ValueError as e:  # JSONDecodeError too
+            if n == numbered[-1][0]:
+                if say is not None:
+                    say(f"{path}:{n}: dropping a torn last line (the run was stopped while writing it)")
+                break
+            raise CheckpointError(f"{path}:{n}: unreadable metrics line ({e}); fix or delete the line") from None
+        records.append(record)
+    return records
 
 
 def write_metrics(out_dir, records: list[dict]) -> None:
@@ -482,24 +655,30 @@ def plot_loss(history: list[dict], path) -> Path | None:
 
 
 # ----------------------------------------------------------------------------- command line
+FRACTION = Number(float, min=0, max=1, max_open=True)
+
+
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--adapter-len", type=int, default=10, help="prompt tokens per adapted layer (K)")
-    p.add_argument("--adapter-layers", type=int, default=30, help="adapted top layers (clamped to n_layers)")
-    p.add_argument("--epochs", type=float, default=5)
-    p.add_argument("--warmup-epochs", type=float, default=2)
-    p.add_argument("--global-batch-size", type=int, default=64, help="= micro x accumulation x world size")
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--max-seq-len", type=int, default=512, help="longer examples are truncated (and counted)")
-    p.add_argument("--blr", type=float, default=9e-3, help="base lr; lr = blr * global_batch / 256")
-    p.add_argument("--weight-decay", type=float, default=0.02, help="on prompts; gates get none")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.02, help="held out for validation loss (0: none)")
-    p.add_argument("--eval-every", type=int, default=0, help="optimizer steps between evaluations (0: each epoch)")
-    p.add_argument("--save-every", type=int, default=0, help="optimizer steps between checkpoints (0: each epoch)")
+    p.add_argument("--adapter-len", type=POSITIVE_INT, default=10, help="prompt tokens per adapted layer (K)")
+    p.add_argument("--adapter-layers", type=POSITIVE_INT, default=30, help="adapted top layers (clamped to n_layers)")
+    p.add_argument("--epochs", type=POSITIVE, default=5)
+    p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=2)
+    p.add_argument("--global-batch-size", type=POSITIVE_INT, default=64, help="= micro x accumulation x world size")
+    p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=4)
+    p.add_argument("--max-seq-len", type=POSITIVE_INT, default=512, help="longer examples are truncated (and counted)")
+    p.add_argument("--blr", type=NON_NEGATIVE, default=9e-3, help="base lr; lr = blr * global_batch / 256")
+    p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.02, help="on prompts; gates get none")
+    p.add_argument("--seed", type=ANY_INT, default=0)
+    p.add_argument("--val-fraction", type=FRACTION, default=0.02, help="held out for validation loss (0: none)")
+    p.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=0,
+                   help="optimizer steps between evaluations (0: each epoch)")  # fmt: skip
+    p.add_argument("--save-every", type=NON_NEGATIVE_INT, default=0,
+                   help="optimizer steps between checkpoints (0: each epoch)")  # fmt: skip
     p.add_argument("--image-features", help="feature file/dir (extract-features): records' 'image' ids -> prompts")
     p.add_argument("--bias-tuning", action="store_true", help="V2: train bias and scale of every block linear")
     p.add_argument("--norm-tuning", action="store_true", help="V2: train the RMSNorm weights")
-    p.add_argument("--early-fusion", type=int, default=0, help="V2: image offsets only in the first N layers")
+    p.add_argument("--early-fusion", type=NON_NEGATIVE_INT, default=0,
+                   help="V2: image offsets only in the first N layers")  # fmt: skip
 
 
 def register_cli(subparsers) -> None:
@@ -513,8 +692,11 @@ def register_cli(subparsers) -> None:
                    help="how examples are formatted (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
                         "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
     add_recipe_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (checkpoint written)")
+    run = p.add_mutually_exclusive_group()
+    run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
+    run.add_argument("--overwrite", action="store_true",
+                     help="OUT holds a run: delete it (checkpoint, metrics, adapter/, loss.png) and start again")
+    p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many optimizer steps (checkpoint written)")
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="frozen base weights (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)")  # fmt: skip
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
@@ -574,6 +756,9 @@ def finetune(args) -> Trainer:
     from llama_adapter.model import AdapterConfig, LLaMA
     from llama_adapter.tokenizer import Tokenizer
 
+    if args.device is not None:
+        require_device(args.device, "--device")
+    check_run_dir(args.out, args.resume, args.overwrite)  # before anything heavy loads
     info = init_distributed(args.device)
     say = print if info.is_main else (lambda *a, **k: None)
     if args.fsdp and info.world_size == 1:
@@ -607,7 +792,7 @@ def finetune(args) -> Trainer:
         global_batch_size=args.global_batch_size, micro_batch_size=args.micro_batch_size, blr=args.blr,
         weight_decay=args.weight_decay, seed=args.seed, eval_every=args.eval_every, save_every=args.save_every,
         max_steps=args.max_steps, progress=not args.no_progress, resume=args.resume, fsdp=args.fsdp,
-        pack=False if args.no_pack else "auto",
+        pack=False if args.no_pack else "auto", overwrite=args.overwrite,
     )  # fmt: skip
     trainer = Trainer(model, train_set, val_set, cfg, pad_id=tokenizer.pad_id, tokenizer=tokenizer, dist_info=info)
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
