@@ -1,16 +1,32 @@
+import ast
 import math
 import os
+import pickle
+import random
+import re
+import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from train_helpers import WordTokenizer, make_examples, single_thread, tiny_model
 
 from llama_adapter import train_state
+from llama_adapter.attention import get_attention_backend, set_attention_backend
 from llama_adapter.data import InstructionDataset, collate, global_batches
-from llama_adapter.train import TrainConfig, Trainer, lm_loss_sum, lr_factor, make_optimizer, read_metrics
+from llama_adapter.loading import CheckpointError
+from llama_adapter.train import (
+    RunDirectoryError,
+    TrainConfig,
+    Trainer,
+    lm_loss_sum,
+    lr_factor,
+    make_optimizer,
+    read_metrics,
+)
 
 TOK = WordTokenizer()
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -200,3 +216,258 @@ def test_a_failed_write_leaves_no_temporary(tmp_path, monkeypatch):
         train_state.atomic_save({"step": 2}, tmp_path / "x.pt")
     assert sorted(os.listdir(tmp_path)) == ["x.pt"]
     assert torch.load(tmp_path / "x.pt") == {"step": 1}
+
+
+# ----------------------------------------------------------------------------- hardening: loads run no code
+class _CreatesMarker:
+    """Unpickling this calls open(path, "w"): a file appears if a loader runs code from a checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _crafted_checkpoints(directory, marker):
+    """A checkpoint.pt that would create `marker` when unpickled, in each container a loader may meet."""
+    payload = {"format_version": train_state.FORMAT_VERSION, "step": 1, "rng": _CreatesMarker(marker)}
+    yield "zip", lambda path: torch.save(payload, path)
+    yield "legacy", lambda path: torch.save(payload, path, _use_new_zipfile_serialization=False)
+    yield "raw pickle", lambda path: path.write_bytes(pickle.dumps(payload, protocol=2))
+
+
+@pytest.mark.parametrize("kind", ["zip", "legacy", "raw pickle"])
+def test_a_crafted_checkpoint_runs_no_code_on_resume(tmp_path, kind):
+    marker = tmp_path / "marker"
+    write = dict(_crafted_checkpoints(tmp_path, marker))[kind]
+    out = tmp_path / "run"
+    out.mkdir()
+    write(out / train_state.CHECKPOINT_NAME)
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt holds objects other than tensors.*not loaded"):
+        train_state.load_checkpoint(out)
+    with pytest.raises(CheckpointError, match="not loaded"):
+        Trainer(tiny_model(), dataset(4), None, config(out, resume=True)).fit()
+    assert not marker.exists()
+
+
+def test_every_checkpoint_we_write_reads_back_with_weights_only(tmp_path):
+    """The whole trainer state (numpy and python RNG included) survives a weights_only round trip."""
+    import numpy as np
+
+    random.seed(5)
+    np.random.seed(7)
+    Trainer(tiny_model(), dataset(4), None, config(tmp_path, max_steps=1)).fit()
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    state = torch.load(tmp_path / train_state.CHECKPOINT_NAME, weights_only=True)
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    train_state.restore_rng(state["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+    with pytest.raises(TypeError, match=r"checkpoint\['meta'\]\['x'\] is a _CreatesMarker"):
+        train_state.save_checkpoint(tmp_path, adapter={}, optimizer={}, scheduler={}, step=1, rng={},
+                                    meta={"x": _CreatesMarker(tmp_path / "m")})  # fmt: skip
+
+
+def test_no_loader_in_the_project_may_unpickle_code():
+    """Every torch.load in the package and the benchmarks passes weights_only=True; no pickle.load(s) at all."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*root.joinpath("llama_adapter").rglob("*.py"), *root.joinpath("benchmarks").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            if name in ("pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "joblib.load"):
+                offenders.append(f"{path.name}:{node.lineno} {name}")
+            if name.endswith("torch.load"):
+                safe = any(k.arg == "weights_only" and ast.unparse(k.value) == "True" for k in node.keywords)
+                if not safe:
+                    offenders.append(f"{path.name}:{node.lineno} torch.load without weights_only=True")
+            if name.endswith(("np.load", "numpy.load")):
+                if not any(k.arg == "allow_pickle" and ast.unparse(k.value) == "False" for k in node.keywords):
+                    offenders.append(f"{path.name}:{node.lineno} np.load without allow_pickle=False")
+    assert offenders == []
+
+
+# ----------------------------------------------------------------------------- hardening: signals, step boundaries
+STEPS_PER_EPOCH = 3  # dataset(12), global batch 4
+SIGNAL_POINTS = {  # where the signal lands -> (what to hook, on which call, the step whose boundary stops the run)
+    "forward, 2nd micro-batch of step 4": ("forward", 9, 4),  # calls: step 1-2 (4), eval (1), step 3-4 (4)
+    "right after optimizer.step of step 4": ("optimizer.step", 4, 4),
+    "right after scheduler.step of step 4": ("scheduler.step", 4, 4),
+    "during the evaluation after step 4": ("evaluate", 2, 4),
+    "while step 3's checkpoint is written": ("save", 1, 3),
+}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, single_thread):
+    previous = get_attention_backend()
+    set_attention_backend("reference")  # conftest's per-test choice does not cover module fixtures
+    model = tiny_model()
+    out = tmp_path_factory.mktemp("full")
+    history = Trainer(model, dataset(12), dataset(2, offset=12), config(out, eval_every=2)).fit()
+    set_attention_backend(previous)
+    return history, {k: v.clone() for k, v in model.adapter_state_dict().items()}
+
+
+def _hook_signal(trainer, target: str, call: int, signals: list[int]):
+    """Make the `call`-th call of `target` send `signals` to this process (after the call's own work)."""
+    owner, name = {
+        "forward": (trainer.model, "forward"),
+        "optimizer.step": (trainer.optimizer, "step"),
+        "scheduler.step": (type(trainer.scheduler), "step"),  # its instance __dict__ is its state_dict
+        "evaluate": (trainer, "evaluate"),
+        "save": (train_state, "save_checkpoint"),
+    }[target]
+    original, calls = getattr(owner, name), [0]
+
+    def hooked(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls[0] += 1
+        if calls[0] == call:
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return result
+
+    hooked.__dict__.update(getattr(original, "__dict__", {}))  # e.g. the lr scheduler's mark on optimizer.step
+    return owner, name, original, hooked
+
+
+def _scrambled_adapter():
+    """The same base with other adapter values: a resumed run must take everything from the checkpoint."""
+    model = tiny_model()
+    with torch.no_grad():
+        for p in model.adapter_parameters():
+            p.normal_()
+    return model
+
+
+def _without_timing(history):
+    return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in history]
+
+
+SIGNAL_CASES = [(point, signal.SIGTERM) for point in SIGNAL_POINTS] + [
+    (point, signal.SIGINT) for point in list(SIGNAL_POINTS)[:2]  # Ctrl-C takes the same path
+]
+
+
+@pytest.mark.parametrize("point, sig", SIGNAL_CASES, ids=[f"{s.name}: {p}" for p, s in SIGNAL_CASES])
+def test_a_signal_anywhere_stops_at_a_step_boundary_and_resume_is_exact(tmp_path, uninterrupted, point, sig):
+    target, call, boundary = SIGNAL_POINTS[point]
+    train, val, out = dataset(12), dataset(2, offset=12), tmp_path / "run"
+    model = tiny_model()
+    trainer = Trainer(model, train, val, config(out, eval_every=2))
+    owner, name, original, hooked = _hook_signal(trainer, target, call, [sig])
+    setattr(owner, name, hooked)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        setattr(owner, name, original)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers given back
+    state = train_state.load_checkpoint(out)
+    assert state["step"] == trainer.step == boundary
+    for key, t in model.adapter_state_dict().items():  # the checkpoint holds exactly that step's weights
+        assert torch.equal(state["adapter"][key], t), key
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, boundary + 1))
+
+    resumed_model = _scrambled_adapter()
+    resumed = Trainer(resumed_model, train, val, config(out, eval_every=2, resume=True)).fit()
+    history, adapter = uninterrupted
+    assert _without_timing(resumed) == _without_timing(history)  # the same loss curve, bitwise
+    for key, t in adapter.items():
+        assert torch.equal(resumed_model.adapter_state_dict()[key], t), key
+
+
+def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, uninterrupted):
+    """Two signals inside step 4's update: no checkpoint of torn weights; step 3's stays and resumes exactly."""
+    train, val, out = dataset(12), dataset(2, offset=12), tmp_path / "run"
+    trainer = Trainer(tiny_model(), train, val, config(out, eval_every=2))
+    owner, name, original, hooked = _hook_signal(trainer, "optimizer.step", 4, [signal.SIGTERM, signal.SIGTERM])
+    setattr(owner, name, hooked)
+    with pytest.raises(KeyboardInterrupt, match="second signal"):
+        trainer.fit()
+    assert train_state.load_checkpoint(out)["step"] == 3
+    resumed_model = _scrambled_adapter()
+    resumed = Trainer(resumed_model, train, val, config(out, eval_every=2, resume=True)).fit()
+    assert _without_timing(resumed) == _without_timing(uninterrupted[0])
+    for key, t in uninterrupted[1].items():
+        assert torch.equal(resumed_model.adapter_state_dict()[key], t), key
+
+
+# ----------------------------------------------------------------------------- hardening: run directories
+def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
+    Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=2)).fit()
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoint\.pt, metrics\.jsonl\).*--resume.*"
+                                                r"--overwrite"):  # fmt: skip
+        Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1)).fit()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing touched
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1, overwrite=True)).fit()
+    assert train_state.load_checkpoint(tmp_path)["step"] == 1 and len(read_metrics(tmp_path)) == 1
+    assert not (tmp_path / "adapter").exists() and (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        config(tmp_path, resume=True, overwrite=True)
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
+    train = dataset(8)
+    Trainer(tiny_model(), train, None, config(tmp_path, max_steps=2)).fit()
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 3, "epoch": 1.5, "lo')  # killed while writing step 3's line
+    history = Trainer(tiny_model(), train, None, config(tmp_path, resume=True)).fit()
+    assert [r["step"] for r in history] == [1, 2, 3, 4]
+    assert "metrics.jsonl:3: dropping a torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], "not json", *lines[1:]]) + "\n")  # damage that is not a torn write
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl:2: unreadable metrics line"):
+        read_metrics(tmp_path)
+    path.write_bytes(b'{"step": 1}\n\xff\n')
+    with pytest.raises(CheckpointError, match=r"metrics\.jsonl is not UTF-8"):
+        read_metrics(tmp_path)
+
+
+@pytest.mark.parametrize("keep", [0, 100, 0.5, 0.9])
+def test_a_truncated_checkpoint_is_an_error_naming_the_file(tmp_path, keep):
+    Trainer(tiny_model(), dataset(4), None, config(tmp_path, max_steps=1)).fit()
+    path = tmp_path / train_state.CHECKPOINT_NAME
+    data = path.read_bytes()
+    path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"cannot read .*checkpoint\.pt \(truncated"):
+        train_state.load_checkpoint(tmp_path)
+
+
+def test_temporaries_of_a_killed_first_write_are_removed(tmp_path, capsys):
+    """A kill during the very first checkpoint write leaves a temporary file and no checkpoint: the next start
+    (fresh or --resume) removes it and says so."""
+    for resume in (False, True):
+        stale = tmp_path / f"{train_state._TMP_PREFIX}4242-{train_state.CHECKPOINT_NAME}"
+        stale.write_bytes(b"half a checkpoint")
+        Trainer(tiny_model(), dataset(4), None, config(tmp_path, max_steps=1, resume=resume)).fit()
+        assert not stale.exists() and train_state.stale_temporaries(tmp_path) == []
+        assert f"removed {stale}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("micro_batch_size", 0, "micro_batch_size must be an int >= 1, got 0"),
+        ("global_batch_size", 0, "global_batch_size must be an int >= 1, got 0"),
+        ("global_batch_size", 4.0, "global_batch_size must be an int >= 1, got 4.0"),
+        ("epochs", float("nan"), "epochs must be a number > 0"),
+        ("blr", "1e-3", "blr must be a number >= 0, got '1e-3'"),
+        ("max_steps", 0, "max_steps must be an int >= 1 or None"),
+        ("pack", 1, "pack must be one of True, False, 'auto', got 1"),
+    ],
+)
+def test_train_config_rejects_bad_values_naming_the_field(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        config(tmp_path, **{field: value})
