@@ -15,6 +15,7 @@ from llama_adapter.loading import CheckpointError
 from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 
 PEFT_PREFIX = "base_model.model.model.layers"
+BASE = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32)  # tiny_model()'s shape
 
 
 def tiny_model(seed=0, **overrides) -> LLaMA:
@@ -204,4 +205,59 @@ def test_truncated_adapter_file(tmp_path):
     data = (tmp_path / WEIGHTS_FILE).read_bytes()
     (tmp_path / WEIGHTS_FILE).write_bytes(data[:-100])
     with pytest.raises(CheckpointError, match=f"cannot read .*{WEIGHTS_FILE} .truncated"):
+        load_adapter(tiny_model(), tmp_path)
+
+
+@pytest.mark.parametrize("gate_shape", [(1,), (1, 1, 1, 1)])
+def test_official_first_release_scalar_gates_load_as_scalar_gates(tmp_path, gate_shape):
+    """The official code's first release saved one gate per layer (zeros(1)): it loads as gate="scalar" and
+    computes what the per-head form with that value in every head computes."""
+    query = torch.randn(2 * 10, 64, dtype=torch.float64)
+    values = {i: torch.randn(1, dtype=torch.float64) for i in range(3)}
+    scalar = official_pth(tmp_path / "scalar.pth", query, {i: v.reshape(gate_shape) for i, v in values.items()})
+    per_head = {i: v.expand(4).reshape(1, 4, 1, 1) for i, v in values.items()}
+    per_head = official_pth(tmp_path / "head.pth", query, per_head)
+    a, b = tiny_model(), tiny_model()
+    assert load_adapter(a, scalar) == AdapterConfig(adapter_len=10, adapter_layers=2, gate="scalar", gate_act="none")
+    assert load_adapter(b, per_head).gate == "head"
+    assert torch.equal(a.layers[2].attention.adapter_gate, values[2])
+    tokens = torch.randint(0, 32, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(a(tokens), b(tokens), rtol=1e-12, atol=1e-12)
+
+    mixed = {0: torch.zeros(1), 1: torch.zeros(1, 4, 1, 1), 2: torch.zeros(1)}
+    mixed = official_pth(tmp_path / "mixed.pth", query, mixed)
+    with pytest.raises(CheckpointError, match=r"mixes gate sizes \[1, 4\].*one scalar gate per layer"):
+        load_adapter(tiny_model(), mixed)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (["format", "llama_adapter"], r"adapter_config\.json holds a JSON list, expected an object"),
+        ("not an object", r"adapter_config\.json holds a JSON str"),
+        ({"format": "llama_adapter", "base_model": BASE, "adapter": ["adapter_len", 5]}, "has no 'adapter' section"),
+        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": "5", "adapter_layers": 2}},
+         r"adapter_config\.json: 'adapter': adapter_len must be an int >= 1, got '5'"),
+        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "adapter_layers": 2.0}},
+         r"adapter_layers must be an int >= 1, got 2\.0"),
+        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "gate": 1}},
+         r"'adapter': gate must be one of 'head', 'scalar', got 1"),
+        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "bias_tuning": "yes"}},
+         r"bias_tuning must be true or false"),
+        ({"format": "llama_adapter", "base_model": "3 layers", "adapter": {}}, r"'base_model' must be an object"),
+        ({"peft_type": "ADAPTION_PROMPT", "adapter_len": 0, "adapter_layers": 2},
+         r"adapter_config\.json: adapter_len must be an int >= 1, got 0"),
+        ({"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": "2"}, r"adapter_layers must be an int"),
+    ],
+)  # fmt: skip
+def test_adapter_config_json_with_wrong_types_names_file_and_key(tmp_path, config, message):
+    (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=message):
+        load_adapter(tiny_model(), tmp_path)
+
+
+def test_adapter_config_json_not_utf8(tmp_path):
+    (tmp_path / CONFIG_FILE).write_bytes(b'{"format": "llama_adapter\xff"}')
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json is not UTF-8"):
         load_adapter(tiny_model(), tmp_path)

@@ -245,3 +245,80 @@ def test_index_listing_a_tensor_its_file_lacks(copy_of):
     index_path.write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match=f"{first_file} lacks tensor 'model.layers.9.mlp.up_proj.weight'"):
         load_pretrained(sharded)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"dim": "64"}, r"params\.json: dim must be an int >= 1, got '64' \(str\)"),
+        ({"dim": 64.0}, r"params\.json: dim must be an int >= 1, got 64\.0 \(float\)"),
+        ({"n_heads": 0}, r"params\.json: n_heads must be an int >= 1, got 0"),
+        ({"n_layers": True}, r"params\.json: n_layers must be an int >= 1, got True \(bool\)"),
+        ({"norm_eps": "1e-5"}, r"params\.json: norm_eps must be a number > 0, got '1e-5' \(str\)"),
+        ({"rope_theta": -1.0}, r"params\.json: rope_theta must be a number > 0, got -1\.0"),
+        ({"n_kv_heads": [2]}, r"params\.json: n_kv_heads must be an int >= 1 or None, got \[2\]"),
+        ({"use_scaled_rope": True, "rope_scaling_factor": "8"}, r"params\.json: rope_scaling\['factor'\] must be"),
+        ({"n_heads": 3}, r"params\.json: dim \(64\) must be divisible by n_heads \(3\)"),
+        ({"n_heads": 8, "n_kv_heads": 3}, r"params\.json: n_heads \(8\) must be divisible by n_kv_heads \(3\)"),
+    ],
+)
+def test_params_json_with_wrong_types_names_file_and_key(copy_of, edit, message):
+    meta = copy_of("meta")
+    params = json.loads((meta / "params.json").read_text())
+    (meta / "params.json").write_text(json.dumps({**params, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(meta)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        ({"hidden_size": "64"}, r"config\.json: hidden_size must be an int >= 1, got '64'"),
+        ({"num_attention_heads": 0}, r"config\.json: num_attention_heads must be an int >= 1, got 0"),
+        ({"rms_norm_eps": "1e-5"}, r"config\.json: rms_norm_eps must be a number > 0, got '1e-5'"),
+        ({"max_position_embeddings": 1.5}, r"config\.json: max_position_embeddings must be an int"),
+        ({"rope_parameters": [1, 2]}, r"config\.json: rope_parameters must be an object"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}}, r"config\.json: rope_theta must be"),
+    ],
+)
+def test_config_json_with_wrong_types_names_file_and_key(copy_of, edit, message):
+    hf = copy_of("hf")
+    config = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match=message):
+        load_pretrained(hf)
+
+
+@pytest.mark.parametrize("name", ["meta", "hf"])
+def test_config_files_that_are_not_a_json_object_or_not_utf8(copy_of, name):
+    path = copy_of(name)
+    config = path / ("params.json" if name == "meta" else "config.json")
+    config.write_text("[64, 2, 4]")
+    with pytest.raises(CheckpointError, match=rf"{config.name} holds a JSON list, expected an object"):
+        load_pretrained(path)
+    config.write_bytes(b'{"dim": 64, "name": "\xff"}')
+    with pytest.raises(CheckpointError, match=rf"{config.name} is not UTF-8"):
+        load_pretrained(path)
+
+
+def test_model_args_and_adapter_config_check_every_field():
+    """One rule per field (ModelArgs.RULES, AdapterConfig.RULES): the loaders and the constructors share them."""
+    from llama_adapter.model import ModelArgs
+
+    good = dict(dim=64, n_layers=2, n_heads=4, vocab_size=32)
+    for field in ModelArgs.RULES:
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            ModelArgs(**{**good, field: "1"})
+    for field in AdapterConfig.RULES:
+        with pytest.raises(ValueError, match=rf"^{field} must be"):
+            AdapterConfig(**{field: "1"})
+    assert ModelArgs(**good, norm_eps=1).norm_eps == 1.0 and isinstance(ModelArgs(**good, norm_eps=1).norm_eps, float)
+    with pytest.raises(ValueError, match="head_dim = dim / n_heads = 3 must be even"):
+        ModelArgs(dim=12, n_layers=1, n_heads=4, vocab_size=8)
+
+
+def test_asking_for_cuda_without_it_is_one_sentence(dirs):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ValueError, match=r"^device 'cuda' needs (CUDA|a CUDA GPU), but [^\n]*$"):
+        load_pretrained(dirs / "hf", device="cuda")
