@@ -203,10 +203,10 @@ def _run_eval(args) -> int:
     from llama_adapter.multimodal import ImageFeatures
     from llama_adapter.tokenizer import Tokenizer
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    require_device(device, "--device")  # before any file is read
     problems = load_problems(args.data, args.split)[: args.limit]
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    require_device(device, "--device")
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
     model.load_adapter(args.adapter)

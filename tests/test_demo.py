@@ -11,6 +11,7 @@ from llama_adapter.attention import get_attention_backend, set_attention_backend
 from llama_adapter.cli import main
 from llama_adapter.data import DataError, load_examples
 from llama_adapter.model import LLaMA, ModelArgs
+from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -85,15 +86,55 @@ def test_finetune_cli_resumes_saves_and_reloads(tiny_base, tmp_path, capsys):
     assert (tuned.layers[1].attention.adapter_gate != 0).all()
 
 
-def test_finetune_reports_bad_data_before_loading_a_model(tmp_path):
+def test_finetune_reports_bad_data_before_loading_a_model(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', encoding="utf-8")
+    argv = ["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(bad), "--out", str(tmp_path)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llama-adapter: error: ") and err.count("\n") == 1
+    assert "bad.jsonl:2: missing field 'output'" in err
     with pytest.raises(DataError, match=r"bad\.jsonl:2: missing field 'output'"):
-        main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(bad), "--out", str(tmp_path)])
+        main([*argv, "--debug"])
     empty = tmp_path / "empty.json"
     empty.write_text("[]", encoding="utf-8")
     with pytest.raises(DataError, match="empty"):
-        main(["finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(empty), "--out", str(tmp_path)])
+        main(["--debug", "finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(empty), "--out",
+              str(tmp_path)])  # fmt: skip
+
+
+def test_finetune_into_an_existing_run_is_refused_before_loading_a_model(tiny_base, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(tiny_base["data"]), "--out",
+            str(out), "--epochs", "1", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-seq-len", "256",
+            "--no-progress", "--adapter-len", "2", "--max-steps", "1"]  # fmt: skip
+    assert main(argv) == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    missing_model = [a if a != str(tiny_base["root"] / "model") else str(tmp_path / "none") for a in argv]
+    assert main(missing_model) == 1  # the run directory is checked first
+    err = capsys.readouterr().err
+    assert "already holds a run (checkpoint.pt, metrics.jsonl, adapter, loss.png)" in err
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint
+    assert main([*argv, "--overwrite", "--seed", "1"]) == 0
+    assert (out / "checkpoint.pt").read_bytes() != checkpoint
+    with pytest.raises(SystemExit):
+        main([*argv, "--overwrite", "--resume"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_generate_clamps_the_default_max_new_tokens_to_the_context(tiny_base, capsys):
+    model_dir = tiny_base["root"] / "model"
+    argv = ["generate", "--model", str(model_dir), "--instruction", "Name a colour.", "--backend", "reference",
+            "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 0  # default --max-new-tokens 256 > what the 256-token context leaves after the prompt
+    err = capsys.readouterr().err
+    prompt_len = len(tiny_base["tokenizer"].encode(alpaca_prompt("Name a colour."), bos=True, eos=False))
+    room = 256 - prompt_len
+    assert f"note: --max-new-tokens 256 > the {room} tokens left in the model's 256-token context" in err
+    assert main([*argv, "--max-new-tokens", "3"]) == 0
+    assert "note:" not in capsys.readouterr().err
 
 
 def test_bundled_demo_data_is_small_and_held_out():

@@ -1,6 +1,7 @@
 """KV-cache generation: equal to full recompute, batch equal to alone, eos, sampling, errors, the CLI."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -142,6 +143,27 @@ def test_request_errors():
         generate(model, [[1, 2], []], 2)
     with pytest.raises(ValueError, match="prompt_offset"):
         generate(model, ok, 2, prompt_offset=torch.zeros(2, 1, TINY["dim"], dtype=F64))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(max_new_tokens=2.0), "max_new_tokens must be an int >= 1, got 2.0"),
+        (dict(max_new_tokens=True), "max_new_tokens must be an int >= 1, got True"),
+        (dict(temperature="0.5"), "temperature must be a number >= 0, got '0.5' (str)"),
+        (dict(temperature=float("nan")), "temperature must be a number >= 0, got nan"),
+        (dict(temperature=1.0, top_p=1.5), "top_p must be a number in (0, 1], got 1.5"),
+        (dict(temperature=1.0, top_p="0.9"), "top_p must be a number in (0, 1], got '0.9'"),
+        (dict(eos_id=TINY["vocab_size"]), f"eos_id must be an int in [0, {TINY['vocab_size'] - 1}] or None"),
+        (dict(eos_id=-1), "eos_id must be an int in"),
+        (dict(eos_id="2"), "eos_id must be an int in"),
+        (dict(seed="0"), "seed must be an int or None, got '0'"),
+    ],
+)
+def test_bad_arguments_are_errors_naming_the_argument(kwargs, message):
+    kwargs = {"max_new_tokens": 2, **kwargs}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(make_model(), prompts_of([3]), **kwargs)
 
 
 def test_cli_generate_prints_what_generate_returns(tmp_path, capsys):
