@@ -44,6 +44,7 @@ from benchmarks.common import (
     maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
+    significant,
     str_list,
     time_ms,
 )
@@ -288,7 +289,7 @@ def run(args: argparse.Namespace) -> Results:
                     fatal = row["error"][:120]
             if row["ms"]:
                 tflops = attention_flops(B, H, N, N, D, causal=causal, mode=mode) / (row["ms"] * 1e-3) / 1e12
-                row["tflops"] = round(tflops, 2)
+                row["tflops"] = significant(tflops)
                 if dev.peak_tflops:
                     row["pct_peak"] = round(100 * tflops / dev.peak_tflops, 1)
                 if dev.measured_tflops:

@@ -42,6 +42,7 @@ from benchmarks.common import (
     maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
+    significant,
     str_list,
     synchronize,
 )
@@ -154,8 +155,8 @@ def run(args: argparse.Namespace) -> Results:
             timed = times[args.warmup :] or times[-1:]
             seconds = statistics.median(timed)
             flops = step_flops(model, B, seq)
-            row.update(ms=round(seconds * 1e3, 3), tokens_per_s=round(B * seq / seconds, 1), steps_timed=len(timed),
-                       tflops=round(flops / seconds / 1e12, 2))  # fmt: skip
+            row.update(ms=significant(seconds * 1e3), tokens_per_s=significant(B * seq / seconds),
+                       steps_timed=len(timed), tflops=significant(flops / seconds / 1e12))  # fmt: skip
             if dev.peak_tflops:
                 row["mfu_pct"] = round(100 * flops / seconds / 1e12 / dev.peak_tflops, 1)
         del tokens

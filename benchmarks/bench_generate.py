@@ -38,6 +38,7 @@ from benchmarks.common import (
     maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
+    significant,
     str_list,
     synchronize,
 )
@@ -115,8 +116,8 @@ def run(args: argparse.Namespace) -> Results:
                     step = statistics.median(steps)
                     context = prompt_len + new_tokens / 2
                     gbs = decode_bytes(model, B, context) / step / 1e9
-                    row.update(prefill_ms=round(stamps[0] * 1e3, 3), ms_per_token=round(step * 1e3, 3),
-                               tokens_per_s=round(B / step, 1), gb_per_s=float(f"{gbs:.4g}"))  # fmt: skip
+                    row.update(prefill_ms=significant(stamps[0] * 1e3), ms_per_token=significant(step * 1e3),
+                               tokens_per_s=significant(B / step), gb_per_s=significant(gbs))  # fmt: skip
                     if dev.bandwidth_gbs:
                         row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
                 free_memory()

@@ -43,6 +43,7 @@ from benchmarks.common import (
     log,
     peak_memory_mb,
     reset_peak_memory,
+    significant,
     str_list,
     time_ms,
 )
@@ -251,14 +252,14 @@ def run(args: argparse.Namespace) -> Results:
                 ms = time_ms(step, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
                 peak = peak_memory_mb()
                 tokens = step_tokens(mode, inputs, args)
-                row.update(ms=round(ms, 3), tokens=tokens, tokens_per_s=float(f"{tokens / ms * 1e3:.4g}"),
+                row.update(ms=significant(ms), tokens=tokens, tokens_per_s=significant(tokens / ms * 1e3),
                            peak_mem_mb=peak)  # fmt: skip
                 if peak is not None:
                     row["act_mem_mb"] = round(peak - resident / 2**20, 1)
                 if provider == "peft":
                     peft_ms = ms
                 if peft_ms:
-                    row["speedup_vs_peft"] = float(f"{peft_ms / ms:.4g}")
+                    row["speedup_vs_peft"] = significant(peft_ms / ms)
             except Exception as exc:  # a failing provider is a row, not the end of the run
                 row["error"] = describe_error(exc)
             model.zero_grad(set_to_none=True)

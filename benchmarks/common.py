@@ -90,6 +90,17 @@ def time_ms(fn, *, warmup_ms: float = 25, rep_ms: float = 100) -> float:
     return statistics.median(times)
 
 
+SIGNIFICANT_DIGITS = 4
+RELATIVE_ROUNDING = 5 * 10.0**-SIGNIFICANT_DIGITS  # the most `significant` changes a value, relatively
+
+
+def significant(x: float, digits: int = SIGNIFICANT_DIGITS) -> float:
+    """`x` to a fixed number of significant digits: a timing or rate keeps the same relative precision however
+    fast or slow the machine is (rounding to fixed decimals turned a slow run's 0.04 tokens/s into 0.0, and a
+    fast run's 0.0004 ms into 0)."""
+    return float(f"{x:.{digits}g}")
+
+
 def synchronize() -> None:
     if HAS_CUDA:
         torch.cuda.synchronize()

@@ -194,7 +194,7 @@ def test_atomic_checkpoint_survives_a_kill_between_write_and_rename(tmp_path):
         save(2)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)  # hang guard
     assert proc.returncode == -9, proc.stderr
     leftovers = train_state.stale_temporaries(tmp_path)
     assert len(leftovers) == 1 and leftovers[0].stat().st_size > 64 * 64 * 4  # step 2 was fully written...

@@ -17,7 +17,7 @@ from llama_adapter.kernels.attention_bwd import adapter_attention_bwd  # noqa: E
 
 def test_dry_run_times_every_kernel_and_writes_json(tmp_path):
     out = tmp_path / "tune.json"
-    tune.run(tune.parse_args(["--out", str(out), "--budget", "120"]))
+    tune.run(tune.parse_args(["--out", str(out), "--budget", "1e9"]))  # every config, however busy the machine
     data = json.loads(out.read_text())
     assert data["device"] == "cpu" and data["triton"] and data["torch"]
     assert {r["kernel"] for r in data["rows"]} == set(tune.KERNELS)
