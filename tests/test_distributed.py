@@ -49,7 +49,7 @@ def test_two_gloo_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     single_history, single_adapter = _run(str(tmp_path / "single"))
     assert len(single_history) == 4 and (single_adapter["layers.1.attention.adapter_gate"] != 0).all()
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     for mode, (history, adapter) in results.items():
         assert [r["step"] for r in history] == [1, 2, 3, 4], mode
         for a, b in zip(single_history, history):
