@@ -267,6 +267,7 @@ class Trainer:
         self.rng = train_state.capture_rng()
         self.history: list[dict] = []
         self.meta = recipe_key(cfg, len(train_set), model.adapter_config.to_dict() if model.adapter_config else None)
+        self._mid_update = False  # between optimizer.step() and the step counter's advance (see train_step)
 
     # -- checkpoints
     def save(self) -> None:
@@ -436,46 +437,45 @@ class Trainer:
         save_every = cfg.save_every or self.steps_per_epoch
         epoch_cache = (None, None)
         self._mid_update = False
+        signals = StepBoundarySignals()
         try:
-            with StepBoundarySignals() as signals:
-                while self.step < last:
-                    epoch, index = divmod(self.step, self.steps_per_epoch)
-                    if epoch_cache[0] != epoch:
-                        epoch_cache = (
-                            epoch,
-                            global_batches(self.train_set.lengths, cfg.global_batch_size, cfg.seed, epoch),
-                        )
-                    t0 = time.perf_counter()
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    loss, tokens = self.train_step(epoch_cache[1][index])
-                    self.step += 1
-                    self.rng = train_state.capture_rng()
-                    self._mid_update = False
-                    seconds = time.perf_counter() - t0
-                    record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
-                              "tokens_per_s": tokens / seconds}  # fmt: skip
-                    if (
-                        self.val_set is not None
-                        and len(self.val_set)
-                        and (self.step % eval_every == 0 or self.step == last)
-                    ):
-                        record["val_loss"] = self.evaluate(self.val_set)
-                        record["sample"] = self.sample()
-                    self.log(record)
-                    if bar is not None:
-                        bar.update(1)
-                        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
-                        if "val_loss" in record:
-                            bar.write(
-                                f"step {self.step}: val_loss {record['val_loss']:.4f} | sample: {record['sample']!r}"
-                            )
-                    saved = self.step % save_every == 0 or self.step == last
-                    if saved:
+            signals.install()
+            while self.step < last:
+                epoch, index = divmod(self.step, self.steps_per_epoch)
+                if epoch_cache[0] != epoch:
+                    epoch_cache = (
+                        epoch,
+                        global_batches(self.train_set.lengths, cfg.global_batch_size, cfg.seed, epoch),
+                    )
+                t0 = time.perf_counter()
+                lr = self.optimizer.param_groups[0]["lr"]
+                loss, tokens = self.train_step(epoch_cache[1][index])
+                self.step += 1
+                self.rng = train_state.capture_rng()
+                self._mid_update = False
+                seconds = time.perf_counter() - t0
+                record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
+                          "tokens_per_s": tokens / seconds}  # fmt: skip
+                if (
+                    self.val_set is not None
+                    and len(self.val_set)
+                    and (self.step % eval_every == 0 or self.step == last)
+                ):
+                    record["val_loss"] = self.evaluate(self.val_set)
+                    record["sample"] = self.sample()
+                self.log(record)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / seconds:.0f}")
+                    if "val_loss" in record:
+                        bar.write(f"step {self.step}: val_loss {record['val_loss']:.4f} | sample: {record['sample']!r}")
+                saved = self.step % save_every == 0 or self.step == last
+                if saved:
+                    self.save()
+                if self._stop_requested(signals):
+                    if not saved:
                         self.save()
-                    if self._stop_requested(signals):
-                        if not saved:
-                            self.save()
-                        raise StoppedAtStepBoundary(f"signal {signals.received}")
+                    raise StoppedAtStepBoundary(f"signal {signals.received}")
         except KeyboardInterrupt as stop:
             if isinstance(stop, StoppedAtStepBoundary):
                 where = f"checkpoint at step {self.step}"
@@ -489,6 +489,7 @@ class Trainer:
                 print(f"\ninterrupted: {where} in {self.out_dir} (resume with --resume)", file=sys.stderr)
             raise
         finally:
+            signals.restore()
             if bar is not None:
                 bar.close()
         return self.history
@@ -515,21 +516,20 @@ class StepBoundarySignals:
             raise KeyboardInterrupt(f"second signal {signum}")
         self.received = signum
 
-    def __enter__(self) -> StepBoundarySignals:
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
 
-    def __exit__(self, *exc) -> None:
+    def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
+        self._previous = {}
 
 
 class RunDirectoryError(ValueError):
     """An output directory that holds a run which this run would silently replace or continue."""
 
 
-RUN_FILES = (train_state.CHECKPOINT_NAME, "metrics.jsonl", "adapter", "loss.png")
 
 
 def check_run_dir(out_dir, resume: bool, overwrite: bool) -> None:
@@ -557,6 +557,7 @@ def remove_run(out_dir) -> None:
 
 
 METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE, "adapter", "loss.png")  # what a run writes into its dir
 
 
 def read_metrics(out_dir, say=None) -> list[dict]:
