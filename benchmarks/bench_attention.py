@@ -48,6 +48,7 @@ from benchmarks.common import (
     str_list,
     time_ms,
 )
+from llama_adapter.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT
 
 PROVIDERS = ("fused", "fused_noprompt", "sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -316,15 +317,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtypes", default=None, help="bf16,fp16,fp32")
     p.add_argument("--head-dims", default=None, help="e.g. 64,128")
     p.add_argument("--seqlens", default=None, help="e.g. 256,1024,4096,16384")
-    p.add_argument("--tokens", type=int, default=None, help="B * N at every N (default 16384)")
-    p.add_argument("--hidden", type=int, default=None, help="H = hidden / D (default 4096, LLaMA-7B)")
-    p.add_argument("--heads", type=int, default=None, help="query heads (overrides --hidden)")
-    p.add_argument("--kv-groups", type=int, default=1, help="query heads per KV head (GQA); 1 = MHA")
-    p.add_argument("--ka", type=int, default=10, help="prompt length")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=None, help="B * N at every N (default 16384)")
+    p.add_argument("--hidden", type=POSITIVE_INT, default=None, help="H = hidden / D (default 4096, LLaMA-7B)")
+    p.add_argument("--heads", type=POSITIVE_INT, default=None, help="query heads (overrides --hidden)")
+    p.add_argument("--kv-groups", type=POSITIVE_INT, default=1, help="query heads per KV head (GQA); 1 = MHA")
+    p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="prompt length")
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--quick", action="store_true", help="bf16, D=128, N 512..16384 (gpu_suite.sh)")
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--warmup-ms", type=NON_NEGATIVE, default=None)
+    p.add_argument("--rep-ms", type=NON_NEGATIVE, default=None)
     p.add_argument(
         "--provider-budget",
         default="flex=40,eager=40",

@@ -46,6 +46,7 @@ from benchmarks.common import (
     str_list,
     synchronize,
 )
+from llama_adapter.validation import NON_NEGATIVE_INT, POSITIVE_INT
 
 # attention backend -> provider name used across the benchmarks
 PROVIDER = {"triton": "fused", "sdpa": "sdpa_adapter", "eager": "eager", "reference": "reference"}
@@ -181,13 +182,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="triton,sdpa,eager", help="attention backends (set_attention_backend)")
     p.add_argument("--model", default=None, help="ModelArgs.from_name size (default 7B; 'tiny' on the CPU)")
-    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    p.add_argument("--seq", type=int, default=None, help="sequence length (default 512)")
+    p.add_argument("--layers", type=POSITIVE_INT, default=None, help="fewer layers for a quick run")
+    p.add_argument("--seq", type=POSITIVE_INT, default=None, help="sequence length (default 512)")
     p.add_argument("--batches", default=None, help="micro-batches to try, descending (default 16,12,8,6,4,2,1)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
-    p.add_argument("--ka", type=int, default=10, help="adapter prompt length")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after the one that found the batch")
-    p.add_argument("--steps", type=int, default=3, help="timed steps")
+    p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="adapter prompt length")
+    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1,
+                   help="untimed steps after the one that found the batch")  # fmt: skip
+    p.add_argument("--steps", type=POSITIVE_INT, default=3, help="timed steps")
     add_common_args(p, budget=0)
     return p.parse_args(argv)
 

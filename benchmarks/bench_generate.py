@@ -42,6 +42,7 @@ from benchmarks.common import (
     str_list,
     synchronize,
 )
+from llama_adapter.validation import POSITIVE_INT
 
 
 def timed_generate(model, prompts, new_tokens: int) -> list[float]:
@@ -141,9 +142,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default="triton,sdpa", help="attention backends (set_attention_backend)")
     p.add_argument("--model", default=None, help="ModelArgs.from_name size (default 7B; 'tiny' on the CPU)")
-    p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick run")
-    p.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512)")
-    p.add_argument("--new-tokens", type=int, default=None, help="decoded tokens (default 64)")
+    p.add_argument("--layers", type=POSITIVE_INT, default=None, help="fewer layers for a quick run")
+    p.add_argument("--prompt", type=POSITIVE_INT, default=None, help="prompt tokens (default 512)")
+    p.add_argument("--new-tokens", type=POSITIVE_INT, default=None, help="decoded tokens (default 64)")
     p.add_argument("--batches", default=None, help="batch sizes (default 1,16)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     add_common_args(p, budget=0)

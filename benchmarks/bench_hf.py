@@ -47,6 +47,7 @@ from benchmarks.common import (
     str_list,
     time_ms,
 )
+from llama_adapter.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT
 
 PROVIDERS = ("peft", "peft_fused", "ours")  # peft first: the others' speedup and parity need its results
 MODES = ("train_padded", "generate", "train", "prefill")  # what the HF Trainer and generate() run first (budget)
@@ -285,16 +286,16 @@ def format_row(row: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="7B" if HAS_CUDA else "tiny", choices=("7B", "tiny"), help="layer shape")
-    p.add_argument("--layers", type=int, default=4 if HAS_CUDA else 2, help="decoder layers, all adapted")
-    p.add_argument("--batch", type=int, default=8 if HAS_CUDA else 2)
-    p.add_argument("--seq", type=int, default=512 if HAS_CUDA else 16, help="longest example / prompt")
-    p.add_argument("--new-tokens", type=int, default=32 if HAS_CUDA else 3, help="tokens generate() adds")
-    p.add_argument("--ka", type=int, default=10, help="adapter prompt length")
+    p.add_argument("--layers", type=POSITIVE_INT, default=4 if HAS_CUDA else 2, help="decoder layers, all adapted")
+    p.add_argument("--batch", type=POSITIVE_INT, default=8 if HAS_CUDA else 2)
+    p.add_argument("--seq", type=POSITIVE_INT, default=512 if HAS_CUDA else 16, help="longest example / prompt")
+    p.add_argument("--new-tokens", type=POSITIVE_INT, default=32 if HAS_CUDA else 3, help="tokens generate() adds")
+    p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="adapter prompt length")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--backend", default="auto", help="our attention backend (auto: Triton on CUDA)")
     p.add_argument("--dtype", default="bf16" if HAS_CUDA else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--warmup-ms", type=float, default=25)
-    p.add_argument("--rep-ms", type=float, default=100)
+    p.add_argument("--warmup-ms", type=NON_NEGATIVE, default=25)
+    p.add_argument("--rep-ms", type=NON_NEGATIVE, default=100)
     add_common_args(p, budget=0)
     args = p.parse_args(argv)
     unknown = sorted(set(str_list(args.modes)) - set(MODES))

@@ -29,6 +29,7 @@ from benchmarks.common import (
     reset_peak_memory,
     time_ms,
 )
+from llama_adapter.validation import ANY_INT, NON_NEGATIVE, POSITIVE_INT
 
 
 def length_mix(n: int, low: int, high: int, seed: int) -> list[int]:
@@ -91,15 +92,15 @@ def run(args: argparse.Namespace) -> Results:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", default="7B", help="ModelArgs.from_name shape")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers (all adapted)")
-    p.add_argument("--batch", type=int, default=8, help="examples per micro-batch")
-    p.add_argument("--min-len", type=int, default=50)
-    p.add_argument("--max-len", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=POSITIVE_INT, default=4, help="transformer layers (all adapted)")
+    p.add_argument("--batch", type=POSITIVE_INT, default=8, help="examples per micro-batch")
+    p.add_argument("--min-len", type=POSITIVE_INT, default=50)
+    p.add_argument("--max-len", type=POSITIVE_INT, default=512)
+    p.add_argument("--seed", type=ANY_INT, default=0)
     p.add_argument("--backend", default="triton" if HAS_CUDA else "reference")
     p.add_argument("--dtype", default="bf16" if HAS_CUDA else "fp32", choices=sorted(DTYPES))
-    p.add_argument("--warmup-ms", type=float, default=25)
-    p.add_argument("--rep-ms", type=float, default=200)
+    p.add_argument("--warmup-ms", type=NON_NEGATIVE, default=25)
+    p.add_argument("--rep-ms", type=NON_NEGATIVE, default=200)
     add_common_args(p, budget=120)
     return p.parse_args(argv)
 

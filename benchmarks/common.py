@@ -25,6 +25,9 @@ if not HAS_CUDA:
     # set it before llama_adapter's kernels are first imported.
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from llama_adapter.validation import Number  # noqa: E402  (no kernel import: safe after the line above)
+
+BUDGET = Number(float)  # seconds; <= 0 means no limit
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -197,7 +200,7 @@ class Results:
 
 def add_common_args(parser: argparse.ArgumentParser, budget: float) -> None:
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
-    parser.add_argument("--budget", type=float, default=budget, help="seconds before remaining rows are skipped")
+    parser.add_argument("--budget", type=BUDGET, default=budget, help="seconds before remaining rows are skipped")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import HAS_CUDA, RESULTS_DIR, Budget, describe_error, device_info, log, time_ms
+from benchmarks.common import BUDGET, HAS_CUDA, RESULTS_DIR, Budget, describe_error, device_info, log, time_ms
 
 # Importing the kernels must follow benchmarks.common, which sets TRITON_INTERPRET=1 on a CPU-only machine.
 from llama_adapter.kernels import _common  # noqa: E402
@@ -42,6 +42,7 @@ from llama_adapter.kernels.attention_bwd import (  # noqa: E402
     dq_smem_bytes,
 )
 from llama_adapter.kernels.attention_fwd import FWD_CONFIGS, adapter_attention_fwd, fwd_smem_bytes  # noqa: E402
+from llama_adapter.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT
 
 KERNELS = ("fwd", "dkdv", "dq")
 # matmuls each kernel runs, in units of the forward's two
@@ -220,15 +221,15 @@ def run(args: argparse.Namespace) -> dict:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seqlens", default=None, help="comma list (default 1024,4096; 32 without CUDA)")
-    p.add_argument("--tokens", type=int, default=None, help="B * N (default 16384; 32 without CUDA)")
-    p.add_argument("--heads", type=int, default=None, help="H (default 32; 2 without CUDA)")
-    p.add_argument("--head-dim", type=int, default=None, help="D (default 128; 16 without CUDA)")
-    p.add_argument("--ka", type=int, default=10, help="prompt length")
+    p.add_argument("--tokens", type=POSITIVE_INT, default=None, help="B * N (default 16384; 32 without CUDA)")
+    p.add_argument("--heads", type=POSITIVE_INT, default=None, help="H (default 32; 2 without CUDA)")
+    p.add_argument("--head-dim", type=POSITIVE_INT, default=None, help="D (default 128; 16 without CUDA)")
+    p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="prompt length")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
-    p.add_argument("--max-configs", type=int, default=60, help="candidates per kernel, table configs first")
-    p.add_argument("--budget", type=float, default=150.0, help="seconds; untried configs are skipped after it")
-    p.add_argument("--warmup-ms", type=float, default=None)
-    p.add_argument("--rep-ms", type=float, default=None)
+    p.add_argument("--max-configs", type=POSITIVE_INT, default=60, help="candidates per kernel, table configs first")
+    p.add_argument("--budget", type=BUDGET, default=150.0, help="seconds; untried configs are skipped after it")
+    p.add_argument("--warmup-ms", type=NON_NEGATIVE, default=None)
+    p.add_argument("--rep-ms", type=NON_NEGATIVE, default=None)
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/tune_attention-<device>.json)")
     args = p.parse_args(argv)
     gpu = HAS_CUDA

@@ -35,6 +35,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from llama_adapter.validation import POSITIVE_INT
+
 ARCHS = {"sm80": 80, "sm90": 90}
 SHARED_LIMIT = {"sm80": 164 * 1024, "sm90": 227 * 1024}  # max dynamic shared memory per block: A100, H100
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
@@ -182,7 +184,7 @@ def format_table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llama_adapter.kernel_report", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
-    parser.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    parser.add_argument("--jobs", type=POSITIVE_INT, default=1, help="compile in this many processes")
     parser.add_argument("--arch", nargs="+", choices=sorted(ARCHS), default=sorted(ARCHS))
     parser.add_argument("--module", nargs="+", help="only these kernel modules (e.g. decode attention_fwd)")
     args = parser.parse_args(argv)

@@ -2,6 +2,8 @@
 runs is one line `llama-adapter: error: ...` and exit 1, `--debug` / LLAMA_ADAPTER_DEBUG=1 shows the traceback."""
 
 import argparse
+import ast
+from pathlib import Path
 
 import pytest
 import torch
@@ -98,3 +100,16 @@ def test_help_lists_the_debug_flag(capsys):
         main(["--help"])
     assert "--debug" in capsys.readouterr().out
     assert isinstance(build_parser(), argparse.ArgumentParser)
+
+
+def test_no_flag_anywhere_parses_a_bare_int_or_float():
+    """The benchmarks and tools share the rules too: `add_argument(..., type=int|float)` appears nowhere."""
+    root = Path(__file__).resolve().parents[1]
+    bare = []
+    for path in [*root.joinpath("llama_adapter").rglob("*.py"), *root.joinpath("benchmarks").rglob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("add_argument"):
+                for keyword in node.keywords:
+                    if keyword.arg == "type" and ast.unparse(keyword.value) in ("int", "float"):
+                        bare.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert bare == []
