@@ -368,7 +368,8 @@ class Trainer:
         if room < 1:
             return None
         with torch.no_grad(), self.autocast:
-            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=self.tokenizer.eos_id,
+            eos_id = self.tokenizer.eos_id if self.tokenizer.eos_id >= 0 else None  # -1: the tokenizer has none
+            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=eos_id,
                            stop_ids=getattr(self.tokenizer, "stop_ids", None))  # fmt: skip
         return self.tokenizer.decode(out[0])
 
