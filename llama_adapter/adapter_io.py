@@ -25,7 +25,7 @@ import re
 import torch
 
 from llama_adapter.loading import CheckpointError, read_json_object, read_tensor_file
-from llama_adapter.validation import ConfigError, check_values
+from llama_adapter.validation import ConfigError, Number, check_arg, check_values
 
 FORMAT = "llama_adapter"
 FORMAT_VERSION = 1
@@ -74,6 +74,7 @@ def load_adapter(model, path, *, adapter_len: int | None = None):
 
 def read_adapter(model, path, *, adapter_len: int | None = None) -> tuple:
     """(AdapterConfig, {state-dict name: tensor}) of an adapter file for `model`, checked but not installed."""
+    check_arg("adapter_len", adapter_len, Number(int, min=1, optional=True))
     path = os.fspath(path)
     if os.path.isdir(path):
         config_path = os.path.join(path, CONFIG_FILE)

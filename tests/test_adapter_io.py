@@ -261,3 +261,10 @@ def test_adapter_config_json_not_utf8(tmp_path):
     (tmp_path / CONFIG_FILE).write_bytes(b'{"format": "llama_adapter\xff"}')
     with pytest.raises(CheckpointError, match=r"adapter_config\.json is not UTF-8"):
         load_adapter(tiny_model(), tmp_path)
+
+
+def test_adapter_len_argument_is_checked(tmp_path):
+    path = official_pth(tmp_path / "a.pth", torch.randn(20, 64), {i: torch.zeros(1, 4, 1, 1) for i in range(3)})
+    for bad in ("10", 0, 2.0):
+        with pytest.raises(ValueError, match=r"adapter_len must be an int >= 1 or None"):
+            load_adapter(tiny_model(), path, adapter_len=bad)
