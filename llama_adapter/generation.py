@@ -113,6 +113,9 @@ def generate_stream(
     """
     lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p, eos_id, seed)
     stops = _stop_set(eos_id, stop_ids)
+    outside = sorted(t for t in stops if not 0 <= t < model.params.vocab_size)  # eos_id was checked above
+    if outside:
+        raise ValueError(f"stop_ids {outside[:3]} are outside the vocabulary [0, {model.params.vocab_size})")
     device = model.tok_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -158,6 +158,7 @@ def test_request_errors():
         (dict(eos_id=-1), "eos_id must be an int in"),
         (dict(eos_id="2"), "eos_id must be an int in"),
         (dict(seed="0"), "seed must be an int or None, got '0'"),
+        (dict(stop_ids=[2, TINY["vocab_size"] + 5]), f"stop_ids [{TINY['vocab_size'] + 5}] are outside the vocabulary"),
     ],
 )
 def test_bad_arguments_are_errors_naming_the_argument(kwargs, message):
