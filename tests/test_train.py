@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -314,6 +315,8 @@ def uninterrupted(tmp_path_factory, single_thread):
 
 def _hook_signal(trainer, target: str, call: int, signals: list[int]):
     """Make the `call`-th call of `target` send `signals` to this process (after the call's own work)."""
+    # Only the main thread can take over SIGTERM; elsewhere the signal would end the test process.
+    assert threading.current_thread() is threading.main_thread(), "signal tests must run in the main thread"
     owner, name = {
         "forward": (trainer.model, "forward"),
         "optimizer.step": (trainer.optimizer, "step"),
