@@ -290,6 +290,13 @@ def _hf_weight_files(path: str) -> dict[str, list[str] | None]:
 def read_hf_checkpoint(path: str) -> Checkpoint:
     config_path = os.path.join(path, HF_CONFIG)
     config = read_json_object(config_path)
+    quantized = config.get("quantization_config")
+    if quantized:  # bitsandbytes / GPTQ / AWQ / ... tensors under other names: refuse before reading any
+        method = quantized.get("quant_method", "unknown") if isinstance(quantized, dict) else quantized
+        raise CheckpointError(
+            f"{config_path}: the checkpoint is already quantized ({method}); load the original floating-point "
+            "weights (quantize='nf4' or 'int8' quantizes them while loading)"
+        )
     ckpt = Checkpoint(hf_model_args(config, config_path), config_path=config_path)
     for fname, names in _hf_weight_files(path).items():
         for name, t in read_tensor_file(fname, names).items():
@@ -346,16 +353,31 @@ def check_state_dict(ckpt: Checkpoint, expected: dict[str, torch.Size], where: s
             )
 
 
-def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device=None, **overrides):
+def check_float_tensors(ckpt: Checkpoint) -> None:
+    """Raise CheckpointError on integer weights: a checkpoint already quantized (bitsandbytes, GPTQ, AWQ, ...) by
+    another tool, which this loader cannot dequantize. Only metadata is read (mapped data stays on disk)."""
+    for name, t in ckpt.tensors.items():
+        if not t.dtype.is_floating_point:
+            raise CheckpointError(
+                f"tensor {name!r} in {ckpt.sources[name]} is {t.dtype}: an already-quantized checkpoint; load the "
+                "original floating-point weights (quantize='nf4' or 'int8' quantizes them while loading)"
+            )
+
+
+def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device=None, quantize=None, **overrides):
     """A `LLaMA` with the weights of a Meta or HF directory.
 
     adapter: None, an AdapterConfig (fresh prompts, zero gates), or a path `load_adapter` accepts.
     dtype: None keeps the checkpoint's (its embedding's dtype); device: None is the CPU.
+    quantize: None, "nf4" or "int8": the block linears are stored so (llama_adapter.quantize), each converted as
+    it is read, so neither host nor device ever holds more than one full-precision weight beyond the mapped files.
     overrides: ModelArgs fields to replace, e.g. max_seq_len (Meta's params.json does not record it).
     """
     from llama_adapter.model import LLaMA, ModelArgs
+    from llama_adapter.quantize import check_quantize, is_quantized_linear, quantize_weight
 
     require_device("cpu" if device is None else device)  # before reading gigabytes for a device we lack
+    check_quantize(quantize)  # a bad name or a missing library surfaces before any file is opened
     ckpt = read_checkpoint(path)
     try:  # the rules were checked key by key; what remains are relations (dim divisible by n_heads, ...)
         args = ModelArgs(**{**ckpt.args, **overrides})
@@ -364,12 +386,17 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
         raise CheckpointError(f"{ckpt.config_path}: {e}{with_overrides}") from None
     model = LLaMA(args, device="meta")
     expected = {name: t.shape for name, t in model.state_dict().items()}
+    check_float_tensors(ckpt)
     check_state_dict(ckpt, expected, os.fspath(path))
     if dtype is None:
         dtype = ckpt.tensors["tok_embeddings.weight"].dtype
     device = torch.device("cpu" if device is None else device)
     # Tensors already in the right dtype and place stay memory-mapped (torch.load's mmap is copy-on-write).
-    state = {name: t.to(device=device, dtype=dtype) for name, t in ckpt.tensors.items()}
+    state = {}
+    for name in list(ckpt.tensors):
+        t = ckpt.tensors.pop(name).to(device=device, dtype=dtype)  # popped: a converted copy dies once quantized
+        state[name] = quantize_weight(t, quantize, name) if quantize and is_quantized_linear(name) else t
+        del t
     model.load_state_dict(state, strict=True, assign=True)
     if adapter is not None:
         from llama_adapter.model import AdapterConfig

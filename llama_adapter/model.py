@@ -553,11 +553,14 @@ class LLaMA(nn.Module):
 
     # ----- delegations (imported lazily: these modules import this one) -----
     @classmethod
-    def from_pretrained(cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None, **overrides) -> LLaMA:
-        """Meta or Hugging Face directory; `overrides` are ModelArgs fields (e.g. max_seq_len=4096)."""
+    def from_pretrained(
+        cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None, quantize=None, **overrides
+    ) -> LLaMA:
+        """Meta or Hugging Face directory; quantize: None, "nf4" or "int8" for the frozen block linears
+        (llama_adapter.quantize); `overrides` are ModelArgs fields (e.g. max_seq_len=4096)."""
         from llama_adapter.loading import load_pretrained
 
-        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device, **overrides)
+        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device, quantize=quantize, **overrides)
 
     def save_adapter(self, directory) -> None:
         from llama_adapter.adapter_io import save_adapter
