@@ -22,7 +22,9 @@ setup(
         "einops", "safetensors", "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-xdist", "transformers", "peft", "safetensors", "ruff", "matplotlib", "torchao>=0.18"],
+        "test": [
+            "pytest", "pytest-xdist", "transformers", "peft", "safetensors", "ruff", "matplotlib", "torchao>=0.18",
+        ],
         "quant": ["torchao>=0.18"],  # --quantize nf4|int8 (llama_adapter.quantize)
         "plot": ["matplotlib"],
     },

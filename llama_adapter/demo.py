@@ -22,6 +22,7 @@ import torch
 
 from llama_adapter.data import InstructionDataset, collate, load_examples
 from llama_adapter.prompts import alpaca_prompt
+from llama_adapter.quantize import QUANTIZATIONS
 from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
 from llama_adapter.validation import ANY_INT, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Number
@@ -163,12 +164,13 @@ def run_demo(args) -> int:
     print(f"[pretrain] done in {time.perf_counter() - t:.0f}s; base checkpoint: {base_dir}")
 
     t = time.perf_counter()
-    base = LLaMA.from_pretrained(base_dir)
+    base = LLaMA.from_pretrained(base_dir, quantize=args.quantize)
     max_len = base.params.max_seq_len
     before = answer(base, tokenizer, heldout)
     heldout_set = InstructionDataset(heldout, tokenizer, max_len)
     base_loss = heldout_loss(base, heldout_set, tokenizer.pad_id)
-    show(f"[before] frozen base on held-out instructions: exact match {exact_match(before, heldout):.0%}, "
+    quantized = f" ({args.quantize} base)" if args.quantize else ""
+    show(f"[before] frozen base{quantized} on held-out instructions: exact match {exact_match(before, heldout):.0%}, "
          f"loss {base_loss:.3f}", heldout, before, args.show)  # fmt: skip
 
     t = time.perf_counter()
@@ -193,11 +195,12 @@ def run_demo(args) -> int:
             eval_every=30,
             no_progress=True,
             overwrite=True,  # the demo rebuilds everything under --out, its previous run included
+            **({"quantize": args.quantize} if args.quantize else {}),
         )
     )
     print(f"[finetune] {trainer.step} steps in {time.perf_counter() - t:.0f}s")
 
-    tuned = LLaMA.from_pretrained(base_dir)
+    tuned = LLaMA.from_pretrained(base_dir, quantize=args.quantize)
     tuned.load_adapter(run_dir / "adapter")
     probe = collate([heldout_set[i] for i in range(len(heldout_set))], tokenizer.pad_id)["tokens"]
     with torch.no_grad():
@@ -207,8 +210,14 @@ def run_demo(args) -> int:
           f"logits {'identical' if same else 'DIFFERENT'} to the trained model's")  # fmt: skip
     after = answer(tuned, tokenizer, heldout)
     tuned_loss = heldout_loss(tuned, heldout_set, tokenizer.pad_id)
-    show(f"[after] base + adapter on held-out instructions: exact match {exact_match(after, heldout):.0%}, "
+    show(f"[after] base{quantized} + adapter on held-out instructions: exact match {exact_match(after, heldout):.0%}, "
          f"loss {tuned_loss:.3f} (base: {base_loss:.3f})", heldout, after, args.show)  # fmt: skip
+    if args.quantize:  # the adapter trained on the quantized base, served on the full-precision one
+        full = LLaMA.from_pretrained(base_dir)
+        full.load_adapter(run_dir / "adapter")
+        on_full = answer(full, tokenizer, heldout)
+        print(f"[full base] the same adapter on the unquantized base: exact match {exact_match(on_full, heldout):.0%}, "
+              f"loss {heldout_loss(full, heldout_set, tokenizer.pad_id):.3f}")  # fmt: skip
     print(
         f"[done] {time.perf_counter() - t_start:.0f}s in all; files in {out}/ (base/, finetune/adapter/, "
         "finetune/metrics.jsonl, finetune/loss.png)"
@@ -229,4 +238,5 @@ def register_cli(subparsers) -> None:
     p.add_argument("--vocab-size", type=Number(int, min=16), default=1000)
     p.add_argument("--seed", type=ANY_INT, default=0)
     p.add_argument("--show", type=NON_NEGATIVE_INT, default=8, help="held-out answers to print")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None, help="frozen base in nf4 or int8 (torchao)")
     p.set_defaults(func=run_demo)

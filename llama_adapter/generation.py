@@ -24,6 +24,7 @@ import torch
 
 from llama_adapter.attention import BACKENDS, set_attention_backend
 from llama_adapter.chat import FORMATS
+from llama_adapter.quantize import QUANTIZATIONS
 from llama_adapter.validation import (
     ANY_INT,
     NON_NEGATIVE,
@@ -290,6 +291,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)")  # fmt: skip
     p.set_defaults(func=_cli_generate)
 
 
@@ -330,7 +333,7 @@ def _cli_generate(args) -> int:
         if args.system is not None:
             messages.insert(0, {"role": "system", "content": args.system})
         prompt = chat_format.encode_prompt(tokenizer, messages)  # format errors surface before the model loads
-    model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device)
+    model = LLaMA.from_pretrained(args.model, dtype=dtype, device=device, quantize=args.quantize)
     if args.adapter:
         model.load_adapter(args.adapter)
     max_new_tokens = clamp_new_tokens(args.max_new_tokens, len(prompt), model.params.max_seq_len)

@@ -64,7 +64,8 @@ def _torchao():
 def is_quantized_linear(name: str) -> bool:
     """Whether a state-dict name (`layers.N.attention.wq.weight`, ...) is one of the weights stored quantized."""
     parts = name.split(".")
-    return len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight" and ".".join(parts[2:4]) in QUANTIZED_LINEARS
+    in_block = len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight"
+    return in_block and ".".join(parts[2:4]) in QUANTIZED_LINEARS
 
 
 def quantize_weight(weight: torch.Tensor, quantize: str, name: str = "weight") -> torch.Tensor:
@@ -72,7 +73,7 @@ def quantize_weight(weight: torch.Tensor, quantize: str, name: str = "weight") -
     if weight.dim() != 2:
         raise ValueError(f"{name}: only 2-D linear weights are quantized, got shape {tuple(weight.shape)}")
     if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: quantize={quantize!r} needs float32, bfloat16 or float16 weights, got {weight.dtype}")
+        raise ValueError(f"{name}: quantize={quantize!r} needs float32, bfloat16 or float16, got {weight.dtype}")
     tq = _torchao()
     weight = weight.detach()
     if quantize == "nf4":
@@ -100,7 +101,7 @@ def dequantize_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def quantization_of(model: nn.Module) -> str | None:
-    """"nf4", "int8" or None: the format of the model's block linears (they are quantized all alike)."""
+    """The format ("nf4", "int8" or None) of the model's block linears (they are quantized all alike)."""
     for name, p in model.named_parameters():
         if is_quantized_linear(name):
             kind = type(p.data).__name__
@@ -124,14 +125,15 @@ def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
     return model
 
 
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a (possibly quantized) tensor occupies as stored: quantized data, scales and all."""
+    t = t.data if isinstance(t, nn.Parameter) else t
+    if type(t) is torch.Tensor:
+        return t.numel() * t.element_size()
+    inner, _ = t.__tensor_flatten__()
+    return sum(tensor_bytes(getattr(t, name)) for name in inner)
+
+
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes the model's parameters occupy as stored (quantized data, scales and all)."""
-    total = 0
-    for p in model.parameters():
-        t = p.data
-        if type(t) is torch.Tensor:
-            total += t.numel() * t.element_size()
-        else:
-            inner, _ = t.__tensor_flatten__()
-            total += sum(getattr(t, n).numel() * getattr(t, n).element_size() for n in inner)
-    return total
+    """Bytes the model's parameters occupy as stored."""
+    return sum(tensor_bytes(p) for p in model.parameters())

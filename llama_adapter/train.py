@@ -49,6 +49,7 @@ from llama_adapter.data import (
     split_examples,
 )
 from llama_adapter.loading import CheckpointError
+from llama_adapter.quantize import QUANTIZATIONS, check_quantize
 from llama_adapter.validation import (
     ANY_INT,
     NON_NEGATIVE,
@@ -704,6 +705,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers in backward")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base across ranks (FSDP2)")
+    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
+                   help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true")
     p.add_argument(
         "--no-pack", action="store_true", help="pad micro-batches (default: pack them where the fused kernels run)"
@@ -765,6 +768,7 @@ def finetune(args) -> Trainer:
     say = print if info.is_main else (lambda *a, **k: None)
     if args.fsdp and info.world_size == 1:
         say("note: --fsdp with one process shards nothing")
+    check_quantize(getattr(args, "quantize", None))  # a missing torchao surfaces before the data is read
     examples = load_examples(args.data)  # data errors surface before anything heavy is loaded
     visual_dim = None
     if args.image_features:
@@ -779,7 +783,8 @@ def finetune(args) -> Trainer:
 
     dtype = _base_dtype(args.dtype, info.device)
     # FSDP shards from host memory; DDP loads straight onto this rank's device.
-    model = LLaMA.from_pretrained(args.model, dtype=dtype, device="cpu" if args.fsdp else info.device)
+    model = LLaMA.from_pretrained(args.model, dtype=dtype, device="cpu" if args.fsdp else info.device,
+                                  quantize=getattr(args, "quantize", None))  # fmt: skip
     if args.max_seq_len > model.params.max_seq_len:
         raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
     torch.manual_seed(args.seed)  # the same initial prompts on every rank and every (re)start
