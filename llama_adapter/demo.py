@@ -169,7 +169,7 @@ def run_demo(args) -> int:
     before = answer(base, tokenizer, heldout)
     heldout_set = InstructionDataset(heldout, tokenizer, max_len)
     base_loss = heldout_loss(base, heldout_set, tokenizer.pad_id)
-    quantized = f" ({args.quantize} base)" if args.quantize else ""
+    quantized = f" ({args.quantize})" if args.quantize else ""
     show(f"[before] frozen base{quantized} on held-out instructions: exact match {exact_match(before, heldout):.0%}, "
          f"loss {base_loss:.3f}", heldout, before, args.show)  # fmt: skip
 
