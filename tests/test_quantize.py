@@ -277,3 +277,34 @@ def test_quantized_linears_are_the_models_block_linears():
     model = tiny_model()
     names = {n for n, _ in model.named_parameters() if is_quantized_linear(n)}
     assert names == {f"layers.{i}.{path}.weight" for i in range(model.params.n_layers) for path in QUANTIZED_LINEARS}
+
+
+def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
+    from helpers import train_sentencepiece
+    from train_helpers import make_examples
+
+    from llama_adapter.cli import main
+    from llama_adapter.model import ModelArgs
+
+    torch.manual_seed(6)
+    base = tmp_path / "base"
+    write_meta_checkpoint(LLaMA(ModelArgs.from_name("tiny", vocab_size=100)), base)
+    train_sentencepiece(base, vocab_size=100)
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps(make_examples(8)))
+    out = tmp_path / "run"
+    argv = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--quantize", "nf4",
+            "--epochs", "1", "--warmup-epochs", "0", "--blr", "2.0", "--global-batch-size", "4",
+            "--micro-batch-size", "4", "--max-steps", "1", "--adapter-layers", "2", "--adapter-len", "3",
+            "--max-seq-len", "256", "--val-fraction", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    full = LLaMA.from_pretrained(base, adapter=str(out / "adapter"))  # trained on nf4, served on the full base
+    assert quantization_of(full) is None and all((layer.attention.adapter_gate != 0).all() for layer in full.layers)
+    capsys.readouterr()
+    argv = ["generate", "--model", str(base), "--adapter", str(out / "adapter"), "--quantize", "int8",
+            "--instruction", "Repeat cat.", "--max-new-tokens", "3"]  # fmt: skip
+    assert main(argv) == 0
+    assert "tokens in" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(base), "--instruction", "x", "--quantize", "fp4"])
+    assert "invalid choice: 'fp4'" in capsys.readouterr().err
