@@ -157,6 +157,11 @@ def wrap_model(model, info: DistInfo, fsdp: bool = False):
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
+        from llama_adapter.quantize import quantization_of
+
+        if quantization_of(model) == "int8":  # torchao's Int8Tensor has no FSDP2 sharding (no aten.split)
+            raise ValueError("FSDP cannot shard an int8 base; use quantize='nf4' (which FSDP2 shards) or DDP")
+
         adapter = set(model.adapter_parameters())
         replicated = set(adapter)
         for layer in model.layers:

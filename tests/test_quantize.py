@@ -308,3 +308,78 @@ def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(base), "--instruction", "x", "--quantize", "fp4"])
     assert "invalid choice: 'fp4'" in capsys.readouterr().err
+
+
+def _fsdp_model(fmt: str) -> LLaMA:
+    """Shapes whose NF4 pieces (data, block scales, their 256-group factors) split evenly across 2 ranks, as
+    every real LLaMA's do (the tiny model's do not: FSDP2 shards each of them along dim 0)."""
+    from llama_adapter.model import AdapterConfig, ModelArgs
+
+    torch.manual_seed(7)
+    model = LLaMA(ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=128, multiple_of=256, max_seq_len=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.05)
+    model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=2))
+    return quantize_model(model, fmt)
+
+
+def _fsdp_train(out_dir, fsdp: bool, info=None):
+    from train_helpers import WordTokenizer, make_examples
+
+    from llama_adapter.data import InstructionDataset
+    from llama_adapter.train import TrainConfig, Trainer, adapter_tensors
+
+    data = InstructionDataset(make_examples(16), WordTokenizer(), max_seq_len=64)
+    cfg = TrainConfig(out_dir=str(out_dir), epochs=1, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2,
+                      blr=32.0, progress=False, fsdp=fsdp)  # fmt: skip
+    model = _fsdp_model("nf4")
+    history = Trainer(model, data, None, cfg, dist_info=info).fit()
+    wq = model.layers[0].attention.wq.weight  # a DTensor under FSDP: this rank's shard of the NF4 weight
+    shard = wq.to_local() if hasattr(wq, "to_local") else wq
+    losses = [r["loss"] for r in history]
+    return losses, {k: v.clone() for k, v in adapter_tensors(model).items()}, (type(shard).__name__, shard.shape[0])
+
+
+def _fsdp_worker(rank: int, port: int, out_dir: str):
+    import os
+
+    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.train import init_distributed
+
+    torch.set_num_threads(1)
+    set_attention_backend("reference")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))  # fmt: skip
+    info = init_distributed("cpu")
+    result = _fsdp_train(os.path.join(out_dir, "fsdp"), True, info)
+    if info.is_main:
+        torch.save(result, os.path.join(out_dir, "fsdp.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def test_fsdp2_shards_an_nf4_base_on_gloo_and_trains_as_one_process(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    losses, adapter, (kind, rows) = _fsdp_train(tmp_path / "single", False)
+    assert (kind, rows) == ("NF4Tensor", 256)
+    assert len(losses) == 2 and (adapter["layers.1.attention.adapter_gate"] != 0).all()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    fsdp_losses, fsdp_adapter, (kind, rows) = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    assert (kind, rows) == ("NF4Tensor", 128)  # sharded, still 4-bit
+    assert fsdp_losses == pytest.approx(losses, rel=1e-5)
+    for name, t in adapter.items():
+        torch.testing.assert_close(fsdp_adapter[name], t, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fsdp_refuses_an_int8_base():
+    from llama_adapter.train import DistInfo, wrap_model
+
+    with pytest.raises(ValueError, match="FSDP cannot shard an int8 base"):
+        wrap_model(_fsdp_model("int8"), DistInfo(), fsdp=True)
