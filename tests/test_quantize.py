@@ -383,3 +383,16 @@ def test_fsdp_refuses_an_int8_base():
 
     with pytest.raises(ValueError, match="FSDP cannot shard an int8 base"):
         wrap_model(_fsdp_model("int8"), DistInfo(), fsdp=True)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_compiled_decode_on_a_quantized_base_equals_eager(fmt):
+    """generate(compile=True): the quantized weights trace through dynamo and AOT autograd in one graph
+    (fullgraph; aot_eager on the CPU as in test_compile.py; inductor was run once by hand, see the notes)."""
+    from llama_adapter.generation import generate
+
+    torch.manual_seed(8)
+    model = quantize_model(with_gates(tiny_model(adapter_layers=2)), fmt)
+    prompts = [[5, 17, 3, 9], [8, 2]]
+    eager = generate(model, prompts, 5)
+    assert generate(model, prompts, 5, compile=True, compile_options={"backend": "aot_eager"}) == eager
