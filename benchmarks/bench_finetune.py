@@ -109,24 +109,44 @@ def run(args: argparse.Namespace) -> Results:
     dev = results.device
     budget = Budget(args.budget)
     log(f"finetune on {dev.name}: {size} layers={args.layers or 'all'} seq={seq} -> {results.path}")
-    base = dict(dtype=str(dtype).removeprefix("torch."), N=seq, model=size, B=None, ms=None, tokens_per_s=None)
+    fatal = None
+    for quantize in str_list(args.quantize):
+        fatal = run_base(args, results, budget, quantize, size, seq, batches, device, dtype, fatal)
+    set_attention_backend(previous_backend)
+    maybe_plot(results, args)
+    return results
+
+
+def run_base(args, results: Results, budget: Budget, quantize: str, size: str, seq: int, batches: list[int], device,
+             dtype, fatal: str | None) -> str | None:  # fmt: skip
+    """The rows of one base (full precision, nf4 or int8) for every backend; returns the CUDA-fatal error seen."""
+    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.quantize import quantize_model, weight_bytes
+
+    dev = results.device
+    base = dict(dtype=str(dtype).removeprefix("torch."), N=seq, model=size, B=None, ms=None, tokens_per_s=None,
+                quantize=quantize)  # fmt: skip
+    providers = [(PROVIDER.get(b, b) + ("" if quantize == "none" else f"+{quantize}"), b)
+                 for b in str_list(args.backends)]  # fmt: skip
     try:
         model = build_model(size, layers=args.layers, seq=seq + 1, device=device, dtype=dtype, adapter_len=args.ka)
+        if quantize != "none":
+            quantize_model(model, quantize)
     except Exception as exc:
-        for backend in str_list(args.backends):
-            results.add({**base, "provider": PROVIDER.get(backend, backend), "backend": backend,
+        for provider, backend in providers:
+            results.add({**base, "provider": provider, "backend": backend,
                          "error": f"model build failed: {describe_error(exc)}"})  # fmt: skip
-        return results
+        return fatal
     p = model.params
     base.update(layers=p.n_layers, dim=p.dim, Ka=model.adapter_config.adapter_len,
                 adapter_layers=model.adapter_config.adapter_layers,
                 params=sum(w.numel() for w in model.parameters()),
-                trainable=sum(w.numel() for w in model.adapter_parameters()))  # fmt: skip
+                trainable=sum(w.numel() for w in model.adapter_parameters()),
+                weight_mb=round(weight_bytes(model) / 2**20, 1))  # fmt: skip
     optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
-    fatal = None
-    for backend in str_list(args.backends):
-        row = {**base, "provider": PROVIDER.get(backend, backend), "backend": backend, "error": None, "tried": []}
+    for provider, backend in providers:
+        row = {**base, "provider": provider, "backend": backend, "error": None, "tried": []}
         if fatal or budget.expired():
             row["error"] = f"skipped: CUDA context lost earlier ({fatal})" if fatal else "skipped: time budget"
             log(f"{row['provider']:>14}: {results.add(row)['error']}")
@@ -165,9 +185,9 @@ def run(args: argparse.Namespace) -> Results:
         fatal = row["error"][:120] if is_fatal(row["error"]) else None
         results.add(row)
         log(format_row(row))
-    set_attention_backend(previous_backend)
-    maybe_plot(results, args)
-    return results
+    del model, optimizer
+    free_memory()
+    return fatal
 
 
 def format_row(row: dict) -> str:
@@ -187,6 +207,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batches", default=None, help="micro-batches to try, descending (default 16,12,8,6,4,2,1)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="adapter prompt length")
+    p.add_argument("--quantize", default="none", help="frozen bases to run, of none,nf4,int8 (torchao)")
     p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1,
                    help="untimed steps after the one that found the batch")  # fmt: skip
     p.add_argument("--steps", type=POSITIVE_INT, default=3, help="timed steps")

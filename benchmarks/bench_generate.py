@@ -62,8 +62,10 @@ def timed_generate(model, prompts, new_tokens: int) -> list[float]:
 
 def decode_bytes(model, B: int, context: float) -> float:
     """Bytes one decoding step must read: weights once, the KV cache of `context` positions per row."""
+    from llama_adapter.quantize import tensor_bytes  # quantized weights: their packed data and scales
+
     p = model.params
-    weights = sum(w.numel() * w.element_size() for name, w in model.named_parameters() if "tok_embeddings" not in name)
+    weights = sum(tensor_bytes(w) for name, w in model.named_parameters() if "tok_embeddings" not in name)
     elem = model.tok_embeddings.weight.element_size()
     return weights + 2 * p.n_layers * B * p.n_kv_heads * p.head_dim * context * elem
 
@@ -82,18 +84,37 @@ def run(args: argparse.Namespace) -> Results:
     dev = results.device
     budget = Budget(args.budget)
     log(f"generate on {dev.name}: {size} prompt={prompt_len} new={new_tokens} -> {results.path}")
-    base = dict(model=size, dtype=str(dtype).removeprefix("torch."), prompt_len=prompt_len, new_tokens=new_tokens)
+    fatal = None
+    for quantize in str_list(args.quantize):
+        fatal = run_base(args, results, budget, quantize, size, prompt_len, new_tokens, device, dtype, fatal)
+    set_attention_backend(previous_backend)
+    maybe_plot(results, args)
+    return results
+
+
+def run_base(args, results: Results, budget: Budget, quantize: str, size: str, prompt_len: int, new_tokens: int,
+             device, dtype, fatal: str | None) -> str | None:  # fmt: skip
+    """The rows of one base (full precision, nf4 or int8) for every backend and batch; returns a CUDA-fatal error."""
+    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.quantize import quantize_model, weight_bytes
+
+    dev = results.device
+    base = dict(model=size, dtype=str(dtype).removeprefix("torch."), prompt_len=prompt_len, new_tokens=new_tokens,
+                quantize=quantize)  # fmt: skip
     model = None
     try:
         model = build_model(size, layers=args.layers, seq=prompt_len + new_tokens, device=device, dtype=dtype)
-        base["layers"] = model.params.n_layers
+        if quantize != "none":
+            quantize_model(model, quantize)
+        base.update(layers=model.params.n_layers, weight_mb=round(weight_bytes(model) / 2**20, 1))
     except Exception as exc:
         build_error = f"model build failed: {describe_error(exc)}"
-    fatal = None
     gen = torch.Generator().manual_seed(0)
+    suffix = "" if quantize == "none" else f"+{quantize}"
     for backend in str_list(args.backends):
         for B in int_list(args.batches or "1,16"):
-            row = {**base, "provider": PROVIDER.get(backend, backend), "backend": backend, "B": B, "error": None}
+            row = {**base, "provider": PROVIDER.get(backend, backend) + suffix, "backend": backend, "B": B,
+                   "error": None}  # fmt: skip
             row.update(ms_per_token=None, tokens_per_s=None)
             if model is None:
                 row["error"] = build_error
@@ -125,9 +146,9 @@ def run(args: argparse.Namespace) -> Results:
                 fatal = row["error"][:120] if is_fatal(row["error"]) else None
             results.add(row)
             log(format_row(row))
-    set_attention_backend(previous_backend)
-    maybe_plot(results, args)
-    return results
+    del model
+    free_memory()
+    return fatal
 
 
 def format_row(row: dict) -> str:
@@ -147,6 +168,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=POSITIVE_INT, default=None, help="decoded tokens (default 64)")
     p.add_argument("--batches", default=None, help="batch sizes (default 1,16)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
+    p.add_argument("--quantize", default="none", help="frozen bases to run, of none,nf4,int8 (torchao)")
     add_common_args(p, budget=0)
     return p.parse_args(argv)
 

@@ -142,6 +142,26 @@ def test_generate_smoke(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(row["B"] / row["ms_per_token"] * 1e3, rel=ROUNDING)
 
 
+def test_quantized_bases_smoke(tmp_path):
+    """--quantize adds rows per base (provider suffixed); the packed weights are what GB/s counts."""
+    pytest.importorskip("torchao")
+    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1",
+                                      "--warmup", "0", "--backends", "sdpa", "--quantize", "none,nf4,int8",
+                                      "--no-plot"])  # fmt: skip
+    rows = {r["provider"]: r for r in bench_finetune.run(args).rows}
+    assert list(rows) == ["sdpa_adapter", "sdpa_adapter+nf4", "sdpa_adapter+int8"]
+    for row in rows.values():
+        assert row["error"] is None and row["tokens_per_s"] > 0, row
+    assert rows["sdpa_adapter+nf4"]["weight_mb"] < rows["sdpa_adapter+int8"]["weight_mb"] < rows["sdpa_adapter"][
+        "weight_mb"
+    ]
+    args = bench_generate.parse_args(["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "1",
+                                      "--backends", "sdpa", "--quantize", "none,nf4", "--no-plot"])  # fmt: skip
+    full, nf4 = bench_generate.run(args).rows
+    assert nf4["provider"] == "sdpa_adapter+nf4" and nf4["error"] is None and nf4["gb_per_s"] > 0
+    assert nf4["weight_mb"] < full["weight_mb"]
+
+
 def test_generate_decode_bytes():
     model = common.build_model("tiny", layers=2, seq=16, device="cpu", dtype=torch.float32)
     p = model.params
