@@ -134,6 +134,21 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return sum(tensor_bytes(getattr(t, name)) for name in inner)
 
 
+def quantized_nbytes(rows: int, cols: int, quantize: str | None, element_size: int = 2) -> int:
+    """Bytes a (rows, cols) weight of `element_size`-byte floats occupies in a format, from its shape alone (what
+    `tensor_bytes` reports once quantized; memory planning for models too big to build)."""
+    numel = rows * cols
+    if quantize is None:
+        return numel * element_size
+    if quantize == "int8":  # int8 codes, a float32 scale and an int8 zero point per row
+        return numel + rows * 5
+    if quantize == "nf4":  # 4-bit codes, an int8 scale per block, a factor per scale group, their mean, the levels
+        n_blocks = numel // NF4_BLOCK
+        n_groups = n_blocks // math.gcd(n_blocks, NF4_SCALER_BLOCK)
+        return numel // 2 + n_blocks + (n_groups + 1 + 16) * element_size
+    raise ValueError(f"quantize must be None or one of {QUANTIZATIONS}, got {quantize!r}")
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes the model's parameters occupy as stored."""
     return sum(tensor_bytes(p) for p in model.parameters())

@@ -396,3 +396,14 @@ def test_compiled_decode_on_a_quantized_base_equals_eager(fmt):
     prompts = [[5, 17, 3, 9], [8, 2]]
     eager = generate(model, prompts, 5)
     assert generate(model, prompts, 5, compile=True, compile_options={"backend": "aot_eager"}) == eager
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["nf4", "int8", None])
+def test_quantized_nbytes_from_the_shape_is_what_the_tensor_holds(fmt, dtype):
+    from llama_adapter.quantize import quantized_nbytes
+
+    for rows, cols in ((512, 1024), (96, 160), (1024, 2816)):
+        w = torch.randn(rows, cols, dtype=dtype)
+        stored = tensor_bytes(quantize_weight(w, fmt) if fmt else w)
+        assert quantized_nbytes(rows, cols, fmt, w.element_size()) == stored, (rows, cols)
