@@ -60,6 +60,21 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
 
 
+class Deferred:
+    """A tensor built only when the loader assigns it (model-parallel shards concatenated, HF q/k rows un-permuted):
+    shapes and dtypes can be checked first, and a quantizing load never holds more than one such copy at a time."""
+
+    def __init__(self, shape, dtype: torch.dtype, build):
+        self.shape, self.dtype, self._build = torch.Size(shape), dtype, build
+
+    def materialize(self) -> torch.Tensor:
+        return self._build()
+
+
+def _materialize(t) -> torch.Tensor:
+    return t.materialize() if isinstance(t, Deferred) else t
+
+
 @dataclass
 class Checkpoint:
     """Model arguments and tensors (Meta names) read from a directory; `sources` maps each name to its file."""
@@ -168,7 +183,7 @@ def _meta_split_dim(name: str, shard_shape: torch.Size, n_shards: int, dim: int)
     return None  # norms (and names the model check will reject)
 
 
-def read_meta_checkpoint(path: str) -> Checkpoint:
+def read_meta_checkpoint(path: str, deferred: bool = False) -> Checkpoint:
     params_path = os.path.join(path, META_PARAMS)
     args = meta_model_args(read_json_object(params_path), params_path)
     files = sorted(glob.glob(os.path.join(path, "consolidated.*.pth")))
@@ -193,7 +208,15 @@ def read_meta_checkpoint(path: str) -> Checkpoint:
                 raise CheckpointError(
                     f"tensor {name!r} has shape {tuple(p.shape)} in {f} but {tuple(first.shape)} in {files[0]}"
                 )
-        ckpt.tensors[name] = pieces[0] if split is None else torch.cat(pieces, dim=split)
+        if split is None:
+            ckpt.tensors[name] = pieces[0]
+        elif deferred:
+            shape = list(first.shape)
+            shape[split] *= len(pieces)
+            concat = lambda pieces=pieces, split=split: torch.cat(pieces, split)  # noqa: E731 (binds this tensor's)
+            ckpt.tensors[name] = Deferred(shape, first.dtype, concat)
+        else:
+            ckpt.tensors[name] = torch.cat(pieces, dim=split)
         ckpt.sources[name] = files[0] if split is None else f"{files[0]} .. {files[-1]}"
     if args.get("vocab_size", -1) == -1 and "tok_embeddings.weight" in ckpt.tensors:
         args["vocab_size"] = ckpt.tensors["tok_embeddings.weight"].shape[0]
@@ -287,7 +310,7 @@ def _hf_weight_files(path: str) -> dict[str, list[str] | None]:
     )
 
 
-def read_hf_checkpoint(path: str) -> Checkpoint:
+def read_hf_checkpoint(path: str, deferred: bool = False) -> Checkpoint:
     config_path = os.path.join(path, HF_CONFIG)
     config = read_json_object(config_path)
     quantized = config.get("quantization_config")
@@ -309,7 +332,10 @@ def read_hf_checkpoint(path: str) -> Checkpoint:
                     raise CheckpointError(
                         f"tensor {name!r} in {fname} has shape {tuple(t.shape)}, not ({heads}*D, dim)"
                     )
-                t = unpermute_rotate_half(t, heads)
+                if deferred:
+                    t = Deferred(t.shape, t.dtype, lambda t=t, heads=heads: unpermute_rotate_half(t, heads))
+                else:
+                    t = unpermute_rotate_half(t, heads)
             ckpt.tensors[meta_name] = t
             ckpt.sources[meta_name] = fname
     if (
@@ -325,15 +351,16 @@ def read_hf_checkpoint(path: str) -> Checkpoint:
 # ---------------------------------------------------------------- model
 
 
-def read_checkpoint(path) -> Checkpoint:
-    """A Meta (params.json) or HF (config.json) checkpoint directory."""
+def read_checkpoint(path, deferred: bool = False) -> Checkpoint:
+    """A Meta (params.json) or HF (config.json) checkpoint directory; deferred: tensors that need a copy (shard
+    concatenation, q/k un-permutation) are `Deferred` until assigned."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
     if os.path.isfile(os.path.join(path, META_PARAMS)):
-        return read_meta_checkpoint(path)
+        return read_meta_checkpoint(path, deferred)
     if os.path.isfile(os.path.join(path, HF_CONFIG)):
-        return read_hf_checkpoint(path)
+        return read_hf_checkpoint(path, deferred)
     raise FileNotFoundError(f"{path} is neither a Meta checkpoint ({META_PARAMS}) nor a Hugging Face one ({HF_CONFIG})")
 
 
@@ -378,7 +405,7 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
 
     require_device("cpu" if device is None else device)  # before reading gigabytes for a device we lack
     check_quantize(quantize)  # a bad name or a missing library surfaces before any file is opened
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, deferred=True)
     try:  # the rules were checked key by key; what remains are relations (dim divisible by n_heads, ...)
         args = ModelArgs(**{**ckpt.args, **overrides})
     except ValueError as e:
@@ -394,7 +421,8 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     # Tensors already in the right dtype and place stay memory-mapped (torch.load's mmap is copy-on-write).
     state = {}
     for name in list(ckpt.tensors):
-        t = ckpt.tensors.pop(name).to(device=device, dtype=dtype)  # popped: a converted copy dies once quantized
+        # popped: a concatenated or converted copy dies once quantized
+        t = _materialize(ckpt.tensors.pop(name)).to(device=device, dtype=dtype)
         state[name] = quantize_weight(t, quantize, name) if quantize and is_quantized_linear(name) else t
         del t
     model.load_state_dict(state, strict=True, assign=True)

@@ -407,3 +407,31 @@ def test_quantized_nbytes_from_the_shape_is_what_the_tensor_holds(fmt, dtype):
         w = torch.randn(rows, cols, dtype=dtype)
         stored = tensor_bytes(quantize_weight(w, fmt) if fmt else w)
         assert quantized_nbytes(rows, cols, fmt, w.element_size()) == stored, (rows, cols)
+
+
+def test_sharded_meta_and_hf_checkpoints_quantize_as_the_plain_load(tmp_path):
+    """Shard concatenation and HF's q/k un-permutation are deferred to assignment (one copy at a time), and the
+    quantized load equals quantizing the plain load's weights."""
+    pytest.importorskip("transformers")
+    from helpers import random_hf_model, tiny_hf_config, write_meta_dir
+
+    from llama_adapter.loading import Deferred, read_checkpoint
+
+    hf = random_hf_model(tiny_hf_config(), seed=7, dtype=torch.float32)
+    hf.save_pretrained(tmp_path / "hf")
+    write_meta_dir(hf, tmp_path / "meta2", n_shards=2)
+    plain = LLaMA.from_pretrained(tmp_path / "hf").state_dict()
+    for directory, deferred in (("hf", {"attention.wq", "attention.wk"}), ("meta2", set(QUANTIZED_LINEARS))):
+        tensors = read_checkpoint(tmp_path / directory, deferred=True).tensors
+        got = {
+            n.split(".", 2)[2].rsplit(".", 1)[0]
+            for n, t in tensors.items()
+            if isinstance(t, Deferred) and n[:7] == "layers."
+        }
+        assert deferred <= got, directory
+        loaded = LLaMA.from_pretrained(tmp_path / directory, quantize="nf4")
+        for name, p in loaded.state_dict().items():
+            if is_quantized_linear(name):
+                assert torch.equal(dequantize_weight(p), dequantize_weight(quantize_weight(plain[name], "nf4"))), name
+            else:
+                assert torch.equal(p, plain[name]), name
