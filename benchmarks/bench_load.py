@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -91,9 +92,14 @@ def measure_load(directory: Path, dtype: torch.dtype, quantize: str | None) -> d
 
 
 def child(argv: list[str]) -> dict:
-    """Run a `--child` step in a fresh interpreter (nothing of this process's memory counts) and parse its JSON."""
+    """Run a `--child` step in a fresh interpreter (nothing of this process's memory counts) and parse its JSON.
+
+    glibc serves blocks under its (adaptive, up to 32 MB) mmap threshold from heaps it rarely gives back, so RssAnon
+    would keep every freed temporary of a small model's weights; a fixed 64 KB threshold makes freed blocks leave
+    RSS, so the sampled peak is the memory the load holds at once (a 70B's weights are all above 32 MB anyway)."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
     out = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", *argv], capture_output=True,
-                         text=True, check=False)  # fmt: skip
+                         text=True, check=False, env=env)  # fmt: skip
     if out.returncode:
         raise RuntimeError(f"child {argv} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
