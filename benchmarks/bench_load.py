@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import DTYPES, Results, add_common_args, log, str_list
+from llama_adapter.validation import POSITIVE_INT, Number
 
 
 def write_checkpoint(directory: Path, dim: int, layers: int, dtype: torch.dtype, vocab: int = 1024) -> int:
@@ -133,8 +134,8 @@ def format_row(row: dict) -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dim", type=int, default=1024)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--dim", type=Number(int, min=128), default=1024, help="model width (heads of 128)")
+    p.add_argument("--layers", type=POSITIVE_INT, default=4)
     p.add_argument("--ckpt-dtype", default="fp32", choices=sorted(DTYPES), help="dtype stored in the file")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="dtype to load in")
     p.add_argument("--quantize", default="none,int8,nf4", help="loads to measure, of none,nf4,int8")

@@ -23,6 +23,7 @@ import argparse
 
 from llama_adapter.model import ModelArgs
 from llama_adapter.quantize import quantized_nbytes
+from llama_adapter.validation import NON_NEGATIVE, POSITIVE_INT
 
 GB = 1e9
 FORMATS = (None, "int8", "nf4")
@@ -86,8 +87,8 @@ def table(models=("7B", "13B", "70B"), seq: int = 512, reserve_gb: float = 3.0) 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--reserve-gb", type=float, default=3.0, help="left for the CUDA context and allocator slack")
+    p.add_argument("--seq", type=POSITIVE_INT, default=512)
+    p.add_argument("--reserve-gb", type=NON_NEGATIVE, default=3.0, help="left for the CUDA context and allocator slack")
     args = p.parse_args(argv)
     print(table(seq=args.seq, reserve_gb=args.reserve_gb))
     return 0
