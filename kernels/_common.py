@@ -47,7 +47,7 @@ def prompt_block(n_prompt: int) -> int:
 
 def size_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two, so nearby lengths reuse one tuning."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())  # next power of two; plain ints (called per launch)
 
 
 def device_arch(device: torch.device) -> tuple[int, int]:
