@@ -109,13 +109,15 @@ def adapter_attention_bwd_preprocess_kernel(
 @triton.jit
 def _dkdv_blocks(
     dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
-    offs_n, offs_d, start, end, jump_at, jump, n_q, L, shift, gain, qk_scale,
+    keys, offs_d, start, end, jump_at, jump, n_q, L, shift, gain, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, GAINED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     """Accumulate one key tile's dk (unscaled), dv over query blocks start .. end of one query head; MASKED blocks at
     or past `jump_at` are moved on by `jump` (the masked blocks are the diagonal ones and the partial last one).
     Only MASKED blocks mask anything: rows >= n_q read as zero (q = do = 0, so they add nothing), keys past L or
-    after the causal diagonal get P = 0. GAINED (the prompt) scales P by the head's gate: dS and dv follow it."""
+    after the causal diagonal get P = 0. GAINED (the prompt) scales P by the head's gate: dS and dv follow it.
+    `keys`, L and shift count from the tile's first key: absolute key offsets stay out of the loops (with them
+    live across the loops, ptxas spilled at 32 x 128 on sm90)."""
     for it in tl.range(start, end, BLOCK_M, num_stages=1 if MASKED else None):
         start_m = it
         if MASKED:
@@ -132,9 +134,9 @@ def _dkdv_blocks(
         # the scale sits in the exp2 argument: one FFMA per score
         p_t = tl.math.exp2(tl.dot(k, q_t, input_precision=DOT_PREC) * qk_scale - lse[None, :])  # (keys, BLOCK_M)
         if MASKED:
-            visible = offs_n[:, None] < L
+            visible = keys[:, None] < L
             if CAUSAL:
-                visible = visible & (offs_n[:, None] <= offs_m[None, :] + shift)
+                visible = visible & (keys[:, None] <= offs_m[None, :] + shift)
             p_t = tl.where(visible, p_t, 0.0)
         if GAINED:
             p_t = p_t * gain
@@ -146,7 +148,7 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_key_tile(
-    k, v, offs_n, lo, mid, Q, DO, Lse, Delta, Gate, b, hk, row0, n_q, L, shift,
+    k, v, keys, lo, mid, Q, DO, Lse, Delta, Gate, b, hk, row0, n_q, L, shift,
     stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, stride_gb, stride_gh,
     Hq, GROUP, Nq, qk_scale,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, GAINED: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -170,12 +172,12 @@ def _dkdv_key_tile(
             gain = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_base, do_base, Lse + rows, Delta + rows, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, lo, masked_end, mid, tail - mid, n_q, L, shift, gain, qk_scale,
+            keys, offs_d, lo, masked_end, mid, tail - mid, n_q, L, shift, gain, qk_scale,
             True, CAUSAL, GAINED, BLOCK_M, DOT_PREC,
         )  # fmt: skip
         dk, dv = _dkdv_blocks(
             dk, dv, k, v, q_base, do_base, Lse + rows, Delta + rows, stride_qm, stride_qd, stride_dom, stride_dod,
-            offs_n, offs_d, mid, tail, 0, 0, n_q, L, shift, gain, qk_scale,
+            keys, offs_d, mid, tail, 0, 0, n_q, L, shift, gain, qk_scale,
             False, CAUSAL, GAINED, BLOCK_M, DOT_PREC,
         )  # fmt: skip
     return dk, dv
@@ -212,7 +214,7 @@ def adapter_attention_bwd_dkdv_kernel(
         ak = load_tile(AK + b * stride_akb + hk * stride_akh, offs_a, offs_d, stride_akn, stride_akd, Ka, True)
         av = load_tile(AV + b * stride_avb + hk * stride_avh, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
         dak, dav = _dkdv_key_tile(
-            ak, av, offs_a, 0, 0, Q, DO, LseA, DeltaA, Gate, b, hk, row0, n_q, Ka, 0,
+            ak, av, tl.arange(0, BLOCK_A), 0, 0, Q, DO, LseA, DeltaA, Gate, b, hk, row0, n_q, Ka - pid_n * BLOCK_A, 0,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_gb, stride_gh, Hq, GROUP, Nq, qk_scale, HEAD_DIM, False, True, PROMPT_BLOCK_M, DOT_PREC,
         )  # fmt: skip
@@ -221,11 +223,14 @@ def adapter_attention_bwd_dkdv_kernel(
         tl.store(DAV + part, dav, mask=offs_a[:, None] < Ka)
     else:
         start_n = (pid_n - n_prompt_tiles) * BLOCK_N  # past n_k (the grid covers the longest sequence): no work
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = load_tile(K + b * stride_kb + hk * stride_kh + row0 * stride_kn, offs_n, offs_d, stride_kn, stride_kd, n_k,
-                      True)  # fmt: skip
-        v = load_tile(V + b * stride_vb + hk * stride_vh + row0 * stride_vn, offs_n, offs_d, stride_vn, stride_vd, n_k,
-                      True)  # fmt: skip
+        # rows relative to the tile's first key (see _dkdv_blocks): per-thread offsets are tl.arange only
+        keys = tl.arange(0, BLOCK_N)
+        first = row0 + start_n
+        n_keys = n_k - start_n
+        k = load_tile(K + b * stride_kb + hk * stride_kh + first * stride_kn, keys, offs_d, stride_kn, stride_kd,
+                      n_keys, True)  # fmt: skip
+        v = load_tile(V + b * stride_vb + hk * stride_vh + first * stride_vn, keys, offs_d, stride_vn, stride_vd,
+                      n_keys, True)  # fmt: skip
         L = key_length(KVLens, b, n_k, HAS_KVLENS)
         shift = L - n_q
         # Query blocks [lo, mid) need the key mask; every later one sees all keys of this tile.
@@ -240,15 +245,17 @@ def adapter_attention_bwd_dkdv_kernel(
         lo = tl.where(start_n >= L, n_rows, lo)  # no valid key at all: dk = dv = 0 (or nothing to store)
         mid = tl.maximum(mid, lo)
         dk, dv = _dkdv_key_tile(
-            k, v, offs_n, lo, mid, Q, DO, LseW, DeltaW, Gate, b, hk, row0, n_q, L, shift,
+            k, v, keys, lo, mid, Q, DO, LseW, DeltaW, Gate, b, hk, row0, n_q, L - start_n,
+            shift - start_n,
             stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
             stride_gb, stride_gh, Hq, GROUP, Nq, qk_scale, HEAD_DIM, CAUSAL, False, BLOCK_M, DOT_PREC,
         )  # fmt: skip
-        rows_n = row0 + offs_n[:, None]
-        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + rows_n * stride_dkn + offs_d[None, :] * stride_dkd
-        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + rows_n * stride_dvn + offs_d[None, :] * stride_dvd
-        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=offs_n[:, None] < n_k)
-        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=offs_n[:, None] < n_k)
+        dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + first * stride_dkn
+        dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + first * stride_dvn
+        dk_ptrs += keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+        dv_ptrs += keys[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+        tl.store(dk_ptrs, (dk * sm_scale).to(DK.dtype.element_ty), mask=keys[:, None] < n_keys)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=keys[:, None] < n_keys)
 
 
 @triton.jit
