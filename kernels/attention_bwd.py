@@ -19,10 +19,11 @@ shape. No atomics, so two runs give bitwise equal gradients. The prompt programs
 each loops over all Nq rows of the group, as long as the longest causal key tile, so they start early and
 overlap the word tiles; their fp32 slots are (sequences, Hkv, Ka, D), not one per query block.
 
-Tiles and warps: Triton lays a chain of dots (S -> P -> dv / dS -> dk) out with all warps along the rows of the
-first dot (warpsPerCTA [num_warps, 1]), 16 rows each. A tile with fewer rows than 16 x num_warps therefore
-computes S, P and dP in duplicate (same rows, several warps); the tables below never pick one (MUFU.EX2 per
-thread per iteration is BLOCK_M x BLOCK_N / (32 x num_warps): one exp2 per score).
+Tiles and warps: Triton may lay a chain of dots (S -> P -> dv, dS -> dk) out with every warp along the rows of
+the first dot (warpsPerCTA [num_warps, 1], 16 rows each): seen on sm90 (wgmma) for both kernels and on sm80 for
+dK/dV's S^T. A tile with fewer such rows than 16 x num_warps then computes S, P and dP in duplicate. The tables
+hold only configs whose SASS shows one exp2 per score: BLOCK_M x BLOCK_N / (32 x num_warps) MUFU.EX2 per thread
+per iteration of the hot loop (benchmarks/NOTES.md has the counts).
 """
 
 from __future__ import annotations
@@ -371,38 +372,38 @@ def adapter_attention_bwd_dq_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; BLOCK_M is the query block, BLOCK_N the key block.
-# D 64/128/256: the spill-free ones of a ptxas sweep (benchmarks/NOTES.md, kernel tuning log), 8 warps mostly:
-# dK/dV holds two (BLOCK_N, D) fp32 accumulators plus k and v, which 4 warps cannot keep in registers.
+# D 64/128/256: spill-free under triton 3.6 and 3.9, one exp2 per score (module docstring), fewest hot-loop
+# instructions per FLOP first (benchmarks/NOTES.md, backward section). D 16/32 are not in the compile specs.
 DKDV_CONFIGS = {
     80: {
         16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        64: [(32, 64, 8, 3), (16, 64, 8, 2), (32, 32, 4, 2)],
-        128: [(32, 64, 8, 3), (32, 64, 8, 2), (16, 64, 8, 2)],
-        256: [(16, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1)],
+        64: [(32, 128, 8, 2), (32, 64, 4, 3), (16, 128, 8, 2)],
+        128: [(128, 32, 8, 2), (64, 32, 4, 1), (64, 16, 4, 2)],
+        256: [(64, 32, 8, 1), (64, 16, 8, 2)],
     },
     90: {
         16: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
         32: [(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)],
-        64: [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 8, 3)],
-        128: [(32, 64, 8, 2), (16, 128, 8, 3), (16, 64, 8, 2)],
-        256: [(16, 32, 8, 2), (32, 32, 8, 2), (32, 32, 8, 1)],
+        64: [(32, 128, 8, 3), (32, 64, 4, 3), (16, 128, 8, 3)],
+        128: [(16, 128, 8, 2)],  # 32x128 w8 s3: 616 instr/MFLOP, spill-free on 3.9, 18 spills on 3.6
+        256: [(64, 32, 8, 2), (64, 16, 8, 2)],
     },
 }
 DQ_CONFIGS = {
     80: {
         16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        64: [(128, 32, 8, 3), (64, 32, 4, 3), (64, 32, 8, 2)],
-        128: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3)],
-        256: [(64, 32, 8, 2), (64, 64, 8, 3), (32, 64, 8, 2)],
+        64: [(128, 32, 8, 3), (64, 32, 4, 3), (128, 32, 8, 2)],
+        128: [(64, 64, 4, 3), (64, 32, 4, 3)],  # 128x32 w8: 2 spills on 3.6 (s2) or 3.9 (s3)
+        256: [(16, 64, 8, 2), (16, 32, 4, 2)],  # 32 x 64 w8 compiles (102 KB) but the estimate says 164 KB
     },
     90: {
         16: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
         32: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
-        64: [(128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2)],
-        128: [(128, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 3)],
-        256: [(32, 64, 8, 2), (32, 32, 8, 2)],  # 64-row blocks spill at D = 256 (kernel_report)
+        64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3)],
+        256: [(32, 64, 8, 2), (16, 64, 8, 2)],
     },
 }
 
