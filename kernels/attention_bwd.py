@@ -210,7 +210,9 @@ def adapter_attention_bwd_dkdv_kernel(
     n_prompt_tiles = (Ka + BLOCK_A - 1) // BLOCK_A if HAS_PROMPT else 0
     if pid_n < n_prompt_tiles:
         # The prompt's keys are one more (non-causal, gated) key tile of this head: its program writes this
-        # (sequence, kv head)'s dak, dav into its own slot, summed over the group here in a fixed order.
+        # (sequence, kv head)'s dak, dav into its own slot, summed over the group here in a fixed order. Tile
+        # rows past Ka (zero keys) are not masked in the unmasked run: each row's sums are its own, and those
+        # rows are never stored.
         offs_a = pid_n * BLOCK_A + tl.arange(0, BLOCK_A)
         ak = load_tile(AK + b * stride_akb + hk * stride_akh, offs_a, offs_d, stride_akn, stride_akd, Ka, True)
         av = load_tile(AV + b * stride_avb + hk * stride_avh, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
