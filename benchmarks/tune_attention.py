@@ -107,7 +107,10 @@ def launcher(kernel: str, p: dict, cfg: tuple):
     if kernel == "fwd":
         return lambda: adapter_attention_fwd(q, k, v, ak, av, g, causal=True, sm_scale=scale, config=config)
     if kernel == "dkdv":
-        return lambda: bwd_dkdv(q, k, v, p["do"], p["lse_w"], p["delta_w"], causal=True, sm_scale=scale, config=config)
+        return lambda: bwd_dkdv(
+            q, k, v, p["do"], p["lse_w"], p["delta_w"], adapter_k=ak, adapter_v=av, gate=g, lse_a=p["lse_a"],
+            delta_a=p["delta_a"], causal=True, sm_scale=scale, config=config,
+        )  # fmt: skip
     return lambda: bwd_dq(
         q, k, v, ak, av, g, p["do"], p["lse_w"], p["lse_a"], p["delta_w"], p["delta_a"],
         causal=True, sm_scale=scale, config=config,

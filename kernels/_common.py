@@ -42,12 +42,12 @@ def dot_precision(dtype: torch.dtype) -> str:
 def prompt_block(n_prompt: int) -> int:
     """Prompt keys handled per inner step. Ka = 10 (the paper) fits one 16-wide block; longer prompts loop."""
     cap = INTERPRETER_BLOCK if interpreting() else 64
-    return min(max(16, triton.next_power_of_2(n_prompt)), cap)
+    return min(max(16, 1 << (n_prompt - 1).bit_length()), cap)
 
 
 def size_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two, so nearby lengths reuse one tuning."""
-    return max(16, triton.next_power_of_2(n))
+    return max(16, 1 << (n - 1).bit_length())  # next power of two; plain ints (called per launch)
 
 
 def device_arch(device: torch.device) -> tuple[int, int]:

@@ -34,14 +34,15 @@ def test_split_backward_launchers_give_the_full_backward():
     o = tune.adapter_attention_fwd(p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], causal=True,
                                    sm_scale=p["sm_scale"])[0]  # fmt: skip
     config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    dq, dk, dv, *_ = adapter_attention_bwd(
+    dq, dk, dv, dak, dav, _ = adapter_attention_bwd(
         p["do"], p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], o, p["lse_w"], p["lse_a"],
         causal=True, sm_scale=p["sm_scale"], config=config,
     )  # fmt: skip
     cfg = (16, 16, 4, 1)
-    dk_alone, dv_alone = tune.launcher("dkdv", p, cfg)()
-    dq_alone = tune.launcher("dq", p, cfg)()[0]
+    dk_alone, dv_alone, dak_alone, dav_alone = tune.launcher("dkdv", p, cfg)()  # the prompt's grads come from dK/dV
+    dq_alone = tune.launcher("dq", p, cfg)()
     assert torch.equal(dk_alone, dk) and torch.equal(dv_alone, dv) and torch.equal(dq_alone, dq)
+    assert torch.equal(dak_alone, dak) and torch.equal(dav_alone, dav)
     assert dq.abs().sum() > 0 and dk.abs().sum() > 0
 
 
