@@ -115,6 +115,18 @@ def test_packed_rows_equal_separate_sequences(monkeypatch):
     cu = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
     kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5, position_ids=position_ids)
     torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
+    # the keywords are checked (a device sync) once per forward, not per layer; q and k may be separate tensors (a
+    # Trainer moves each batch entry to the device on its own), max_length_q may be left out
+    checks = Counter()
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: checks.update(["equal"]) or equal(a, b))
+    for _ in range(2):
+        kwargs.update(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone(), max_length_q=None)
+        torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
+    assert checks["equal"] == 2
+    kwargs.update(cu_seq_lens_k=torch.tensor([0, 4, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seq_lens_k equal to cu_seq_lens_q"):
+        logits(ours, packed, use_cache=False, **kwargs)
 
 
 def test_unsupported_masks_raise_clear_errors():
