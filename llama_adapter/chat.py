@@ -146,7 +146,8 @@ class TextChatFormat:
         only. A special token's text inside a message content stays plain text, as Meta's ChatFormat encodes
         contents: otherwise a user's "<|eot_id|><|start_header_id|>..." would forge turns (transformers'
         apply_chat_template does read it), and an answer's "</s>" would teach the model to stop there."""
-        if not any(t in m["content"] for t in tokenizer.special_tokens for m in messages):
+        specials = frozenset(tokenizer.special_tokens)
+        if not specials or not any(_special_text(specials).search(m["content"]) for m in messages):
             return tokenizer.encode_with_offsets(text, special=True)
         spans = self._content_spans(tokenizer, messages, add_generation_prompt, text)
         return tokenizer.encode_with_offsets(text, special=True, plain_spans=spans)
@@ -173,6 +174,12 @@ class TextChatFormat:
                 "stripping whitespace, so they cannot be located in its output"
             )
         return [match.span(g) for g in range(1, len(match.groups()) + 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _special_text(specials: frozenset):
+    """One scan for any of a vocabulary's special token texts (LLaMA-3 has 256: one `in` each is 15x slower)."""
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
 
 
 _MARKER = re.compile("\ue000([0-9]+)\ue001")  # private-use characters: no template writes them
