@@ -130,9 +130,13 @@ def read_ranks(path: str) -> dict[bytes, int]:
                 continue
             try:
                 token, rank = line.split(b" ")
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+                token = base64.b64decode(token, validate=True)
+                rank = int(rank)
             except (ValueError, binascii.Error):
                 raise TokenizerError(f"{path}:{lineno}: not a 'base64token rank' line of a tiktoken file") from None
+            if token in ranks:  # the dict would keep the last rank and the error below would blame the numbering
+                raise TokenizerError(f"{path}:{lineno}: token {token!r} is listed twice (ranks {ranks[token]}, {rank})")
+            ranks[token] = rank
     if not ranks:
         raise TokenizerError(f"{path}: the tiktoken ranks file is empty")
     if sorted(ranks.values()) != list(range(len(ranks))):
