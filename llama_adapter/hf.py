@@ -75,6 +75,13 @@ def padding_mask(
         if attention_mask.dim() != 2:
             return attention_mask  # a 4D mask: the attention says what it supports
         mask = attention_mask[:, -kv_length:].bool()
+        if isinstance(q_offset, int) and kv_length == q_offset + q_length and mask.shape[1] < kv_length:
+            # a growing cache (a static one's kv_length is its capacity): the mask must cover every key, else its
+            # columns cannot be matched to keys (SDPA would silently misread it too)
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} positions, but the attention sees {kv_length} keys ("
+                f"{q_offset} cached, {q_length} new): pass the mask of every token so far, as generate() does"
+            )
         if not bool(mask.all()):
             return mask
         if mask.shape[1] == kv_length:

@@ -141,6 +141,11 @@ def test_unsupported_masks_raise_clear_errors():
     mask[1, -1] = 0
     with pytest.raises(ValueError, match="new tokens must not be padding"):
         logits(ours, step, attention_mask=mask, past_key_values=cache)
+    for short in (torch.ones(B, 2, dtype=torch.long), mask[:, -2:]):  # the new tokens' mask only: keys unmatched
+        with torch.no_grad():
+            cache = ours(x, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask covers 2 positions, but the attention sees 11 keys"):
+            logits(ours, step, attention_mask=short, past_key_values=cache)
 
     config = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
