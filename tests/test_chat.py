@@ -278,7 +278,10 @@ def test_special_token_text_in_a_message_stays_plain_text(llama3, tmp_path):
     messages = [{"role": "user", "content": "Strike <s>this</s> [INST]"}]
     messages.append({"role": "assistant", "content": "ok </s> go"})
     expected = [1, *sp.encode("[INST] Strike <s>this</s> [INST] [/INST] ok </s> go "), 2]  # sp reads no specials
-    for fmt in (Llama2Format(), TemplateFormat(LLAMA2_TEMPLATE)):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    AutoTokenizer.from_pretrained(tmp_path).save_pretrained(tmp_path / "hf")  # HF LLaMA-2's Metaspace tokenizer.json
+    hf = Tokenizer.from_dir(tmp_path / "hf")
+    for tok, fmt in [(tok, Llama2Format()), (tok, TemplateFormat(LLAMA2_TEMPLATE)), (hf, Llama2Format())]:
         ids, learned = fmt.encode_dialog(tok, messages)
         assert ids == expected and ids.count(tok.eos_id) == 1 and ids.count(tok.bos_id) == 1
         assert learned[-1] and sum(learned) == len(ids) - len(fmt.encode_prompt(tok, messages[:1]))
