@@ -124,6 +124,14 @@ def test_packed_rows_equal_separate_sequences(monkeypatch):
         kwargs.update(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone(), max_length_q=None)
         torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
     assert checks["equal"] == 2
+    # ... and afresh each forward: a buffer refilled in place with another packing (lengths 2, 4, 5) is read anew
+    cu_buffer = cu.long()  # int64, as a collator gives it: the op gets an int32 copy
+    logits(ours, packed, use_cache=False, **{**kwargs, "cu_seq_lens_q": cu_buffer, "cu_seq_lens_k": cu_buffer})
+    cu_buffer.copy_(torch.tensor([0, 2, 6, 11]))
+    position_ids = torch.cat([torch.arange(n) for n in (2, 4, 5)])[None]
+    expected = torch.cat([logits(ours, packed[:, a:b], use_cache=False) for a, b in [(0, 2), (2, 6), (6, 11)]], dim=1)
+    kwargs.update(cu_seq_lens_q=cu_buffer, cu_seq_lens_k=cu_buffer, position_ids=position_ids)
+    torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
     kwargs.update(cu_seq_lens_k=torch.tensor([0, 4, 11], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seq_lens_k equal to cu_seq_lens_q"):
         logits(ours, packed, use_cache=False, **kwargs)
