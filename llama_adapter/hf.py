@@ -69,7 +69,8 @@ def padding_mask(
 
     Called once per model forward (not per layer). Device syncs: `all()` on a given 2D mask, as in transformers'
     FlashAttention-2 mask, and reading the packing probe where transformers built a packed mask function."""
-    _last_packing[0] = None  # a new forward: FA2 keywords are read afresh (their tensors may be reused buffers)
+    # A new forward: its mask and FA2 keywords are read afresh (their tensors may be buffers refilled in place).
+    _last_packing[0] = _last_plan[0] = None
     if attention_mask is not None:
         if attention_mask.dim() == 1:  # already ours: generate builds a static cache's mask ahead, then again
             return attention_mask
