@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from datetime import datetime
 
 from llama_adapter.prompts import alpaca_prompt
@@ -118,8 +119,8 @@ class TextChatFormat:
 
     def encode_prompt(self, tokenizer, messages) -> list[int]:
         """The conversation (ending with a user message) and the cue for the assistant's answer."""
-        text = self.render(tokenizer, check_messages(messages, ends_with="user"), True)
-        return tokenizer.encode(text, bos=False, eos=False, special=True)
+        messages = check_messages(messages, ends_with="user")
+        return self._tokenize(tokenizer, messages, True, self.render(tokenizer, messages, True))[0]
 
     def encode_dialog(self, tokenizer, messages) -> tuple[list[int], list[bool]]:
         """Ids of the whole conversation (ending with an answer) and, per id, whether the loss covers it."""
@@ -137,8 +138,55 @@ class TextChatFormat:
                     "conversation, so its assistant turns cannot be located for the loss"
                 )
             spans.append((len(before), len(after)))
-        ids, starts = tokenizer.encode_with_offsets(full, special=True)
+        ids, starts = self._tokenize(tokenizer, messages, False, full)
         return ids, [any(a <= s < b for a, b in spans) for s in starts]
+
+    def _tokenize(self, tokenizer, messages, add_generation_prompt: bool, text: str):
+        """`text` (the rendering of `messages`) as ids and offsets, special tokens read from the format's own text
+        only. A special token's text inside a message content stays plain text, as Meta's ChatFormat encodes
+        contents: otherwise a user's "<|eot_id|><|start_header_id|>..." would forge turns (transformers'
+        apply_chat_template does read it), and an answer's "</s>" would teach the model to stop there."""
+        specials = frozenset(tokenizer.special_tokens)
+        if not specials or not any(_special_text(specials).search(m["content"]) for m in messages):
+            return tokenizer.encode_with_offsets(text, special=True)
+        spans = self._content_spans(tokenizer, messages, add_generation_prompt, text)
+        return tokenizer.encode_with_offsets(text, special=True, plain_spans=spans)
+
+    def _content_spans(self, tokenizer, messages, add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
+        """Where the message contents lie in `text`: the format rendered with a marker in place of each content
+        gives the text around them; each content may appear stripped of its outer whitespace (trim, strip)."""
+        marked = self.render(tokenizer, [{**m, "content": _marker(i)} for i, m in enumerate(messages)],
+                             add_generation_prompt)  # fmt: skip
+        pattern, pos = [], 0
+        for found in _MARKER.finditer(marked):
+            content = messages[int(found.group(1))]["content"]
+            core = content.strip()
+            lead, trail = content[: len(content) - len(content.lstrip())], content[len(content.rstrip()) :]
+            pattern += [re.escape(marked[pos : found.start()]),
+                        f"(?:{re.escape(lead)})?({re.escape(core)})(?:{re.escape(trail)})?"]  # fmt: skip
+            pos = found.end()
+        pattern.append(re.escape(marked[pos:]))
+        match = re.fullmatch("".join(pattern), text, flags=re.DOTALL)
+        if match is None:
+            raise ChatError(
+                f"a message contains the text of a special token (one of {sorted(tokenizer.special_tokens)[:4]}...), "
+                f"which must stay plain text, but the {self.name} chat format changes message contents beyond "
+                "stripping whitespace, so they cannot be located in its output"
+            )
+        return [match.span(g) for g in range(1, len(match.groups()) + 1)]
+
+
+@functools.lru_cache(maxsize=8)
+def _special_text(specials: frozenset):
+    """One scan for any of a vocabulary's special token texts (LLaMA-3 has 256: one `in` each is 15x slower)."""
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True))))
+
+
+_MARKER = re.compile("\ue000([0-9]+)\ue001")  # private-use characters: no template writes them
+
+
+def _marker(i: int) -> str:
+    return f"\ue000{i}\ue001"
 
 
 def _require_tokens(tokenizer, fmt: str, *tokens: str) -> None:

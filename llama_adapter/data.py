@@ -61,7 +61,16 @@ def _with_image(out: dict, record: dict, where: str) -> dict:
         if not isinstance(image, str):
             raise DataError(f"{where}: field 'image' must be a string or null, got {type(image).__name__}")
         out["image"] = image
-    return out
+    return Record(out, where=where)
+
+
+class Record(dict):
+    """A loaded record (a plain dict to every reader) that remembers where it came from ("file:line"), so that an
+    error found later, when a chat format encodes it after the train/val split, can name it."""
+
+    def __init__(self, fields: dict, where: str):
+        super().__init__(fields)
+        self.where = where
 
 
 def _json_array_records(text: str, path: Path):
@@ -210,7 +219,7 @@ class InstructionDataset:
             try:
                 item = encode_example(tokenizer, example, chat_format)
             except ChatError as err:
-                raise DataError(f"example {k}: {err}") from None
+                raise DataError(f"{getattr(example, 'where', f'example {k}')}: {err}") from None
             if len(item[0]) > max_seq_len:
                 self.stats.truncated += 1
                 item = truncate_item(item, max_seq_len)

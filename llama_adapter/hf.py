@@ -69,12 +69,21 @@ def padding_mask(
 
     Called once per model forward (not per layer). Device syncs: `all()` on a given 2D mask, as in transformers'
     FlashAttention-2 mask, and reading the packing probe where transformers built a packed mask function."""
+    # A new forward: its mask and FA2 keywords are read afresh (their tensors may be buffers refilled in place).
+    _last_packing[0] = _last_plan[0] = None
     if attention_mask is not None:
         if attention_mask.dim() == 1:  # already ours: generate builds a static cache's mask ahead, then again
             return attention_mask
         if attention_mask.dim() != 2:
             return attention_mask  # a 4D mask: the attention says what it supports
         mask = attention_mask[:, -kv_length:].bool()
+        if isinstance(q_offset, int) and kv_length == q_offset + q_length and mask.shape[1] < kv_length:
+            # a growing cache (a static one's kv_length is its capacity): the mask must cover every key, else its
+            # columns cannot be matched to keys (SDPA would silently misread it too)
+            raise ValueError(
+                f"attention_mask covers {mask.shape[1]} positions, but the attention sees {kv_length} keys ("
+                f"{q_offset} cached, {q_length} new): pass the mask of every token so far, as generate() does"
+            )
         if not bool(mask.all()):
             return mask
         if mask.shape[1] == kv_length:
@@ -175,13 +184,21 @@ def _kwarg_packing(query, key, cu_seq_lens_q, cu_seq_lens_k, max_length_q) -> Pa
     """FA2's padding-free keywords (cu_seq_lens_q/_k, max_length_q) as PackedSequences, or None without them."""
     if cu_seq_lens_q is None:
         return None
-    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
-        raise ValueError("the llama_adapter attention needs cu_seq_lens_k equal to cu_seq_lens_q (self-attention)")
     if key.shape[2] != query.shape[2]:
         raise ValueError(f"cu_seq_lens_q packs {query.shape[2]} queries, but the layer has {key.shape[2]} keys")
+    keywords = (cu_seq_lens_q, cu_seq_lens_k, max_length_q)
+    last = _last_packing[0]
+    if last is not None and all(a is b for a, b in zip(last[0], keywords)):
+        return last[1]  # every layer of a forward gets these very objects: check and convert them once (syncs)
+    if cu_seq_lens_k is not None and not torch.equal(cu_seq_lens_k, cu_seq_lens_q):
+        raise ValueError("the llama_adapter attention needs cu_seq_lens_k equal to cu_seq_lens_q (self-attention)")
     cu_seqlens = cu_seq_lens_q.to(torch.int32)
     max_seqlen = int(max_length_q) if max_length_q is not None else int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-    return PackedSequences(cu_seqlens, max_seqlen)
+    _last_packing[0] = (keywords, PackedSequences(cu_seqlens, max_seqlen))
+    return _last_packing[0][1]
+
+
+_last_packing: list[tuple | None] = [None]  # the current forward's keywords and their PackedSequences
 
 
 class _PaddingPlan(NamedTuple):

@@ -130,9 +130,13 @@ def read_ranks(path: str) -> dict[bytes, int]:
                 continue
             try:
                 token, rank = line.split(b" ")
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
+                token = base64.b64decode(token, validate=True)
+                rank = int(rank)
             except (ValueError, binascii.Error):
                 raise TokenizerError(f"{path}:{lineno}: not a 'base64token rank' line of a tiktoken file") from None
+            if token in ranks:  # the dict would keep the last rank and the error below would blame the numbering
+                raise TokenizerError(f"{path}:{lineno}: token {token!r} is listed twice (ranks {ranks[token]}, {rank})")
+            ranks[token] = rank
     if not ranks:
         raise TokenizerError(f"{path}: the tiktoken ranks file is empty")
     if sorted(ranks.values()) != list(range(len(ranks))):
@@ -352,30 +356,33 @@ class Tokenizer:
             return self.special_tokens[token]
         return self._backend.token_id(token)
 
-    def encode_with_offsets(self, s: str, *, special: bool = False) -> tuple[list[int], list[int]]:
+    def encode_with_offsets(self, s: str, *, special: bool = False, plain_spans=()) -> tuple[list[int], list[int]]:
         """Ids of `s` and the character offset in `s` where each token starts (to map character spans to tokens).
 
         special=True turns the special tokens' texts in `s` (e.g. "<|eot_id|>", "<s>") into their ids, as a chat
-        template's output needs; otherwise they are encoded as plain text.
+        template's output needs; otherwise they are encoded as plain text. plain_spans: (start, end) character
+        ranges of `s` (message contents in a chat format's output) where they stay plain text even then.
         """
         if not isinstance(s, str):
             raise TypeError(f"s must be a str, got {type(s).__name__}")
         if not special or self._special_split is None:
             return self._backend.encode_ordinary(s)
-        if hasattr(self._backend, "encode_with_specials"):
+        found = [m.span() for m in self._special_split.finditer(s)]
+        kept = [(a, b) for a, b in found if not any(a < end and start < b for start, end in plain_spans)]
+        if len(kept) == len(found) and hasattr(self._backend, "encode_with_specials"):
             return self._backend.encode_with_specials(s)
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
-        for part in self._special_split.split(s):
-            if part in self.special_tokens:
-                ids.append(self.special_tokens[part])
-                starts.append(pos)
-            elif part:
-                part_ids, part_starts = self._backend.encode_ordinary(part)
+        for a, b in [*kept, (len(s), len(s))]:
+            if a > pos:
+                part_ids, part_starts = self._backend.encode_ordinary(s[pos:a])
                 ids += part_ids
                 starts += [pos + start for start in part_starts]
-            pos += len(part)
+            if b > a:
+                ids.append(self.special_tokens[s[a:b]])
+                starts.append(a)
+            pos = b
         return ids, starts
 
     def encode(self, s: str, bos: bool, eos: bool, *, special: bool = False) -> list[int]:

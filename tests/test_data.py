@@ -222,6 +222,13 @@ def test_bad_chat_records_name_file_and_line(tmp_path, messages, message):
         load_examples(_write(tmp_path, "chat.jsonl", '{"messages": ' + messages + "}\n"))
 
 
-def test_chat_record_the_format_cannot_hold_is_named():
+def test_chat_record_the_format_cannot_hold_is_named(tmp_path):
     with pytest.raises(DataError, match="example 1: the alpaca format has no system message"):
         InstructionDataset([{"instruction": "a", "output": "b"}, CHAT], TOK, max_seq_len=400)
+    # loaded from a file: the error names the record's line, whichever side of the train/val split it lands on
+    lines = [OK] * 5 + [json.dumps(CHAT)] + [OK] * 3
+    examples = load_examples(_write(tmp_path, "mixed.jsonl", "\n".join(lines) + "\n"))
+    for part in split_examples(examples, 0.3, seed=0):
+        if CHAT["messages"] in [ex.get("messages") for ex in part]:
+            with pytest.raises(DataError, match="mixed.jsonl:6: the alpaca format has no system message"):
+                InstructionDataset(part, TOK, max_seq_len=400)

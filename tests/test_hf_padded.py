@@ -115,6 +115,26 @@ def test_packed_rows_equal_separate_sequences(monkeypatch):
     cu = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
     kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5, position_ids=position_ids)
     torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
+    # the keywords are checked (a device sync) once per forward, not per layer; q and k may be separate tensors (a
+    # Trainer moves each batch entry to the device on its own), max_length_q may be left out
+    checks = Counter()
+    equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: checks.update(["equal"]) or equal(a, b))
+    for _ in range(2):
+        kwargs.update(cu_seq_lens_q=cu.clone(), cu_seq_lens_k=cu.clone(), max_length_q=None)
+        torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
+    assert checks["equal"] == 2
+    # ... and afresh each forward: a buffer refilled in place with another packing (lengths 2, 4, 5) is read anew
+    cu_buffer = cu.long()  # int64, as a collator gives it: the op gets an int32 copy
+    logits(ours, packed, use_cache=False, **{**kwargs, "cu_seq_lens_q": cu_buffer, "cu_seq_lens_k": cu_buffer})
+    cu_buffer.copy_(torch.tensor([0, 2, 6, 11]))
+    position_ids = torch.cat([torch.arange(n) for n in (2, 4, 5)])[None]
+    expected = torch.cat([logits(ours, packed[:, a:b], use_cache=False) for a, b in [(0, 2), (2, 6), (6, 11)]], dim=1)
+    kwargs.update(cu_seq_lens_q=cu_buffer, cu_seq_lens_k=cu_buffer, position_ids=position_ids)
+    torch.testing.assert_close(logits(ours, packed, use_cache=False, **kwargs), expected, rtol=0, atol=1e-10)
+    kwargs.update(cu_seq_lens_k=torch.tensor([0, 4, 11], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seq_lens_k equal to cu_seq_lens_q"):
+        logits(ours, packed, use_cache=False, **kwargs)
 
 
 def test_unsupported_masks_raise_clear_errors():
@@ -129,6 +149,11 @@ def test_unsupported_masks_raise_clear_errors():
     mask[1, -1] = 0
     with pytest.raises(ValueError, match="new tokens must not be padding"):
         logits(ours, step, attention_mask=mask, past_key_values=cache)
+    for short in (torch.ones(B, 2, dtype=torch.long), mask[:, -2:]):  # the new tokens' mask only: keys unmatched
+        with torch.no_grad():
+            cache = ours(x, use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"attention_mask covers 2 positions, but the attention sees 11 keys"):
+            logits(ours, step, attention_mask=short, past_key_values=cache)
 
     config = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip

@@ -96,6 +96,9 @@ def test_malformed_tiktoken_file_names_the_line(tmp_path):
     path.write_text("IQ== 0\naGVsbG8= 5\n")
     with pytest.raises(TokenizerError, match="ranks must be 0..1, each once"):
         Tokenizer(path)
+    path.write_text("IQ== 0\naGVsbG8= 1\nIQ== 2\n")
+    with pytest.raises(TokenizerError, match=r"tokenizer.model:3: token b'!' is listed twice \(ranks 0, 2\)"):
+        Tokenizer(path)
 
 
 # ----------------------------------------------------------------------------- LLaMA-3 and Hugging Face files
