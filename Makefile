@@ -14,7 +14,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) setup.py
-	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then $(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	@if ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "installing $(TORCH_SPEC) into $(VENV) (first run only; a minute or more)"; \
+		$(PY) -m pip install -q "$(TORCH_SPEC)"; fi
+	@echo "installing llama-adapter and its test extra into $(VENV) (pip install -e .[test]; first run only)"
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

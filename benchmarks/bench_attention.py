@@ -212,8 +212,9 @@ def measure(fn, mode: str, make_set, *, l2_bytes: int, warmup_ms: float, rep_ms:
 
 
 def fill_defaults(args: argparse.Namespace) -> None:
-    """CPU: a tiny fp32 smoke (interpreter); --quick: gpu_suite's subset; else the full sweep."""
-    if args.quick:
+    """CPU (with or without --quick): a tiny fp32 smoke (interpreter); GPU: --quick is gpu_suite's subset, else the
+    full sweep. Explicit --dtypes/--seqlens/... still win, so GPU sizes can be asked for on a CPU."""
+    if args.quick and HAS_CUDA:
         # the sizes the targets name come first, in case the time budget runs out
         sweep = dict(dtypes="bf16", head_dims="128", seqlens="1024,4096,16384,2048,512,8192", rep_ms=50, warmup_ms=10)
     elif HAS_CUDA:

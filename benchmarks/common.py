@@ -28,7 +28,13 @@ if not HAS_CUDA:
 from llama_adapter.validation import Number  # noqa: E402  (no kernel import: safe after the line above)
 
 BUDGET = Number(float)  # seconds; <= 0 means no limit
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed GPU results only
+# CPU timings mean nothing for the kernels' speed: they go to a git-ignored place, never beside the GPU results.
+CPU_RESULTS_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench"
+
+
+def default_results_dir() -> Path:
+    return RESULTS_DIR if HAS_CUDA else CPU_RESULTS_DIR
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -169,7 +175,7 @@ class Results:
         import triton
 
         self.device = device_info()
-        out = Path(out_dir) if out_dir else RESULTS_DIR
+        out = Path(out_dir) if out_dir else default_results_dir()
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / f"{bench}-{self.device.slug}.json"
         self.header = {
@@ -199,7 +205,8 @@ class Results:
 
 
 def add_common_args(parser: argparse.ArgumentParser, budget: float) -> None:
-    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default benchmarks/results on a GPU, runs/bench on a CPU)")
     parser.add_argument("--budget", type=BUDGET, default=budget, help="seconds before remaining rows are skipped")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
 

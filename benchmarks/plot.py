@@ -1,6 +1,6 @@
 """PNGs and a markdown summary from the benchmarks' JSON files (benchmarks/results/<bench>-<device>.json).
 
-    python -m benchmarks.plot                       # every JSON in benchmarks/results: PNGs + summary
+    python -m benchmarks.plot                       # every JSON in benchmarks/results (runs/bench on a CPU)
     python -m benchmarks.plot results/attention-h100.json --summary-only
 
 Summary ratios are speedups of ours: another provider's time over fused's (> 1: fused is faster).
@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import default_results_dir
 
 ATTENTION_OTHERS = ("sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
 WRONG_REL_ERR = 2e-2
@@ -95,16 +95,26 @@ def plot_bars(data: dict, out_dir: Path, metric: str, label: str) -> list[Path]:
     return [png]
 
 
-def plot_file(path) -> list[Path]:
+def is_result(data) -> bool:
+    """A benchmark's results file (common.Results): tune_attention's log and other JSON are not."""
+    return isinstance(data, dict) and isinstance(data.get("bench"), str) and isinstance(data.get("rows"), list)
+
+
+def plot_file(path, say=print) -> list[Path]:
+    """PNGs for the benches that have a chart; any other file is left alone, saying so."""
     path = Path(path)
     data = load(path)
+    if not is_result(data):
+        say(f"{path.name}: not a benchmark results file; ignored")
+        return []
     if data["bench"] == "attention":
         return plot_attention(data, path.parent)
     if data["bench"] == "finetune":
         return plot_bars(data, path.parent, "tokens_per_s", "training tokens/s")
     if data["bench"] == "generate":
         return plot_bars(data, path.parent, "tokens_per_s", "decoded tokens/s")
-    raise ValueError(f"{path}: unknown bench {data['bench']!r}")
+    say(f"{path.name}: no chart for bench {data['bench']!r}; its rows are in the summary table")
+    return []
 
 
 def _cell(row, fmt="{:.2f}"):
@@ -177,16 +187,31 @@ GENERATE_COLUMNS = {"tokens_per_s": "tokens/s", "ms_per_token": "ms/token", "gb_
                     "pct_bandwidth": "% bandwidth"}  # fmt: skip
 
 
+def summarize_table(data: dict) -> list[str]:
+    """Any other bench (bench_packing, bench_hf, ...): its rows as they are, one column per key."""
+    columns = list(dict.fromkeys(k for r in data["rows"] for k in r))
+    lines = [f"**{data['bench']}, {data['device']}**", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in data["rows"]:
+        cells = [f"{r[k]:.4g}" if isinstance(r.get(k), float) else str(r.get(k, "–")) for k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def summary_markdown(paths) -> str:
     lines = []
     for path in paths:
         data = load(path)
+        if not is_result(data):
+            continue
         if data["bench"] == "attention":
             lines += summarize_attention(data)
         elif data["bench"] == "finetune":
             lines += summarize_runs(data, FINETUNE_COLUMNS, same_batch=False)
         elif data["bench"] == "generate":
             lines += summarize_runs(data, GENERATE_COLUMNS, same_batch=True)
+        else:
+            lines += summarize_table(data)
         lines.append(f"_{data['device_name']}, torch {data['torch']}, triton {data['triton']}, {data['time']}_")
         lines.append("")
     return "\n".join(lines)
@@ -194,12 +219,13 @@ def summary_markdown(paths) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*", help="result JSONs (default: every *.json in benchmarks/results)")
+    p.add_argument("files", nargs="*",
+                   help="result JSONs (default: every *.json in benchmarks/results on a GPU, runs/bench on a CPU)")
     p.add_argument("--summary-only", action="store_true", help="print the markdown summary, make no PNG")
     args = p.parse_args(argv)
-    files = [Path(f) for f in args.files] or sorted(RESULTS_DIR.glob("*.json"))
+    files = [Path(f) for f in args.files] or sorted(default_results_dir().glob("*.json"))
     if not files:
-        raise SystemExit(f"no result files given or found in {RESULTS_DIR}")
+        raise SystemExit(f"no result files given or found in {default_results_dir()}")
     if not args.summary_only:
         for f in files:
             for png in plot_file(f):

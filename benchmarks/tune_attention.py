@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import BUDGET, HAS_CUDA, RESULTS_DIR, Budget, describe_error, device_info, log, time_ms
+from benchmarks.common import BUDGET, HAS_CUDA, Budget, default_results_dir, describe_error, device_info, log, time_ms
 
 # Importing the kernels must follow benchmarks.common, which sets TRITON_INTERPRET=1 on a CPU-only machine.
 from llama_adapter.kernels import _common  # noqa: E402
@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
     else:  # interpreter dry run: fp32 (no bf16 arithmetic there), blocks the tiny problem still splits
         device, arch, smem, dtype = torch.device("cpu"), 80, 0, torch.float32
         lists = {k: [(16, 16, 4, 1), (32, 16, 4, 1)] for k in KERNELS}
-    out = Path(args.out) if args.out else RESULTS_DIR / f"tune_attention-{dev.slug}.json"
+    out = Path(args.out) if args.out else default_results_dir() / f"tune_attention-{dev.slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import triton
 

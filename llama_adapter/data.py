@@ -132,10 +132,13 @@ def load_examples(path) -> list[dict]:
 
 
 def split_examples(examples: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded train/validation split; val gets round(n * val_fraction) examples (at least 1 when > 0)."""
+    """Seeded train/validation split; val gets round(n * val_fraction) examples (at least 1 when > 0, unless that
+    1 would leave nothing to train on: a one-example data set then has no validation)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     n_val = 0 if val_fraction == 0 else max(1, round(len(examples) * val_fraction))
+    if n_val == len(examples) and round(len(examples) * val_fraction) == 0:
+        n_val = 0
     if n_val >= len(examples):
         raise DataError(f"val_fraction={val_fraction} leaves no training examples out of {len(examples)}")
     order = list(range(len(examples)))

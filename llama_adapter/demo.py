@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 
@@ -105,15 +106,20 @@ def heldout_loss(model, dataset: InstructionDataset, pad_id: int) -> float:
     return evaluate_loss(model, dataset, 32, pad_id, model.tok_embeddings.weight.device)
 
 
-def finetune_args(base: Path, data: Path, out: Path, **overrides) -> argparse.Namespace:
-    """Arguments for `llama-adapter finetune`, parsed by its own parser (so the demo runs the real command)."""
-    parser = argparse.ArgumentParser()
-    register_finetune_cli(parser.add_subparsers())
+def finetune_argv(base: Path, data: Path, out: Path, **overrides) -> list[str]:
+    """`llama-adapter finetune`'s arguments, overrides as flags (True: a switch)."""
     argv = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out)]
     for key, value in overrides.items():
         flag = "--" + key.replace("_", "-")
         argv += [flag] if value is True else [flag, str(value)]
-    return parser.parse_args(argv)
+    return argv
+
+
+def finetune_args(base: Path, data: Path, out: Path, **overrides) -> argparse.Namespace:
+    """Arguments for `llama-adapter finetune`, parsed by its own parser (so the demo runs the real command)."""
+    parser = argparse.ArgumentParser()
+    register_finetune_cli(parser.add_subparsers())
+    return parser.parse_args(finetune_argv(base, data, out, **overrides))
 
 
 def show(title: str, records: list[dict], answers: list[str], n: int) -> None:
@@ -174,30 +180,26 @@ def run_demo(args) -> int:
          f"loss {base_loss:.3f}", heldout, before, args.show)  # fmt: skip
 
     t = time.perf_counter()
-    print(
-        f"[finetune] llama-adapter finetune --model {base_dir} --data {DATA_DIR / 'instructions.json'} --out {run_dir}"
+    settings = dict(
+        adapter_len=args.adapter_len,
+        adapter_layers=args.layers,
+        epochs=args.epochs,
+        warmup_epochs=1,
+        global_batch_size=32,
+        micro_batch_size=32,
+        blr=args.blr,
+        max_seq_len=max_len,
+        val_fraction=0.1,
+        seed=args.seed,
+        eval_every=30,
+        no_progress=True,
+        overwrite=True,  # the demo rebuilds everything under --out, its previous run included
+        **({"quantize": args.quantize} if args.quantize else {}),
     )
-    trainer = finetune(
-        finetune_args(
-            base_dir,
-            DATA_DIR / "instructions.json",
-            run_dir,
-            adapter_len=args.adapter_len,
-            adapter_layers=args.layers,
-            epochs=args.epochs,
-            warmup_epochs=1,
-            global_batch_size=32,
-            micro_batch_size=32,
-            blr=args.blr,
-            max_seq_len=max_len,
-            val_fraction=0.1,
-            seed=args.seed,
-            eval_every=30,
-            no_progress=True,
-            overwrite=True,  # the demo rebuilds everything under --out, its previous run included
-            **({"quantize": args.quantize} if args.quantize else {}),
-        )
-    )
+    argv = finetune_argv(base_dir, DATA_DIR / "instructions.json", run_dir, **settings)
+    # the very arguments run below, so that the line pasted into a shell repeats this step
+    print(f"[finetune] {shlex.join(['llama-adapter', *argv])}")
+    trainer = finetune(finetune_args(base_dir, DATA_DIR / "instructions.json", run_dir, **settings))
     print(f"[finetune] {trainer.step} steps in {time.perf_counter() - t:.0f}s")
 
     tuned = LLaMA.from_pretrained(base_dir, quantize=args.quantize)

@@ -199,10 +199,20 @@ def compiled_decode_step(device: torch.device, options: dict | None = None) -> C
     key = repr(sorted(options.items()))
     if key not in _COMPILED_STEPS:
         compiled = torch.compile(decode_step, fullgraph=True, **options)
+        first = [True]
 
         def step(*args):
             torch.compiler.cudagraph_mark_step_begin()
-            return compiled(*args).clone()
+            if not first[0]:
+                return compiled(*args).clone()
+            # the first call compiles: seconds to minutes with nothing else on screen, so say what is happening
+            print(f"generate: compiling the decode step (torch.compile fullgraph, {options or 'default options'}); "
+                  "once per process", file=sys.stderr, flush=True)  # fmt: skip
+            start = time.perf_counter()
+            out = compiled(*args).clone()
+            first[0] = False
+            print(f"generate: decode step compiled in {time.perf_counter() - start:.0f}s", file=sys.stderr, flush=True)
+            return out
 
         _COMPILED_STEPS[key] = step
     return _COMPILED_STEPS[key]
@@ -360,4 +370,19 @@ def _cli_generate(args) -> int:
     print(tokenizer.decode(new_ids)[len(printed) :])
     rate = len(new_ids) / seconds if seconds > 0 else float("inf")
     print(f"[{len(new_ids)} tokens in {seconds:.2f} s: {rate:.1f} tokens/s]", file=sys.stderr)
+    if not tokenizer.decode(new_ids).strip():
+        print(empty_answer_hint(args, len(new_ids)), file=sys.stderr)
     return 0
+
+
+def empty_answer_hint(args, n_tokens: int) -> str:
+    """What to try when the model's first token already ended the answer (or it printed only blanks)."""
+    said = "stopped at once (its first token was a stop token)" if n_tokens == 0 else "answered only blanks"
+    tips = ["phrase the instruction as in the fine-tuning data"]
+    if args.input:
+        tips.append("try without --input (a model tuned on instructions alone may end at once after an input)")
+    if args.temperature == 0:
+        tips.append("sample (--temperature 0.7) to see other continuations")
+    if not args.adapter:
+        tips.append("a base model without --adapter is not instruction-tuned")
+    return f"note: the model {said}; " + "; ".join(tips)

@@ -391,6 +391,17 @@ def check_float_tensors(ckpt: Checkpoint) -> None:
             )
 
 
+def read_model_config(path) -> dict:
+    """The ModelArgs fields a checkpoint dir's params.json / config.json states (checked), reading no weights."""
+    path = os.fspath(path)
+    meta, hf = os.path.join(path, META_PARAMS), os.path.join(path, HF_CONFIG)
+    if os.path.isfile(meta):
+        return meta_model_args(read_json_object(meta), meta)
+    if os.path.isfile(hf):
+        return hf_model_args(read_json_object(hf), hf)
+    return read_checkpoint(path).args  # neither file: raises the error naming what is missing
+
+
 def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device=None, quantize=None, **overrides):
     """A `LLaMA` with the weights of a Meta or HF directory.
 

@@ -10,7 +10,8 @@ values are recomputed from the current parameters on every call unless the calle
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import ClassVar
 
 import torch
@@ -340,6 +341,14 @@ def _is_adapter_param(name: str, cfg: AdapterConfig | None = None) -> bool:
     return cfg is not None and cfg.norm_tuning and name.endswith("norm.weight")
 
 
+
+def fit_adapter_layers(requested: int, n_layers: int, name: str = "adapter_layers") -> tuple[int, str | None]:
+    """The adapted layer count for a model of n_layers, and a note when `requested` had to be clamped to it.
+    One rule for AdapterConfig on a model and for `finetune --adapter-layers` (name: how the caller spells it)."""
+    if requested > n_layers:
+        return n_layers, f"{name} {requested} > the model's {n_layers} layers; adapting all {n_layers}"
+    return requested, None
+
 class LLaMA(nn.Module):
     def __init__(self, params: ModelArgs, adapter: AdapterConfig | None = None, *, device=None, dtype=None):
         super().__init__()
@@ -362,10 +371,10 @@ class LLaMA(nn.Module):
         """Add fresh prompts (N(0,1)) and zero gates to the top `cfg.adapter_layers` layers (replacing any)."""
         if not isinstance(cfg, AdapterConfig):
             raise TypeError(f"cfg must be an AdapterConfig, got {type(cfg).__name__}")
-        if cfg.adapter_layers > self.params.n_layers:
-            raise ValueError(
-                f"adapter_layers ({cfg.adapter_layers}) exceeds the model's n_layers {self.params.n_layers}"
-            )
+        layers, note = fit_adapter_layers(cfg.adapter_layers, self.params.n_layers)
+        if note:  # as `finetune --adapter-layers` does: the recipe's 30 on a smaller model adapts all its layers
+            warnings.warn(note, stacklevel=2)
+            cfg = replace(cfg, adapter_layers=layers)
         if cfg.early_fusion > self.params.n_layers:
             raise ValueError(f"early_fusion ({cfg.early_fusion}) exceeds the model's n_layers {self.params.n_layers}")
         adapted = set(self.adapted_layers(cfg))

@@ -17,6 +17,7 @@ construction (nothing there requires grad), and `--grad-checkpointing` recompute
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -242,6 +243,20 @@ def unwrap(model):
     return getattr(model, "module", model)
 
 
+def fit_batch_to_data(cfg: TrainConfig, n_examples: int, world_size: int = 1, say=print) -> TrainConfig:
+    """cfg, or a copy whose global (and if needed micro) batch fits a data set smaller than one global batch: the
+    largest multiple of micro x world within it, so an epoch is at least one step. lr follows (blr x global / 256).
+    Fewer examples than processes stays an error (Trainer's)."""
+    if n_examples >= cfg.global_batch_size or n_examples < world_size:
+        return cfg
+    micro = min(cfg.micro_batch_size, n_examples // world_size)
+    global_batch = micro * world_size * (n_examples // (micro * world_size))
+    fitted = dataclasses.replace(cfg, global_batch_size=global_batch, micro_batch_size=micro)
+    say(f"note: {n_examples} training examples are fewer than one global batch ({cfg.global_batch_size}); "
+        f"using --global-batch-size {global_batch} --micro-batch-size {micro} (lr {fitted.lr:.3g})")  # fmt: skip
+    return fitted
+
+
 class Trainer:
     """Runs the recipe on `model` (with an adapter attached); `fit()` returns the per-step metrics."""
 
@@ -250,6 +265,8 @@ class Trainer:
         self.cfg, self.train_set, self.val_set, self.pad_id, self.tokenizer = cfg, train_set, val_set, pad_id, tokenizer
         self.info = dist_info or DistInfo(device=next(model.parameters()).device)
         self.model = model
+        cfg = self.cfg = fit_batch_to_data(cfg, len(train_set), self.info.world_size,
+                                           print if self.info.is_main else (lambda *a: None))  # fmt: skip
         per_step = cfg.micro_batch_size * self.info.world_size
         if cfg.global_batch_size % per_step:
             raise ValueError(
@@ -668,12 +685,14 @@ FRACTION = Number(float, min=0, max=1, max_open=True)
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-len", type=POSITIVE_INT, default=10, help="prompt tokens per adapted layer (K)")
-    p.add_argument("--adapter-layers", type=POSITIVE_INT, default=30, help="adapted top layers (clamped to n_layers)")
+    p.add_argument("--adapter-layers", type=POSITIVE_INT, default=None,
+                   help="adapted top layers (default 30, or all of a smaller model's; clamped to n_layers)")
     p.add_argument("--epochs", type=POSITIVE, default=5)
     p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=2)
     p.add_argument("--global-batch-size", type=POSITIVE_INT, default=64, help="= micro x accumulation x world size")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=4)
-    p.add_argument("--max-seq-len", type=POSITIVE_INT, default=512, help="longer examples are truncated (and counted)")
+    p.add_argument("--max-seq-len", type=POSITIVE_INT, default=None,
+                   help="longer examples are truncated (and counted); default 512, or a shorter model context")
     p.add_argument("--blr", type=NON_NEGATIVE, default=9e-3, help="base lr; lr = blr * global_batch / 256")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.02, help="on prompts; gates get none")
     p.add_argument("--seed", type=ANY_INT, default=0)
@@ -741,11 +760,40 @@ def _base_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def clamp_adapter_layers(requested: int, n_layers: int, say=print) -> int:
-    if requested > n_layers:
-        say(f"warning: --adapter-layers {requested} > the model's {n_layers} layers; adapting all {n_layers}")
-        return n_layers
-    return requested
+RECIPE_ADAPTER_LAYERS, RECIPE_MAX_SEQ_LEN = 30, 512  # the paper's, for a 7B with a 2048-token context
+
+
+def model_defaults(args, say=print) -> tuple[int, int]:
+    """(max_seq_len, adapter_layers) for this model: the recipe's values where the model has room for them, else
+    the model's context / all its layers, with one line saying what was chosen. Read from the checkpoint's config
+    only, so data errors still surface before any weight is read. An explicit --max-seq-len beyond the context
+    is an error; an explicit --adapter-layers beyond the depth is clamped (as AdapterConfig on a model is)."""
+    from llama_adapter.loading import read_model_config
+    from llama_adapter.model import ModelArgs, fit_adapter_layers
+
+    config = read_model_config(args.model)
+    context = config.get("max_seq_len", next(f.default for f in fields(ModelArgs) if f.name == "max_seq_len"))
+    n_layers = config["n_layers"]
+    if args.max_seq_len is not None and args.max_seq_len > context:
+        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {context}")
+    chosen = []
+    max_seq_len = args.max_seq_len
+    if max_seq_len is None:
+        max_seq_len = min(RECIPE_MAX_SEQ_LEN, context)
+        why = " (the model's context)" if max_seq_len < RECIPE_MAX_SEQ_LEN else ""
+        chosen.append(f"--max-seq-len {max_seq_len}{why}")
+    layers = args.adapter_layers
+    if layers is None:
+        layers = min(RECIPE_ADAPTER_LAYERS, n_layers)
+        why = " (all the model's layers)" if layers < RECIPE_ADAPTER_LAYERS else ""
+        chosen.append(f"--adapter-layers {layers}{why}")
+    else:
+        layers, note = fit_adapter_layers(layers, n_layers, "--adapter-layers")
+        if note:
+            say(f"warning: {note}")
+    if chosen:
+        say(f"defaults for this model ({n_layers} layers, {context}-token context): {', '.join(chosen)}")
+    return max_seq_len, layers
 
 
 def run_finetune(args) -> int:
@@ -783,17 +831,15 @@ def finetune(args) -> Trainer:
     tokenizer = Tokenizer(args.tokenizer) if args.tokenizer else Tokenizer.from_dir(args.model)
     chat_format = get_chat_format(args.chat_format, tokenizer)
     say(f"tokenizer: {tokenizer.kind} ({tokenizer.model_path}, {tokenizer.n_words} tokens); {chat_format.name} format")
-    train_set, val_set = prepare_data(examples, tokenizer, args.max_seq_len, args.val_fraction, args.seed, say,
+    max_seq_len, layers = model_defaults(args, say)
+    train_set, val_set = prepare_data(examples, tokenizer, max_seq_len, args.val_fraction, args.seed, say,
                                       chat_format)  # fmt: skip
 
     dtype = _base_dtype(args.dtype, info.device)
     # FSDP shards from host memory; DDP loads straight onto this rank's device.
     model = LLaMA.from_pretrained(args.model, dtype=dtype, device="cpu" if args.fsdp else info.device,
                                   quantize=getattr(args, "quantize", None))  # fmt: skip
-    if args.max_seq_len > model.params.max_seq_len:
-        raise ValueError(f"--max-seq-len {args.max_seq_len} exceeds the model's max_seq_len {model.params.max_seq_len}")
     torch.manual_seed(args.seed)  # the same initial prompts on every rank and every (re)start
-    layers = clamp_adapter_layers(args.adapter_layers, model.params.n_layers, say)
     v2 = dict(bias_tuning=args.bias_tuning, norm_tuning=args.norm_tuning, early_fusion=args.early_fusion)
     model.attach_adapter(AdapterConfig(args.adapter_len, layers, visual_dim=visual_dim, **v2))
     model.gradient_checkpointing = args.grad_checkpointing
@@ -807,6 +853,7 @@ def finetune(args) -> Trainer:
         pack=False if args.no_pack else "auto", overwrite=args.overwrite,
     )  # fmt: skip
     trainer = Trainer(model, train_set, val_set, cfg, pad_id=tokenizer.pad_id, tokenizer=tokenizer, dist_info=info)
+    cfg = trainer.cfg  # batch sizes fitted to a small data set
     accum = cfg.global_batch_size // (cfg.micro_batch_size * info.world_size)
     say(
         f"lr {cfg.lr:.3g} (blr {cfg.blr} x {cfg.global_batch_size} / 256); {trainer.steps_per_epoch} steps/epoch, "

@@ -1,6 +1,7 @@
 """The demo's pieces at a small size, and `llama-adapter finetune` end to end on a tiny Meta checkpoint."""
 
 import json
+import shlex
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from train_helpers import single_thread
 
 from llama_adapter import demo
 from llama_adapter.attention import get_attention_backend, set_attention_backend
-from llama_adapter.cli import main
+from llama_adapter.cli import build_parser, main
 from llama_adapter.data import DataError, load_examples
 from llama_adapter.model import LLaMA, ModelArgs
 from llama_adapter.prompts import alpaca_prompt
@@ -137,6 +138,19 @@ def test_generate_clamps_the_default_max_new_tokens_to_the_context(tiny_base, ca
     assert "note:" not in capsys.readouterr().err
 
 
+def test_generate_explains_an_empty_answer(tiny_base, capsys, monkeypatch):
+    from llama_adapter import generation
+
+    eos = tiny_base["tokenizer"].eos_id  # a model whose first token ends the answer, as the issue's demo adapter did
+    monkeypatch.setattr(generation, "sample", lambda logits, *a: torch.full(logits.shape[:1], eos))
+    argv = ["generate", "--model", str(tiny_base["root"] / "model"), "--instruction", "Name a colour.",
+            "--input", "Paint", "--device", "cpu", "--max-new-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "[0 tokens in" in err
+    assert "note: the model stopped at once" in err and "without --input" in err and "--adapter" in err
+
+
 def test_bundled_demo_data_is_small_and_held_out():
     total = sum(p.stat().st_size for p in demo.DATA_DIR.iterdir() if p.is_file())
     assert total < 300_000
@@ -150,7 +164,10 @@ def test_bundled_demo_data_is_small_and_held_out():
         assert f"Question: {r['instruction']} Answer: {r['output']}" in corpus  # ...but known to the base
 
 
-def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
+def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch):
+    ran_with = []
+    real_finetune = demo.finetune
+    monkeypatch.setattr(demo, "finetune", lambda args: (ran_with.append(args), real_finetune(args))[1])
     argv = ["demo", "--out", str(tmp_path), "--dim", "64", "--layers", "1", "--pretrain-steps", "3",
             "--epochs", "1", "--vocab-size", "400", "--show", "2"]  # fmt: skip
     main(argv)  # too small to learn anything: only the plumbing is checked here
@@ -158,5 +175,12 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys):
     for section in ("[tokenizer]", "[pretrain]", "[before]", "[finetune]", "[reload]", "[after]", "[done]"):
         assert section in printed
     assert "logits identical" in printed
+    # the printed finetune command parses, through the CLI's own parser, to exactly the arguments the demo ran
+    line = next(x for x in printed.splitlines() if x.startswith("[finetune] llama-adapter finetune"))
+    pasted = vars(build_parser().parse_args(shlex.split(line)[2:]))
+    ran = vars(ran_with[0])
+    assert {k: v for k, v in pasted.items() if k not in ("func", "debug", "command")} == {
+        k: v for k, v in ran.items() if k not in ("func", "debug", "command")
+    }
     assert (tmp_path / "finetune" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "base" / "consolidated.00.pth").exists()
