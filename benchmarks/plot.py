@@ -95,16 +95,20 @@ def plot_bars(data: dict, out_dir: Path, metric: str, label: str) -> list[Path]:
     return [png]
 
 
-def is_result(data) -> bool:
-    """A benchmark's results file (common.Results): tune_attention's log and other JSON are not."""
-    return isinstance(data, dict) and isinstance(data.get("bench"), str) and isinstance(data.get("rows"), list)
+def load_result(path) -> dict | None:
+    """A benchmark's results file (common.Results), or None for other JSON (tune_attention's log, ...)."""
+    try:
+        data = load(path)
+    except ValueError:
+        return None
+    return data if isinstance(data.get("bench"), str) else None
 
 
 def plot_file(path, say=print) -> list[Path]:
     """PNGs for the benches that have a chart; any other file is left alone, saying so."""
     path = Path(path)
-    data = load(path)
-    if not is_result(data):
+    data = load_result(path)
+    if data is None:
         say(f"{path.name}: not a benchmark results file; ignored")
         return []
     if data["bench"] == "attention":
@@ -201,8 +205,8 @@ def summarize_table(data: dict) -> list[str]:
 def summary_markdown(paths) -> str:
     lines = []
     for path in paths:
-        data = load(path)
-        if not is_result(data):
+        data = load_result(path)
+        if data is None:
             continue
         if data["bench"] == "attention":
             lines += summarize_attention(data)

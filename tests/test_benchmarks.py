@@ -206,3 +206,44 @@ def test_gpu_suite_script_parses():
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert "set -uo pipefail" in text and "pytest -m gpu" in text
+
+
+def test_cpu_defaults_are_tiny_and_write_outside_the_committed_results():
+    """Without CUDA every script's default is the tiny fp32 smoke, written under runs/bench (git-ignored), never
+    beside the committed GPU results; --quick does not switch bench_attention to the GPU sweep there."""
+    from benchmarks import bench_packing
+
+    assert common.default_results_dir() == ROOT / "runs" / "bench"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(ROOT / "runs" / "bench" / "x.json")], cwd=ROOT)
+    assert ignored.returncode == 0
+    args = bench_attention.parse_args(["--quick"])
+    bench_attention.fill_defaults(args)
+    assert (args.dtypes, args.head_dims, args.seqlens, args.tokens) == ("fp32", "16", "16,32", 32)
+    packing = bench_packing.parse_args([])
+    assert (packing.size, packing.dtype, packing.max_len) == ("tiny", "fp32", 32)
+
+
+def test_packing_default_cpu_run_times_both_modes(tmp_path):
+    from benchmarks import bench_packing
+
+    results = bench_packing.run(bench_packing.parse_args(["--out", str(tmp_path), "--rep-ms", "1"]))
+    rows = {r["mode"]: r for r in read(results.path)["rows"]}
+    assert set(rows) == {"padded", "packed"}
+    for row in rows.values():
+        assert "error" not in row and row["step_ms"] > 0 and row["size"] == "tiny"
+    assert rows["packed"]["pad_share"] == 0 and rows["padded"]["pad_share"] > 0
+
+
+def test_plot_reads_every_bench_and_ignores_the_rest(tmp_path, capsys):
+    header = dict(device="cpu", device_name="cpu", torch="t", triton="t", time="now")
+    packing = tmp_path / "bench_packing-cpu.json"
+    packing.write_text(json.dumps({**header, "bench": "bench_packing", "rows": [{"mode": "packed", "step_ms": 1.5}]}))
+    hf = tmp_path / "bench_hf-cpu.json"
+    hf.write_text(json.dumps({**header, "bench": "bench_hf", "rows": [{"impl": "peft", "ms": 2.0, "error": None}]}))
+    tune = tmp_path / "tune_attention-cpu.json"
+    tune.write_text(json.dumps({"device": "cpu", "candidates": {}}))
+    assert plot.main([str(packing), str(hf), str(tune)]) == 0
+    out = capsys.readouterr().out
+    assert "bench_packing-cpu.json: no chart for bench 'bench_packing'" in out
+    assert "tune_attention-cpu.json: not a benchmark results file; ignored" in out
+    assert "| mode | step_ms |" in out and "| packed | 1.5 |" in out and "| peft | 2 | None |" in out

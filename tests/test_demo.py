@@ -104,6 +104,24 @@ def test_finetune_reports_bad_data_before_loading_a_model(tmp_path, capsys):
               str(tmp_path)])  # fmt: skip
 
 
+def test_finetune_defaults_fit_a_small_model_and_a_small_data_set(tiny_base, tmp_path, capsys):
+    """README's plain line on the demo-sized base (2 layers, 256-token context) and 3 examples: it runs, saying
+    what it chose; an explicit --max-seq-len beyond the context is refused before the weights load."""
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in load_examples(tiny_base["data"])[:3]), encoding="utf-8")
+    argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(data), "--no-progress",
+            "--epochs", "1", "--val-fraction", "0"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "run")]) == 0
+    printed = capsys.readouterr().out
+    assert ("defaults for this model (2 layers, 256-token context): --max-seq-len 256 (the model's context), "
+            "--adapter-layers 2 (all the model's layers)") in printed  # fmt: skip
+    note = "note: 3 training examples are fewer than one global batch (64); using --global-batch-size 3 --micro-"
+    assert note + "batch-size 3" in printed
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
+    assert main([*argv, "--out", str(tmp_path / "run2"), "--max-seq-len", "512"]) == 1
+    assert "--max-seq-len 512 exceeds the model's max_seq_len 256" in capsys.readouterr().err
+
+
 def test_finetune_into_an_existing_run_is_refused_before_loading_a_model(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(tiny_base["data"]), "--out",

@@ -319,8 +319,10 @@ def test_adapter_config_round_trip_and_errors():
             AdapterConfig(**bad)
     with pytest.raises(ValueError, match="unknown AdapterConfig keys"):
         AdapterConfig.from_dict({"adapter_len": 3, "bogus": 1})
-    with pytest.raises(ValueError, match="adapter_layers"):
-        make_model(AdapterConfig(adapter_layers=TINY["n_layers"] + 1))
+    n = TINY["n_layers"]  # more layers than the model has: all of them, saying so (as finetune --adapter-layers)
+    with pytest.warns(UserWarning, match=f"adapter_layers {n + 1} > the model's {n} layers; adapting all {n}"):
+        model = make_model(AdapterConfig(adapter_layers=n + 1))
+    assert model.adapter_config.adapter_layers == n and model.adapted_layers() == list(range(n))
     with pytest.raises(TypeError, match="AdapterConfig"):
         make_model().attach_adapter({"adapter_len": 3})
 

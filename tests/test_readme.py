@@ -204,3 +204,31 @@ def test_cheap_commands_run(title, workdir, tmp_path, monkeypatch, capsys):
         assert main(argv) == 0, command
         out = capsys.readouterr()
         assert out.out.strip(), command
+
+
+def test_trainable_parameter_figures_match_the_7b_model():
+    """README's "1,229,760 || ... || trainable%: 0.0182" and "1.2M" are what a 7B with K=10, L=30 reports."""
+    from llama_adapter import AdapterConfig, LLaMA, ModelArgs
+
+    model = LLaMA(ModelArgs.from_name("7B"), AdapterConfig(adapter_len=10, adapter_layers=30), device="meta")
+    summary = model.trainable_summary()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == 1_229_760 and "trainable params: 1,229,760" in summary
+    text = README.read_text(encoding="utf-8")
+    percent = re.search(r"trainable params: 1,229,760 \|\| all params: \.\.\. \|\| trainable%: ([\d.]+)", text)
+    assert percent and percent.group(1) in summary
+    assert "1.2M trainable parameters for 7B (K=10, L=30)" in text
+
+
+def test_demo_figures_match_the_demo():
+    """The *make demo* paragraph's sizes: held-out count and the base's parameter count (the demo's defaults)."""
+    from llama_adapter import LLaMA, ModelArgs
+
+    text = README.read_text(encoding="utf-8")
+    heldout = len(load_examples(demo.DATA_DIR / "heldout.json"))
+    assert f"On {heldout} held-out instructions" in text
+    shape = {**demo.TINY, "n_heads": demo.TINY["dim"] // 32}  # run_demo's shape at its default --dim/--layers
+    args = build_parser().parse_args(["demo"])
+    model = LLaMA(ModelArgs(vocab_size=args.vocab_size, **shape), device="meta")
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert f"pretrains a {millions:.1f}M-parameter LLaMA" in text, millions

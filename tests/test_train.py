@@ -23,6 +23,7 @@ from llama_adapter.train import (
     RunDirectoryError,
     TrainConfig,
     Trainer,
+    fit_batch_to_data,
     lm_loss_sum,
     lr_factor,
     make_optimizer,
@@ -70,6 +71,17 @@ def test_trainer_applies_schedule_and_lr_scaling(tmp_path):
     expected = [peak * lr_factor(s, 2, 1, 3) for s in range(6)]
     assert [r["lr"] for r in history] == pytest.approx(expected, rel=1e-12)
     assert expected[2] == pytest.approx(peak)
+
+
+@pytest.mark.parametrize("n, world, fitted", [(3, 1, (2, 2)), (1, 1, (1, 1)), (6, 2, (4, 2)), (3, 2, (2, 1))])
+def test_a_data_set_smaller_than_one_global_batch_gets_the_largest_batch_it_fills(tmp_path, n, world, fitted, capsys):
+    cfg = config(tmp_path, global_batch_size=8, micro_batch_size=2)
+    got = fit_batch_to_data(cfg, n, world)
+    assert (got.global_batch_size, got.micro_batch_size) == fitted and got.lr == got.blr * fitted[0] / 256
+    assert f"note: {n} training examples are fewer than one global batch (8)" in capsys.readouterr().out
+    assert fit_batch_to_data(cfg, 8, 1) is cfg and fit_batch_to_data(cfg, 1, 2) is cfg  # fits / too few for ranks
+    trainer = Trainer(tiny_model(), dataset(3), None, config(tmp_path, global_batch_size=8))  # the Python API too
+    assert (trainer.cfg.global_batch_size, trainer.steps_per_epoch) == (2, 1)
 
 
 def test_optimizer_holds_only_adapter_with_decay_on_prompts_only():
