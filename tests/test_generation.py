@@ -252,3 +252,20 @@ def test_cli_generate_chat_with_a_llama3_tokenizer(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out == tok.decode(expected) + "\n"
     assert "tiktoken tokenizer" in err and "llama3 format" in err and "[3 tokens" in err
+
+
+def test_compile_says_it_is_compiling_once(monkeypatch, capsys):
+    """generate(compile=True) announces the (long, silent) first compiled step on stderr, once, and gives the same
+    tokens as eager. torch.compile is replaced by the identity: the note, not the compiler, is under test here
+    (a real compile on the CPU takes minutes; test_compile.py covers it)."""
+    from llama_adapter import generation
+
+    monkeypatch.setattr(generation, "_COMPILED_STEPS", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
+    model, prompts = make_model(), prompts_of([4, 6])
+    eager = generate(model, prompts, 3)
+    assert generate(model, prompts, 3, compile=True) == eager
+    err = capsys.readouterr().err
+    assert err.count("generate: compiling the decode step") == 1 and "decode step compiled in" in err
+    assert generate(model, prompts, 3, compile=True) == eager
+    assert "compiling" not in capsys.readouterr().err
