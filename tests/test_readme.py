@@ -4,6 +4,7 @@ Blocks run with `exec`, in README order, one namespace per section, in a directo
 for the checkpoints README names (the fixture mapping README states under *Python*):
 
     llama-2-7b/                 Meta dir: params.json, consolidated.00.pth, SentencePiece tokenizer.model
+    llama-2-70b/                the same dir (a link)
     Llama-3.1-8B-hf/            the same weights as a Hugging Face dir (config.json, model.safetensors)
     meta-llama/Llama-2-7b-hf    the same again (transformers reads a local dir of that name)
     Llama-3.1-8B-Instruct/      Meta dir with a LLaMA-3 tiktoken tokenizer.model
@@ -79,6 +80,7 @@ def workdir(tmp_path_factory):
     config = tiny_hf_config(num_hidden_layers=N_LAYERS, vocab_size=VOCAB, max_position_embeddings=256)
     hf_model = random_hf_model(config, dtype=torch.float32)
     write_meta_dir(hf_model, root / "llama-2-7b")
+    (root / "llama-2-70b").symlink_to(root / "llama-2-7b")
     for hf_dir in ("Llama-3.1-8B-hf", "meta-llama/Llama-2-7b-hf"):
         hf_model.save_pretrained(root / hf_dir)
     for d in ("llama-2-7b", "Llama-3.1-8B-hf", "meta-llama/Llama-2-7b-hf"):
