@@ -59,37 +59,37 @@ def _attend_blocks(
     acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
     offs_m, offs_d, lo, hi, L, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    MASKED_STAGES: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
-    keys past the row's diagonal (j > i + shift). The masked loop runs a block or two (the diagonal): software
-    pipelining it only adds a prologue's registers next to the unmasked loop's, so it is not pipelined (that
-    removed the last spills on sm80, benchmarks/NOTES.md)."""
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
+    keys past the row's diagonal (j > i + shift). The row max is taken on the raw scores (qk_scale > 0), so the
+    scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max."""
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=MASKED_STAGES if MASKED else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)  # (BLOCK_N, D)
-        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, k_t, input_precision=DOT_PREC)
         if MASKED:
             visible = offs_n[None, :] < L
             if CAUSAL:
                 visible = visible & (offs_n[None, :] <= offs_m[:, None] + shift)
             s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc=acc * alpha[:, None], input_precision=DOT_PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A: tl.constexpr,
+def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A: tl.constexpr,
                    DOT_PREC: tl.constexpr):  # fmt: skip
-    """Scaled log2 scores of q against prompt keys start_a .. start_a + BLOCK_A; -inf past Ka."""
+    """Raw (unscaled) scores of q against prompt keys start_a .. start_a + BLOCK_A; -inf past Ka."""
     offs_a = start_a + tl.arange(0, BLOCK_A)
     ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
-    s = tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, ak_t, input_precision=DOT_PREC)
     return tl.where(offs_a[None, :] < Ka, s, float("-inf"))
 
 
@@ -106,8 +106,8 @@ def adapter_attention_fwd_kernel(
     Hq, GROUP, Nq, Nk, Ka, qk_scale,
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, HAS_KVLENS: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr = 1,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -121,6 +121,34 @@ def adapter_attention_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     q = load_tile(Q + b * stride_qb + h * stride_qh + row0 * stride_qm, offs_m, offs_d, stride_qm, stride_qd, n_q, True)
+    row_ok = offs_m < n_q
+    lse_offs = (b * Hq + h) * Nq + row0 + offs_m
+
+    if HAS_PROMPT:
+        # The prompt's own softmax, before the key loop: its loads and its dot overlap the first key tiles'
+        # loads instead of adding dependent round trips after the loop. Ka within one tile (Ka = 10, the
+        # paper): exact softmax in one pass, its probabilities (scaled by g / l_a) kept until the epilogue adds
+        # g O_a = (g A / l_a) av. Longer prompts: only the log-sum-exp here, g A av after the loop.
+        ak_base = AK + b * stride_akb + hk * stride_akh
+        av_base = AV + b * stride_avb + hk * stride_avh
+        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
+        if ONE_PROMPT_TILE:
+            av = load_tile(av_base, tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
+            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, 0, offs_d, Ka, BLOCK_A, DOT_PREC)
+            m_a = tl.max(s_a, 1) * qk_scale
+            p_a = tl.math.exp2(s_a * qk_scale - m_a[:, None])
+            l_a = tl.sum(p_a, 1)
+            p_a = (p_a * (g / l_a)[:, None]).to(av.dtype)
+        else:
+            m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+            l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
+                s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A, DOT_PREC)
+                m_new = tl.maximum(m_a, tl.max(s_a, 1) * qk_scale)
+                l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a * qk_scale - m_new[:, None]), 1)
+                m_a = m_new
+        lse_a = m_a + tl.math.log2(l_a)
+        tl.store(LseA + lse_offs, lse_a, mask=row_ok)
 
     L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
@@ -132,39 +160,26 @@ def adapter_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC,
+        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC, MASKED_STAGES,
     )  # fmt: skip
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC,
+        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC, MASKED_STAGES,
     )  # fmt: skip
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
-    row_ok = offs_m < n_q
-    lse_offs = (b * Hq + h) * Nq + row0 + offs_m
     tl.store(LseW + lse_offs, tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf")), mask=row_ok)
 
     if HAS_PROMPT:
-        # Two passes over the (few) prompt keys: their log-sum-exp first, then g * A @ av accumulated straight into
-        # o, so no second (BLOCK_M, D) accumulator competes for registers with the word one. Ka = 10 is one
-        # block: these loops are not pipelined (num_stages=1), which ptxas rewarded with fewer spills on sm80.
-        ak_base = AK + b * stride_akb + hk * stride_akh
-        av_base = AV + b * stride_avb + hk * stride_avh
-        m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
-        l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
-            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
-            m_new = tl.maximum(m_a, tl.max(s_a, 1))
-            l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a - m_new[:, None]), 1)
-            m_a = m_new
-        lse_a = m_a + tl.math.log2(l_a)
-        tl.store(LseA + lse_offs, lse_a, mask=row_ok)
-        g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
-        for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
-            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, qk_scale, BLOCK_A, DOT_PREC)
-            av = load_tile(av_base, start_a + tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
-            o = tl.dot((g * tl.math.exp2(s_a - lse_a[:, None])).to(av.dtype), av, acc=o, input_precision=DOT_PREC)
+        if ONE_PROMPT_TILE:
+            o = tl.dot(p_a, av, acc=o, input_precision=DOT_PREC)
+        else:
+            for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
+                s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A, DOT_PREC)
+                av = load_tile(av_base, start_a + tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
+                a = g * tl.math.exp2(s_a * qk_scale - lse_a[:, None])
+                o = tl.dot(a.to(av.dtype), av, acc=o, input_precision=DOT_PREC)
 
     out_ptrs = Out + b * stride_ob + h * stride_oh + (row0 + offs_m[:, None]) * stride_om + offs_d[None, :] * stride_od
     tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
@@ -189,6 +204,9 @@ FWD_CONFIGS = {
         256: [(64, 64, 8, 2), (64, 32, 8, 2)],  # 128x64 w8 s2: 2 LDL/STL (triton 3.9)
     },
 }
+
+
+MASKED_STAGES = 1
 
 
 def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
@@ -218,6 +236,8 @@ def adapter_attention_fwd(
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prompt = adapter_k is not None
+    n_prompt = adapter_k.shape[-2] if has_prompt else 0
+    block_a = prompt_block(n_prompt) if has_prompt else 16
     varlen = cu_seqlens is not None
     rows, batches = (max_seqlen, cu_seqlens.shape[0] - 1) if varlen else (Nq, B)
     if out is None:
@@ -230,12 +250,14 @@ def adapter_attention_fwd(
         kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, out, lse_w, lse_a if has_prompt else lse_w,
         *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
         *gate_strides(gate), *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk, adapter_k.shape[-2] if has_prompt else 0, sm_scale * 1.4426950408889634,
+        Hq, Hq // Hkv, Nq, Nk, n_prompt, sm_scale * 1.4426950408889634,
         size_bucket(rows), size_bucket(rows if varlen else Nk),
     )  # fmt: skip
     consts = dict(
         HEAD_DIM=D,
-        BLOCK_A=prompt_block(adapter_k.shape[-2]) if has_prompt else 16,
+        BLOCK_A=block_a,
+        ONE_PROMPT_TILE=n_prompt <= block_a,
+        MASKED_STAGES=MASKED_STAGES,
         CAUSAL=causal,
         HAS_PROMPT=has_prompt,
         HAS_KVLENS=kv_lens is not None,
@@ -264,7 +286,8 @@ def compile_specs() -> list[dict]:
             for D in SPEC_HEAD_DIMS:
                 for bm, bn, warps, stages in fitting_configs(FWD_CONFIGS, D, arch, fwd_smem_bytes):
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
-                                  HAS_PROMPT=True, HAS_KVLENS=False, VARLEN=False, DOT_PREC="ieee")  # fmt: skip
+                                  HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
+                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES)  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
                                         stages)  # fmt: skip
