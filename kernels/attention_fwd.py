@@ -55,19 +55,42 @@ NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n, offs_d, L,
+              MASKED: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr, BLOCK_N: tl.constexpr,
+              HEAD_DIM: tl.constexpr):  # fmt: skip
+    """(k^T (D, BLOCK_N), v (BLOCK_N, D)) for keys start_n .. start_n + BLOCK_N of one head.
+
+    Pointer path: k_src / v_src point at the head's first key; MASKED tiles read keys >= L as zero.
+    KV_TMA: k_src / v_src are (B, Hkv, Nk, D) tensor descriptors, read by the TMA engine into shared memory;
+    keys past Nk come back zero, but keys L .. Nk - 1 (kv_lens, or the next packed sequence) are real memory,
+    possibly never written (a KV cache): their scores are masked to -inf, and ZERO_V_PAST_L zeroes their values,
+    since 0 * NaN would still reach the output."""
+    if KV_TMA:
+        k = k_src.load([b, hk, row0 + start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_src.load([b, hk, row0 + start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        if MASKED and ZERO_V_PAST_L:
+            v = tl.where(offs_n[:, None] < L, v, 0.0)
+        return tl.trans(k), v
+    else:
+        k_t = load_tile_t(k_src, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)
+        v = load_tile(v_src, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)
+        return k_t, v
+
+
+@triton.jit
 def _attend_blocks(
-    acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+    acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0,
     offs_m, offs_d, lo, hi, L, shift, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    MASKED_STAGES: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
     keys past the row's diagonal (j > i + shift). The row max is taken on the raw scores (qk_scale > 0), so the
     scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max."""
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=MASKED_STAGES if MASKED else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, L, MASKED)  # (D, BLOCK_N)
-        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, L, MASKED)  # (BLOCK_N, D)
+        k_t, v = _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n,
+                           offs_d, L, MASKED, KV_TMA, ZERO_V_PAST_L, BLOCK_N, HEAD_DIM)  # fmt: skip
         s = tl.dot(q, k_t, input_precision=DOT_PREC)
         if MASKED:
             visible = offs_n[None, :] < L
@@ -107,7 +130,7 @@ def adapter_attention_fwd_kernel(
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr = 1,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr = 1, KV_TMA: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -153,18 +176,28 @@ def adapter_attention_fwd_kernel(
     L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
     full, hi = visible_key_range(start_m, n_q, L, CAUSAL, BLOCK_M, BLOCK_N)
-    k_base = K + b * stride_kb + hk * stride_kh + row0 * stride_kn
-    v_base = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
+    if KV_TMA:
+        k_src = K
+        v_src = V
+    else:
+        k_src = K + b * stride_kb + hk * stride_kh + row0 * stride_kn
+        v_src = V + b * stride_vb + hk * stride_vh + row0 * stride_vn
+    b32 = b.to(tl.int32)
+    hk32 = hk.to(tl.int32)
+    row32 = row0.to(tl.int32)
+    zero_v = HAS_KVLENS or VARLEN
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC, MASKED_STAGES,
+        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
+        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, MASKED_STAGES,
+        KV_TMA, zero_v,
     )  # fmt: skip
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC, MASKED_STAGES,
+        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
+        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, MASKED_STAGES,
+        KV_TMA, zero_v,
     )  # fmt: skip
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
@@ -206,20 +239,48 @@ FWD_CONFIGS = {
 }
 
 
+# The masked (diagonal) loop's software-pipelining depth (see benchmarks/NOTES.md, forward SASS log).
 MASKED_STAGES = 1
+
+try:  # host-side TMA descriptors: triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older triton: pointer loads only
+    TensorDescriptor = None
 
 
 def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
-    """q tile, pipelined k and v tiles, and p staged for the second dot (2-byte elements)."""
-    return 2 * (block_m * head_dim + num_stages * 2 * block_n * head_dim + block_m * block_n)
+    """The q tile and num_stages buffers of k and v tiles (2-byte elements): what triton 3.6 / 3.9 allocate
+    for the forward on sm80 and sm90 (the prompt's tiles and p reuse that space; kernel_report's `shared`)."""
+    return 2 * head_dim * (block_m + 2 * num_stages * block_n)
+
+
+def _set_kv_block(nargs):
+    """Autotune pre-hook: a TMA descriptor's box is the launched config's (BLOCK_N, D) tile."""
+    for name in ("K", "V"):
+        if isinstance(nargs[name], TensorDescriptor):
+            nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
 @functools.cache
 def _tuned(head_dim: int, arch: int, smem: int):
-    configs = select_configs(FWD_CONFIGS, head_dim, arch, smem, fwd_smem_bytes)
+    configs = [
+        triton.Config(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=_set_kv_block)
+        for c in select_configs(FWD_CONFIGS, head_dim, arch, smem, fwd_smem_bytes)
+    ]
     return triton.autotune(configs, key=["NQ_KEY", "NK_KEY", "HEAD_DIM", "CAUSAL", "HAS_PROMPT", "VARLEN"])(
         adapter_attention_fwd_kernel
     )
+
+
+def _tma_ready(t: torch.Tensor) -> bool:
+    """A (B, H, N, D) tensor TMA can read: 2-byte elements, unit last stride, 16-byte aligned base and strides."""
+    if t.element_size() != 2 or t.stride(3) != 1 or t.data_ptr() % 16:
+        return False
+    return all(stride * 2 % 16 == 0 for stride in t.stride()[:3])
+
+
+def _kv_descriptors(k, v, block_n: int):
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, t.shape[3]]) for t in (k, v))
 
 
 def adapter_attention_fwd(
@@ -231,7 +292,8 @@ def adapter_attention_fwd(
 
     Returns (o, lse_w, lse_a): o (B, Hq, Nq, D) in q's dtype (written into `out` if given), lse_w and lse_a
     (B, Hq, Nq) fp32 in log2 units (lse_a None without a prompt). `config` = {"BLOCK_M", "BLOCK_N",
-    "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes).
+    "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes); its optional
+    "KV_TMA" key forces the tensor-descriptor (True) or pointer (False) loads of k and v.
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -244,8 +306,16 @@ def adapter_attention_fwd(
         out = _common.new_output(q.shape, q.dtype, q.device)
     lse_w = _common.new_output((B, Hq, Nq), torch.float32, q.device)
     lse_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else None
+    if config is not None:
+        config = dict(config)
+        kv_tma = config.pop("KV_TMA", False)
+        arch, smem = 0, 0
+    else:
+        arch, smem = device_arch(q.device) if not interpreting() else (80, 0)
+        kv_tma = arch == 90 and TensorDescriptor is not None and _tma_ready(k) and _tma_ready(v)
+    k_arg, v_arg = _kv_descriptors(k, v, config["BLOCK_N"] if config else 16) if kv_tma else (k, v)
     args = (
-        q, k, v,
+        q, k_arg, v_arg,
         adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q,
         kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, out, lse_w, lse_a if has_prompt else lse_w,
         *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
@@ -256,38 +326,42 @@ def adapter_attention_fwd(
     consts = dict(
         HEAD_DIM=D,
         BLOCK_A=block_a,
-        ONE_PROMPT_TILE=n_prompt <= block_a,
-        MASKED_STAGES=MASKED_STAGES,
         CAUSAL=causal,
         HAS_PROMPT=has_prompt,
+        ONE_PROMPT_TILE=n_prompt <= block_a,
         HAS_KVLENS=kv_lens is not None,
         VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
+        MASKED_STAGES=MASKED_STAGES,
+        KV_TMA=kv_tma,
     )
+    heads = batches * Hq
     if config is not None:
-        grid = (triton.cdiv(rows, config["BLOCK_M"]), batches * Hq)
+        grid = ((rows + config["BLOCK_M"] - 1) // config["BLOCK_M"], heads)
         adapter_attention_fwd_kernel[grid](*args, **consts, **config)
     else:
-        kernel = _tuned(D, *(device_arch(q.device) if not interpreting() else (80, 0)))
-        kernel[lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]), batches * Hq)](*args, **consts)
+        _tuned(D, arch, smem)[lambda meta: ((rows + meta["BLOCK_M"] - 1) // meta["BLOCK_M"], heads)](*args, **consts)
     return out, lse_w, lse_a
 
 
-def compile_specs() -> list[dict]:
+def compile_specs(kv_tma: bool = True) -> list[dict]:
     """Every autotune config of the forward, for sm80 and sm90, fp16 and bf16, D in 64/128/256 (see
-    `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10."""
+    `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10.
+    On sm90 k and v are TMA descriptors, as the launcher passes contiguous tensors there (`kv_tma=False`: the
+    pointer fallback)."""
     specs = []
     for arch in (80, 90):
+        tma = kv_tma and arch == 90
         for dname in SPEC_DTYPES:
             elem = "*" + dname
-            pointers = dict(Q=elem, K=elem, V=elem, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32", CuSeqlens="*i32",
-                            Out=elem,
-                            LseW="*fp32", LseA="*fp32")  # fmt: skip
             for D in SPEC_HEAD_DIMS:
                 for bm, bn, warps, stages in fitting_configs(FWD_CONFIGS, D, arch, fwd_smem_bytes):
+                    kv = f"tensordesc<{dname}[1, 1, {bn}, {D}]>" if tma else elem
+                    pointers = dict(Q=elem, K=kv, V=kv, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32",
+                                    CuSeqlens="*i32", Out=elem, LseW="*fp32", LseA="*fp32")  # fmt: skip
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
                                   HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
-                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES)  # fmt: skip
+                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES, KV_TMA=tma)  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
                                         stages)  # fmt: skip
