@@ -117,6 +117,30 @@ def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOC
 
 
 @triton.jit
+def _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd, offs_d, Ka, g, qk_scale,
+                    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr,
+                    DOT_PREC: tl.constexpr):  # fmt: skip
+    """The prompt's own softmax: (g A / l_a in q's dtype, lse_a) when Ka fits one tile (Ka = 10, the paper:
+    exact, one pass, so g O_a is one more dot with the av tile); for longer prompts (q, lse_a) from an online
+    pass over the tiles, g A av then taking a second pass after the key loop."""
+    if ONE_PROMPT_TILE:
+        s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, 0, offs_d, Ka, BLOCK_A, DOT_PREC)
+        m_a = tl.max(s_a, 1) * qk_scale
+        p_a = tl.math.exp2(s_a * qk_scale - m_a[:, None])
+        l_a = tl.sum(p_a, 1)
+        return (p_a * (g / l_a)[:, None]).to(q.dtype), m_a + tl.math.log2(l_a)
+    else:
+        m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
+        l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
+            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A, DOT_PREC)
+            m_new = tl.maximum(m_a, tl.max(s_a, 1) * qk_scale)
+            l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a * qk_scale - m_new[:, None]), 1)
+            m_a = m_new
+        return q, m_a + tl.math.log2(l_a)
+
+
+@triton.jit
 def adapter_attention_fwd_kernel(
     Q, K, V, AK, AV, Gate, KVLens, CuSeqlens, Out, LseW, LseA,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -131,6 +155,7 @@ def adapter_attention_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, HAS_KVLENS: tl.constexpr,
     VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr = 1, KV_TMA: tl.constexpr = False,
+    PROMPT_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -148,30 +173,13 @@ def adapter_attention_fwd_kernel(
     lse_offs = (b * Hq + h) * Nq + row0 + offs_m
 
     if HAS_PROMPT:
-        # The prompt's own softmax, before the key loop: its loads and its dot overlap the first key tiles'
-        # loads instead of adding dependent round trips after the loop. Ka within one tile (Ka = 10, the
-        # paper): exact softmax in one pass, its probabilities (scaled by g / l_a) kept until the epilogue adds
-        # g O_a = (g A / l_a) av. Longer prompts: only the log-sum-exp here, g A av after the loop.
         ak_base = AK + b * stride_akb + hk * stride_akh
         av_base = AV + b * stride_avb + hk * stride_avh
         g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
-        if ONE_PROMPT_TILE:
-            av = load_tile(av_base, tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
-            s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, 0, offs_d, Ka, BLOCK_A, DOT_PREC)
-            m_a = tl.max(s_a, 1) * qk_scale
-            p_a = tl.math.exp2(s_a * qk_scale - m_a[:, None])
-            l_a = tl.sum(p_a, 1)
-            p_a = (p_a * (g / l_a)[:, None]).to(av.dtype)
-        else:
-            m_a = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
-            l_a = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
-                s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A, DOT_PREC)
-                m_new = tl.maximum(m_a, tl.max(s_a, 1) * qk_scale)
-                l_a = l_a * tl.math.exp2(m_a - m_new) + tl.sum(tl.math.exp2(s_a * qk_scale - m_new[:, None]), 1)
-                m_a = m_new
-        lse_a = m_a + tl.math.log2(l_a)
-        tl.store(LseA + lse_offs, lse_a, mask=row_ok)
+        if PROMPT_FIRST:
+            p_a, lse_a = _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
+                                             offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)
+            tl.store(LseA + lse_offs, lse_a, mask=row_ok)
 
     L = key_length(KVLens, b, n_k, HAS_KVLENS)
     shift = L - n_q
@@ -205,8 +213,13 @@ def adapter_attention_fwd_kernel(
     tl.store(LseW + lse_offs, tl.where(has_key, m_i + tl.math.log2(l_safe), float("inf")), mask=row_ok)
 
     if HAS_PROMPT:
+        if not PROMPT_FIRST:
+            p_a, lse_a = _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
+                                             offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)
+            tl.store(LseA + lse_offs, lse_a, mask=row_ok)
         if ONE_PROMPT_TILE:
-            o = tl.dot(p_a, av, acc=o, input_precision=DOT_PREC)
+            av = load_tile(av_base, tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
+            o = tl.dot(p_a.to(av.dtype), av, acc=o, input_precision=DOT_PREC)
         else:
             for start_a in tl.range(0, Ka, BLOCK_A, num_stages=1):
                 s_a = _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A, DOT_PREC)
@@ -218,23 +231,23 @@ def adapter_attention_fwd_kernel(
     tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90
-# (kernel_report; benchmarks/NOTES.md, kernel tuning log). sm80 at D = 256 needs 32-row blocks: q and the
-# accumulator of a 64-row block already fill the registers there.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90 under
+# triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, forward SASS log). sm80 at D = 256 needs 32-row blocks
+# at 8 warps: q and the accumulator of a 64-row block (or a 32-row one at 4 warps) already fill the registers.
 FWD_CONFIGS = {
     80: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3), (128, 32, 8, 3)],
-        256: [(32, 32, 4, 2), (32, 64, 4, 2), (32, 32, 8, 2)],
+        64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+        128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
+        256: [(32, 32, 8, 2)],
     },
     90: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 2)],  # 128x64 w8 s2: 2 LDL/STL (triton 3.9)
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)],
+        256: [(64, 64, 8, 2), (64, 32, 8, 2)],
     },
 }
 
@@ -249,9 +262,10 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 
 def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
-    """The q tile and num_stages buffers of k and v tiles (2-byte elements): what triton 3.6 / 3.9 allocate
-    for the forward on sm80 and sm90 (the prompt's tiles and p reuse that space; kernel_report's `shared`)."""
-    return 2 * head_dim * (block_m + 2 * num_stages * block_n)
+    """The q tile, num_stages buffers of k and v tiles (2-byte elements) and a TMA mbarrier (8 bytes) per stage:
+    what triton 3.9 allocates for the forward on sm90 (kernel_report's `shared`; the prompt's tiles and p reuse
+    that space). sm80 allocates less (q stays in registers, one stage fewer is buffered)."""
+    return 2 * head_dim * (block_m + 2 * num_stages * block_n) + 8 * num_stages
 
 
 def _set_kv_block(nargs):
@@ -292,8 +306,9 @@ def adapter_attention_fwd(
 
     Returns (o, lse_w, lse_a): o (B, Hq, Nq, D) in q's dtype (written into `out` if given), lse_w and lse_a
     (B, Hq, Nq) fp32 in log2 units (lse_a None without a prompt). `config` = {"BLOCK_M", "BLOCK_N",
-    "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes); its optional
-    "KV_TMA" key forces the tensor-descriptor (True) or pointer (False) loads of k and v.
+    "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes); its optional keys
+    "KV_TMA" (tensor-descriptor or pointer loads of k and v) and "PROMPT_FIRST" (the prompt's softmax before or
+    after the key loop) override what the device would get (sm90: both True; sm80: both False).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -306,13 +321,13 @@ def adapter_attention_fwd(
         out = _common.new_output(q.shape, q.dtype, q.device)
     lse_w = _common.new_output((B, Hq, Nq), torch.float32, q.device)
     lse_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else None
+    arch, smem = device_arch(q.device) if not interpreting() else (80, 0)
+    kv_tma = arch == 90 and TensorDescriptor is not None and _tma_ready(k) and _tma_ready(v)
+    prompt_first = arch == 90
     if config is not None:
         config = dict(config)
-        kv_tma = config.pop("KV_TMA", False)
-        arch, smem = 0, 0
-    else:
-        arch, smem = device_arch(q.device) if not interpreting() else (80, 0)
-        kv_tma = arch == 90 and TensorDescriptor is not None and _tma_ready(k) and _tma_ready(v)
+        kv_tma = config.pop("KV_TMA", kv_tma)
+        prompt_first = config.pop("PROMPT_FIRST", prompt_first)
     k_arg, v_arg = _kv_descriptors(k, v, config["BLOCK_N"] if config else 16) if kv_tma else (k, v)
     args = (
         q, k_arg, v_arg,
@@ -334,6 +349,7 @@ def adapter_attention_fwd(
         DOT_PREC=dot_precision(q.dtype),
         MASKED_STAGES=MASKED_STAGES,
         KV_TMA=kv_tma,
+        PROMPT_FIRST=prompt_first,
     )
     heads = batches * Hq
     if config is not None:
@@ -344,14 +360,15 @@ def adapter_attention_fwd(
     return out, lse_w, lse_a
 
 
-def compile_specs(kv_tma: bool = True) -> list[dict]:
+def compile_specs(kv_tma: bool = True, prompt_first: bool | None = None) -> list[dict]:
     """Every autotune config of the forward, for sm80 and sm90, fp16 and bf16, D in 64/128/256 (see
     `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10.
     On sm90 k and v are TMA descriptors, as the launcher passes contiguous tensors there (`kv_tma=False`: the
-    pointer fallback)."""
+    pointer fallback); the prompt goes first on sm90, last on sm80 (`prompt_first` forces either)."""
     specs = []
     for arch in (80, 90):
         tma = kv_tma and arch == 90
+        first = arch == 90 if prompt_first is None else prompt_first
         for dname in SPEC_DTYPES:
             elem = "*" + dname
             for D in SPEC_HEAD_DIMS:
@@ -361,7 +378,8 @@ def compile_specs(kv_tma: bool = True) -> list[dict]:
                                     CuSeqlens="*i32", Out=elem, LseW="*fp32", LseA="*fp32")  # fmt: skip
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
                                   HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
-                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES, KV_TMA=tma)  # fmt: skip
+                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES, KV_TMA=tma,
+                                  PROMPT_FIRST=first)  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
                                         stages)  # fmt: skip
