@@ -82,12 +82,14 @@ def _attend_blocks(
     acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0,
     offs_m, offs_d, lo, hi, L, shift, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr,
+    DOT_PREC: tl.constexpr, PIPELINE_DIAGONAL: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr,
 ):  # fmt: skip
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
     keys past the row's diagonal (j > i + shift). The row max is taken on the raw scores (qk_scale > 0), so the
-    scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max."""
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=MASKED_STAGES if MASKED else None):
+    scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max.
+    PIPELINE_DIAGONAL software-pipelines the masked loop too (sm90: fewer instructions and registers with TMA);
+    on sm80 its prologue's registers next to the unmasked loop's brought spills, so it runs unpipelined there."""
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED and not PIPELINE_DIAGONAL else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t, v = _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n,
                            offs_d, L, MASKED, KV_TMA, ZERO_V_PAST_L, BLOCK_N, HEAD_DIM)  # fmt: skip
@@ -154,8 +156,8 @@ def adapter_attention_fwd_kernel(
     NQ_KEY, NK_KEY,  # autotune buckets only
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, MASKED_STAGES: tl.constexpr = 1, KV_TMA: tl.constexpr = False,
-    PROMPT_FIRST: tl.constexpr = False,
+    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, PIPELINE_DIAGONAL: tl.constexpr = False,
+    KV_TMA: tl.constexpr = False, PROMPT_FIRST: tl.constexpr = False,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -199,12 +201,12 @@ def adapter_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
-        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, MASKED_STAGES,
+        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, PIPELINE_DIAGONAL,
         KV_TMA, zero_v,
     )  # fmt: skip
     acc, m_i, l_i = _attend_blocks(
         acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
-        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, MASKED_STAGES,
+        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, PIPELINE_DIAGONAL,
         KV_TMA, zero_v,
     )  # fmt: skip
     has_key = l_i > 0.0
@@ -251,9 +253,6 @@ FWD_CONFIGS = {
     },
 }
 
-
-# The masked (diagonal) loop's software-pipelining depth (see benchmarks/NOTES.md, forward SASS log).
-MASKED_STAGES = 1
 
 try:  # host-side TMA descriptors: triton >= 3.4 (3.6 on the GPU machines, 3.9 here)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -347,7 +346,7 @@ def adapter_attention_fwd(
         HAS_KVLENS=kv_lens is not None,
         VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
-        MASKED_STAGES=MASKED_STAGES,
+        PIPELINE_DIAGONAL=arch == 90,
         KV_TMA=kv_tma,
         PROMPT_FIRST=prompt_first,
     )
@@ -378,7 +377,7 @@ def compile_specs(kv_tma: bool = True, prompt_first: bool | None = None) -> list
                                     CuSeqlens="*i32", Out=elem, LseW="*fp32", LseA="*fp32")  # fmt: skip
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
                                   HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
-                                  DOT_PREC="ieee", MASKED_STAGES=MASKED_STAGES, KV_TMA=tma,
+                                  DOT_PREC="ieee", PIPELINE_DIAGONAL=arch == 90, KV_TMA=tma,
                                   PROMPT_FIRST=first)  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
