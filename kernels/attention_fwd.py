@@ -234,15 +234,15 @@ def adapter_attention_fwd_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90 under
-# triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, forward SASS log). sm80 at D = 256 needs 32-row blocks
-# at 8 warps: q and the accumulator of a 64-row block (or a 32-row one at 4 warps) already fill the registers.
+# triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, forward SASS log). sm80 at D = 256 needs 16-row blocks:
+# under triton 3.6, 32-row ones spill (32x32 w8 s2: 84 LDL/STL), as does 64x64 w8 at D = 128 (104).
 FWD_CONFIGS = {
     80: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-        128: [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)],
-        256: [(32, 32, 8, 2)],
+        128: [(128, 64, 8, 3), (128, 32, 8, 3)],
+        256: [(16, 64, 4, 2), (16, 32, 4, 2)],
     },
     90: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
