@@ -235,7 +235,9 @@ def adapter_attention_fwd_kernel(
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90 under
 # triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, forward SASS log). sm80 at D = 256 needs 16-row blocks:
-# under triton 3.6, 32-row ones spill (32x32 w8 s2: 84 LDL/STL), as does 64x64 w8 at D = 128 (104).
+# under triton 3.6, 32-row ones spill (32x32 w8 s2: 84 LDL/STL), as does 64x64 w8 at D = 128 (104). On sm90 a
+# 64-row tile takes 4 warps (one warpgroup): at 8 both warpgroups would compute the same 64 rows (twice the
+# MUFU.EX2 and HGMMA); at D = 256, 128x64 w8 and 64x64 w4 spill, so the key tile is 32 wide.
 FWD_CONFIGS = {
     80: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -249,7 +251,7 @@ FWD_CONFIGS = {
         32: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
         64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
         128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4), (64, 64, 4, 3), (128, 32, 8, 3)],
-        256: [(64, 64, 8, 2), (64, 32, 8, 2)],
+        256: [(128, 32, 8, 2), (64, 32, 4, 2), (64, 32, 4, 3)],
     },
 }
 
