@@ -8,6 +8,7 @@ the interpreter runs each program in numpy, and small blocks still exercise the 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -50,6 +51,7 @@ def size_bucket(n: int) -> int:
     return max(16, 1 << (n - 1).bit_length())  # next power of two; plain ints (called per launch)
 
 
+@functools.cache
 def device_arch(device: torch.device) -> tuple[int, int]:
     """(config table: 80 or 90, shared memory bytes) for a CUDA device."""
     major, minor = torch.cuda.get_device_capability(device)

@@ -263,10 +263,11 @@ except ImportError:  # pragma: no cover - older triton: pointer loads only
 
 
 def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -> int:
-    """The q tile, num_stages buffers of k and v tiles (2-byte elements) and a TMA mbarrier (8 bytes) per stage:
-    what triton 3.9 allocates for the forward on sm90 (kernel_report's `shared`; the prompt's tiles and p reuse
-    that space). sm80 allocates less (q stays in registers, one stage fewer is buffered)."""
-    return 2 * head_dim * (block_m + 2 * num_stages * block_n) + 8 * num_stages
+    """The q tile and num_stages buffers of k and v tiles (2-byte elements), plus 1 KB for the TMA mbarriers
+    and their alignment: what triton 3.6 and 3.9 allocate for the forward on sm90 (kernel_report's `shared`,
+    exact for most configs, at most 1000 bytes over; the prompt's tiles and p reuse that space). sm80 allocates
+    less (one k/v stage fewer, q not always staged)."""
+    return 2 * head_dim * (block_m + 2 * num_stages * block_n) + 1024
 
 
 def _set_kv_block(nargs):
