@@ -1,13 +1,15 @@
 """Forward kernel: causal word attention and gated prompt attention in one FlashAttention-2 style pass.
 
-Per (query block, batch x query head) program, with s = sm_scale and scores kept in log2 units (s * log2 e is
-folded into one multiply so the softmax runs on exp2):
+Per (query block, batch x query head) program, with s = sm_scale and scores kept in log2 units (c = s * log2 e;
+the row max is taken on the raw scores q k^T and c enters once per score, in exp2(x c - max), one FFMA):
 
     O_w = softmax_causal(s q k^T) v      online softmax over key blocks: unmasked blocks first, then the
                                          few blocks that straddle the diagonal or the end of the keys (masked)
-    O_a = softmax(s q ak^T) av           the Ka prompt keys' own softmax: their log-sum-exp in a first pass,
-                                         then g A av added into the output's accumulator in a second
-    o   = O_w + g_h O_a
+    O_a = softmax(s q ak^T) av           the Ka prompt keys' own softmax, exact in one pass when Ka fits one
+                                         tile (Ka <= 64: the paper's 10); else its log-sum-exp in a first pass
+                                         and g A av in a second. On sm90 the softmax runs before the key loop
+                                         (its loads overlap the first key tiles'), on sm80 after it (registers)
+    o   = O_w + g_h O_a                  g A / l_a meets av in one dot on the output's accumulator
 
 Saved for the backward, both in log2 units (`lse = max + log2(sum)` of the scaled scores times log2 e):
 lse_w (B, Hq, Nq) and lse_a (B, Hq, Nq). A row that sees no word key (causal with Nq > Nk, or kv_lens[b] = 0)
@@ -18,6 +20,7 @@ VARLEN (packed sequences, FlashAttention's cu_seqlens): B = 1 and grid row pid =
 rows cu[s] .. cu[s+1] - 1 are its queries and its keys (Nq = Nk = its length); blocks past its end exit at once.
 GQA/MQA: query head h reads key/value head h // (Hq / Hkv). A prompt shared by the batch has batch stride 0;
 a gate (Hq,) likewise. Accumulation is fp32; probabilities meet V in V's dtype, as in FlashAttention.
+On sm90, k and v arrive as TMA tensor descriptors when their layout allows (the launcher; `_kv_tiles`).
 """
 
 from __future__ import annotations
@@ -119,9 +122,8 @@ def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOC
 
 
 @triton.jit
-def _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd, offs_d, Ka, g, qk_scale,
-                    BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr,
-                    DOT_PREC: tl.constexpr):  # fmt: skip
+def _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M: tl.constexpr,
+                    BLOCK_A: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
     """The prompt's own softmax: (g A / l_a in q's dtype, lse_a) when Ka fits one tile (Ka = 10, the paper:
     exact, one pass, so g O_a is one more dot with the av tile); for longer prompts (q, lse_a) from an online
     pass over the tiles, g A av then taking a second pass after the key loop."""
@@ -179,8 +181,8 @@ def adapter_attention_fwd_kernel(
         av_base = AV + b * stride_avb + hk * stride_avh
         g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
         if PROMPT_FIRST:
-            p_a, lse_a = _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
-                                             offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)
+            p_a, lse_a = _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M,
+                                         BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)  # fmt: skip
             tl.store(LseA + lse_offs, lse_a, mask=row_ok)
 
     L = key_length(KVLens, b, n_k, HAS_KVLENS)
@@ -216,8 +218,8 @@ def adapter_attention_fwd_kernel(
 
     if HAS_PROMPT:
         if not PROMPT_FIRST:
-            p_a, lse_a = _prompt_softmax(q, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
-                                             offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)
+            p_a, lse_a = _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M,
+                                         BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)  # fmt: skip
             tl.store(LseA + lse_offs, lse_a, mask=row_ok)
         if ONE_PROMPT_TILE:
             av = load_tile(av_base, tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
@@ -234,10 +236,10 @@ def adapter_attention_fwd_kernel(
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per head dim; D 64/128/256 compile without spills for sm80/sm90 under
-# triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, forward SASS log). sm80 at D = 256 needs 16-row blocks:
-# under triton 3.6, 32-row ones spill (32x32 w8 s2: 84 LDL/STL), as does 64x64 w8 at D = 128 (104). On sm90 a
-# 64-row tile takes 4 warps (one warpgroup): at 8 both warpgroups would compute the same 64 rows (twice the
-# MUFU.EX2 and HGMMA); at D = 256, 128x64 w8 and 64x64 w4 spill, so the key tile is 32 wide.
+# triton 3.6 and 3.9 (kernel_report; benchmarks/NOTES.md, "Forward kernel at the instruction level"). sm80 at
+# D = 256 needs 16-row blocks: 32-row ones spill (triton 3.6, 32x32 w8 s2: 84 LDL/STL), as does 64x64 w8 at
+# D = 128 (104). On sm90 a 64-row tile takes 4 warps (one warpgroup): at 8 both warpgroups would compute the same
+# 64 rows (twice the MUFU.EX2 and HGMMA); at D = 256, 128x64 w8 and 64x64 w4 spill, so the key tile is 32 wide.
 FWD_CONFIGS = {
     80: {
         16: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
@@ -289,10 +291,11 @@ def _tuned(head_dim: int, arch: int, smem: int):
 
 
 def _tma_ready(t: torch.Tensor) -> bool:
-    """A (B, H, N, D) tensor TMA can read: 2-byte elements, unit last stride, 16-byte aligned base and strides."""
+    """A (B, H, N, D) tensor TMA can read: 2-byte elements, unit last stride, 16-byte aligned base and strides
+    (positive: an expanded, stride-0 view stays on the pointer path)."""
     if t.element_size() != 2 or t.stride(3) != 1 or t.data_ptr() % 16:
         return False
-    return all(stride * 2 % 16 == 0 for stride in t.stride()[:3])
+    return all(stride > 0 and stride * 2 % 16 == 0 for stride in t.stride()[:3])
 
 
 def _kv_descriptors(k, v, block_n: int):

@@ -147,3 +147,14 @@ def test_smem_estimate_admits_128x128_s3_on_sm90():
     assert attention_fwd.fwd_smem_bytes(128, 128, 128, 3) == 230_400 <= _common.SMEM_BYTES[90]
     assert attention_fwd.fwd_smem_bytes(128, 64, 128, 3) == 132_096
     assert (128, 128, 8, 3) in _common.fitting_configs(attention_fwd.FWD_CONFIGS, 128, 90, attention_fwd.fwd_smem_bytes)
+
+
+def test_tma_only_for_layouts_the_copy_engine_reads():
+    k = torch.zeros(2, 4, 37, 64, dtype=torch.bfloat16)
+    assert attention_fwd._tma_ready(k)
+    assert attention_fwd._tma_ready(k[:, :, :20])  # a KV cache filled to 20 of 37 rows
+    assert attention_fwd._tma_ready(torch.zeros(2, 37, 4, 64, dtype=torch.float16).transpose(1, 2))  # (B, N, H, D)
+    assert not attention_fwd._tma_ready(k.float())  # 4-byte elements: pointer path
+    assert not attention_fwd._tma_ready(k[..., ::2])  # last stride 2
+    assert not attention_fwd._tma_ready(k[:, :1].expand(2, 4, 37, 64))  # stride 0 (broadcast heads)
+    assert not attention_fwd._tma_ready(torch.zeros(2, 4, 37, 12, dtype=torch.bfloat16))  # 24-byte rows
