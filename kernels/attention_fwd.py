@@ -275,7 +275,7 @@ def fwd_smem_bytes(block_m: int, block_n: int, head_dim: int, num_stages: int) -
 def _set_kv_block(nargs):
     """Autotune pre-hook: a TMA descriptor's box is the launched config's (BLOCK_N, D) tile."""
     for name in ("K", "V"):
-        if isinstance(nargs[name], TensorDescriptor):
+        if TensorDescriptor is not None and isinstance(nargs[name], TensorDescriptor):
             nargs[name].block_shape = [1, 1, nargs["BLOCK_N"], nargs["HEAD_DIM"]]
 
 
