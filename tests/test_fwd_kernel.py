@@ -146,7 +146,11 @@ def test_smem_estimate_admits_128x128_s3_on_sm90():
     # triton 3.6's and 3.9's `shared` for sm90 bf16 D = 128 (kernel_report): 128x128 s3 230,400, 128x64 s3 132,096
     assert attention_fwd.fwd_smem_bytes(128, 128, 128, 3) == 230_400 <= _common.SMEM_BYTES[90]
     assert attention_fwd.fwd_smem_bytes(128, 64, 128, 3) == 132_096
-    assert (128, 128, 8, 3) in _common.fitting_configs(attention_fwd.FWD_CONFIGS, 128, 90, attention_fwd.fwd_smem_bytes)
+    # and no table entry is dead weight: each fits its chip by the same estimate
+    tables, estimate = attention_fwd.FWD_CONFIGS, attention_fwd.fwd_smem_bytes
+    for arch, by_dim in tables.items():
+        for head_dim, table in by_dim.items():
+            assert _common.fitting_configs(tables, head_dim, arch, estimate) == table, (arch, head_dim)
 
 
 def test_tma_only_for_layouts_the_copy_engine_reads():
