@@ -7,8 +7,9 @@ the row max is taken on the raw scores q k^T and c enters once per score, in exp
                                          few blocks that straddle the diagonal or the end of the keys (masked)
     O_a = softmax(s q ak^T) av           the Ka prompt keys' own softmax, exact in one pass when Ka fits one
                                          tile (Ka <= 64: the paper's 10); else its log-sum-exp in a first pass
-                                         and g A av in a second. On sm90 the softmax runs before the key loop
-                                         (its loads overlap the first key tiles'), on sm80 after it (registers)
+                                         and g A av in a second. With TMA (sm90) the softmax runs before the
+                                         key loop (its loads overlap the first key tiles'), else after it
+                                         (pointer loads hold more registers across the loop)
     o   = O_w + g_h O_a                  g A / l_a meets av in one dot on the output's accumulator
 
 Saved for the backward, both in log2 units (`lse = max + log2(sum)` of the scaled scores times log2 e):
@@ -90,8 +91,8 @@ def _attend_blocks(
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
     keys past the row's diagonal (j > i + shift). The row max is taken on the raw scores (qk_scale > 0), so the
     scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max.
-    PIPELINE_DIAGONAL software-pipelines the masked loop too (sm90: fewer instructions and registers with TMA);
-    on sm80 its prologue's registers next to the unmasked loop's brought spills, so it runs unpipelined there."""
+    PIPELINE_DIAGONAL software-pipelines the masked loop too (with TMA: fewer instructions and registers);
+    with pointer loads its prologue's registers next to the unmasked loop's brought spills (sm80), so not there."""
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED and not PIPELINE_DIAGONAL else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t, v = _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n,
@@ -313,7 +314,7 @@ def adapter_attention_fwd(
     (B, Hq, Nq) fp32 in log2 units (lse_a None without a prompt). `config` = {"BLOCK_M", "BLOCK_N",
     "num_warps", "num_stages"} bypasses autotuning (tests use it to vary the block shapes); its optional keys
     "KV_TMA" (tensor-descriptor or pointer loads of k and v) and "PROMPT_FIRST" (the prompt's softmax before or
-    after the key loop) override what the device would get (sm90: both True; sm80: both False).
+    after the key loop) override what the device would get (both True on sm90 when k and v suit TMA, else False).
     """
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
@@ -328,7 +329,7 @@ def adapter_attention_fwd(
     lse_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else None
     arch, smem = device_arch(q.device) if not interpreting() else (80, 0)
     kv_tma = arch == 90 and TensorDescriptor is not None and _tma_ready(k) and _tma_ready(v)
-    prompt_first = arch == 90
+    prompt_first = kv_tma  # pointer loads keep more registers live: the prompt goes after the loop (sm80 too)
     if config is not None:
         config = dict(config)
         kv_tma = config.pop("KV_TMA", kv_tma)
@@ -352,7 +353,7 @@ def adapter_attention_fwd(
         HAS_KVLENS=kv_lens is not None,
         VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
-        PIPELINE_DIAGONAL=arch == 90,
+        PIPELINE_DIAGONAL=kv_tma,
         KV_TMA=kv_tma,
         PROMPT_FIRST=prompt_first,
     )
@@ -369,11 +370,12 @@ def compile_specs(kv_tma: bool = True, prompt_first: bool | None = None) -> list
     """Every autotune config of the forward, for sm80 and sm90, fp16 and bf16, D in 64/128/256 (see
     `_common.compile_spec`); each dict also names its "arch". Representative switches: causal, prompt of 10.
     On sm90 k and v are TMA descriptors, as the launcher passes contiguous tensors there (`kv_tma=False`: the
-    pointer fallback); the prompt goes first on sm90, last on sm80 (`prompt_first` forces either)."""
+    pointer fallback); the prompt goes before the key loop with TMA, after it otherwise (`prompt_first` forces
+    either)."""
     specs = []
     for arch in (80, 90):
         tma = kv_tma and arch == 90
-        first = arch == 90 if prompt_first is None else prompt_first
+        first = tma if prompt_first is None else prompt_first
         for dname in SPEC_DTYPES:
             elem = "*" + dname
             for D in SPEC_HEAD_DIMS:
@@ -383,7 +385,7 @@ def compile_specs(kv_tma: bool = True, prompt_first: bool | None = None) -> list
                                     CuSeqlens="*i32", Out=elem, LseW="*fp32", LseA="*fp32")  # fmt: skip
                     consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
                                   HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
-                                  DOT_PREC="ieee", PIPELINE_DIAGONAL=arch == 90, KV_TMA=tma,
+                                  DOT_PREC="ieee", PIPELINE_DIAGONAL=tma, KV_TMA=tma,
                                   PROMPT_FIRST=first)  # fmt: skip
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
                     spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
