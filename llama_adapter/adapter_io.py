@@ -157,19 +157,38 @@ def _read_ours(model, path: str, config: dict):
     return cfg, read_tensor_file(os.path.join(path, WEIGHTS_FILE))
 
 
-def _read_peft(model, path: str, config: dict):
+def peft_sizes(config_path: str, config: dict) -> tuple[int, int]:
+    """(adapter_len, adapter_layers) of a PEFT adaption-prompt adapter_config.json already read as `config`,
+    checked by AdapterConfig's rules: CheckpointError naming the file and the key. Both readers of PEFT
+    directories (ours on LLaMA, hf.load_peft on transformers) go through here."""
     from llama_adapter.model import AdapterConfig
 
-    if config.get("target_modules", "self_attn") != "self_attn":
-        raise CheckpointError(f"{path}: PEFT target_modules {config['target_modules']!r} is not LLaMA's 'self_attn'")
+    if config.get("peft_type") != "ADAPTION_PROMPT":
+        raise CheckpointError(f"{config_path}: peft_type must be 'ADAPTION_PROMPT', got {config.get('peft_type')!r}")
+    if config.get("target_modules", "self_attn") not in (None, "self_attn"):
+        raise CheckpointError(
+            f"{config_path}: PEFT target_modules {config['target_modules']!r} is not LLaMA's 'self_attn'"
+        )
     try:
         sizes = {k: config.get(k) for k in ("adapter_len", "adapter_layers")}
         K, L = check_values(sizes, AdapterConfig.RULES).values()
     except ConfigError as e:
-        raise CheckpointError(f"{os.path.join(path, CONFIG_FILE)}: {e}") from None
-    weights = os.path.join(path, WEIGHTS_FILE)
-    if not os.path.isfile(weights) and os.path.isfile(os.path.join(path, "adapter_model.bin")):
-        weights = os.path.join(path, "adapter_model.bin")
+        raise CheckpointError(f"{config_path}: {e}") from None
+    return K, L
+
+
+def peft_weights_path(directory: str) -> str:
+    """adapter_model.safetensors, or PEFT's older adapter_model.bin when only that one is there."""
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    legacy = os.path.join(directory, "adapter_model.bin")
+    return legacy if not os.path.isfile(weights) and os.path.isfile(legacy) else weights
+
+
+def _read_peft(model, path: str, config: dict):
+    from llama_adapter.model import AdapterConfig
+
+    K, L = peft_sizes(os.path.join(path, CONFIG_FILE), config)
+    weights = peft_weights_path(path)
     raw = read_tensor_file(weights)
 
     found: dict[int, dict[str, torch.Tensor]] = {}

@@ -396,24 +396,18 @@ def save_peft(model, directory: str | os.PathLike) -> None:
 
 def load_peft(model, directory: str | os.PathLike):
     """Read a PEFT adaption-prompt directory into `model` (adding the adapter first if it has none). Returns model."""
+    from llama_adapter.adapter_io import peft_sizes, peft_weights_path
+    from llama_adapter.loading import read_json_object, read_tensor_file
     from llama_adapter.model import AdapterConfig
 
+    directory = os.fspath(directory)
     config_path = os.path.join(directory, PEFT_CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path} not found: not a PEFT adapter directory")
-    with open(config_path) as f:
-        peft_config = json.load(f)
-    if peft_config.get("peft_type") != "ADAPTION_PROMPT":
-        raise ValueError(f"{config_path}: peft_type must be 'ADAPTION_PROMPT', got {peft_config.get('peft_type')!r}")
-    if peft_config.get("target_modules") not in (None, "self_attn"):
-        raise ValueError(f"{config_path}: target_modules must be 'self_attn', got {peft_config['target_modules']!r}")
-    wanted = AdapterConfig(
-        adapter_len=peft_config["adapter_len"],
-        adapter_layers=peft_config["adapter_layers"],
-        gate="scalar",
-        gate_act="none",
-    )
-    tensors = _read_peft_weights(directory)  # before touching the model: a missing file leaves it as it was
+    adapter_len, adapter_layers = peft_sizes(config_path, read_json_object(config_path))
+    wanted = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, gate="scalar", gate_act="none")
+    # before touching the model: a missing or damaged file leaves it as it was
+    tensors = read_tensor_file(peft_weights_path(directory))
     current = getattr(model, "adapter_config", None)
     if current is None:
         apply_adapter(model, wanted)
@@ -435,18 +429,6 @@ def load_peft(model, directory: str | os.PathLike):
                 raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
             param.copy_(tensor)
     return model
-
-
-def _read_peft_weights(directory) -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, PEFT_WEIGHTS_NAME)
-    if os.path.isfile(path):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    legacy = os.path.join(directory, "adapter_model.bin")  # PEFT's format before safetensors became the default
-    if os.path.isfile(legacy):
-        return torch.load(legacy, map_location="cpu", weights_only=True)
-    raise ValueError(f"{directory}: neither {PEFT_WEIGHTS_NAME} nor adapter_model.bin found")
 
 
 def accelerate_peft(peft_model):

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -36,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_adapter import train_state
+from llama_adapter.adapter_io import CONFIG_FILE, WEIGHTS_FILE
 from llama_adapter.attention import resolve_backend
 from llama_adapter.chat import FORMATS
 from llama_adapter.data import (
@@ -160,8 +160,7 @@ def wrap_model(model, info: DistInfo, fsdp: bool = False):
 
         from llama_adapter.quantize import quantization_of
 
-        if quantization_of(model) == "int8":  # torchao's Int8Tensor has no FSDP2 sharding (no aten.split)
-            raise ValueError("FSDP cannot shard an int8 base; use quantize='nf4' (which FSDP2 shards) or DDP")
+        check_fsdp_quantize(fsdp, quantization_of(model))
 
         adapter = set(model.adapter_parameters())
         replicated = set(adapter)
@@ -418,7 +417,7 @@ class Trainer:
                 refused = e
             else:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                for tmp in train_state.remove_stale_temporaries(self.out_dir):
+                for tmp in train_state.remove_stale_temporaries(self.out_dir, ATOMIC_FILES):
                     self._warn(f"removed {tmp}, a partial file left by an interrupted write")
                 if cfg.overwrite:
                     remove_run(self.out_dir)
@@ -571,17 +570,27 @@ def check_run_dir(out_dir, resume: bool, overwrite: bool) -> None:
 
 
 def remove_run(out_dir) -> None:
-    """Delete what a run wrote into `out_dir` (RUN_FILES), nothing else."""
-    for name in RUN_FILES:
-        path = Path(out_dir) / name
+    """Delete what a run wrote into `out_dir`, file by file, nothing else: --out may be a directory holding the
+    user's own files (their home, a project folder), and `adapter/` may hold more than our two files, so no
+    directory is removed while it still holds something; a run file's name taken by a directory is refused."""
+    out_dir = Path(out_dir)
+    files = [out_dir / name for name in RUN_FILES if name != ADAPTER_DIR]
+    files += [out_dir / ADAPTER_DIR / name for name in ADAPTER_FILES]
+    for path in files:
         if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+            raise RunDirectoryError(f"--overwrite: {path} is a directory, not a file this run wrote; move it away")
+    for path in files:
+        path.unlink(missing_ok=True)
+    adapter = out_dir / ADAPTER_DIR
+    if adapter.is_dir() and not adapter.is_symlink() and not any(adapter.iterdir()):
+        adapter.rmdir()
 
 
 METRICS_FILE = "metrics.jsonl"
-RUN_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE, "adapter", "loss.png")  # what a run writes into its dir
+ADAPTER_DIR = "adapter"
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what save_adapter writes into ADAPTER_DIR
+RUN_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE, ADAPTER_DIR, "loss.png")  # what a run writes into its dir
+ATOMIC_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE)  # written through a .tmp-<pid>-<name> file
 
 
 def read_metrics(out_dir, say=None) -> list[dict]:
@@ -807,6 +816,14 @@ def run_finetune(args) -> int:
     return 0
 
 
+def check_fsdp_quantize(fsdp: bool, quantize: str | None) -> None:
+    """FSDP2 shards an NF4 base but not an int8 one: torchao's Int8Tensor has no aten.split. Checked in
+    `finetune` before the base is read (quantizing a 70B base takes minutes) and in `wrap_model` for the API."""
+    if fsdp and quantize == "int8":
+        raise ValueError("FSDP cannot shard an int8 base (--fsdp with --quantize int8); use --quantize nf4 "
+                         "(which FSDP2 shards) or DDP")  # fmt: skip
+
+
 def finetune(args) -> Trainer:
     """`llama-adapter finetune` without the signal handling: load, train, save; returns the trainer (whose
     `.model` holds the trained adapter)."""
@@ -817,6 +834,7 @@ def finetune(args) -> Trainer:
     if args.device is not None:
         require_device(args.device, "--device")
     check_run_dir(args.out, args.resume, args.overwrite)  # before anything heavy loads
+    check_fsdp_quantize(args.fsdp, getattr(args, "quantize", None))
     info = init_distributed(args.device)
     say = print if info.is_main else (lambda *a, **k: None)
     if args.fsdp and info.world_size == 1:
@@ -863,7 +881,7 @@ def finetune(args) -> Trainer:
     trainer.fit()
     if info.is_main:
         out = Path(args.out)
-        model.save_adapter(out / "adapter")
+        model.save_adapter(out / ADAPTER_DIR)
         png = plot_loss(trainer.history, out / "loss.png")
         say(f"adapter: {out / 'adapter'}; metrics: {out / METRICS_FILE}; "
             + (f"loss curve: {png}" if png else "no loss curve (pip install matplotlib)"))  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -68,10 +69,15 @@ def atomic_write_text(path, text: str) -> Path:
     return _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
-def stale_temporaries(directory) -> list[Path]:
-    """Temporary files a killed writer left behind (never valid checkpoints)."""
+def stale_temporaries(directory, names=(CHECKPOINT_NAME,)) -> list[Path]:
+    """Temporary files a killed `_atomic_write` of one of `names` left behind (never valid checkpoints).
+    Only `.tmp-<pid>-<name>` counts: a run directory may be a user's directory holding other `.tmp-*` files,
+    which are not ours to delete."""
     directory = Path(directory)
-    return sorted(directory.glob(f"{_TMP_PREFIX}*")) if directory.is_dir() else []
+    if not directory.is_dir():
+        return []
+    ours = re.compile(rf"{re.escape(_TMP_PREFIX)}\d+-(?:{'|'.join(map(re.escape, names))})")
+    return sorted(p for p in directory.iterdir() if ours.fullmatch(p.name) and p.is_file() and not p.is_symlink())
 
 
 def capture_rng() -> dict:
@@ -148,9 +154,9 @@ def save_checkpoint(
     return atomic_save(state, directory / CHECKPOINT_NAME)
 
 
-def remove_stale_temporaries(directory) -> list[Path]:
-    """Delete the temporary files a killed writer left in `directory` (never valid checkpoints); returns them."""
-    stale = stale_temporaries(directory)
+def remove_stale_temporaries(directory, names=(CHECKPOINT_NAME,)) -> list[Path]:
+    """Delete the temporary files a killed writer of `names` left in `directory`; returns them."""
+    stale = stale_temporaries(directory, names)
     for tmp in stale:
         tmp.unlink(missing_ok=True)
     return stale

@@ -304,3 +304,44 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
             adapted(base, AdapterConfig(adapter_len=K + 1, adapter_layers=L, gate="scalar", gate_act="none")),
             tmp_path / "ok",
         )
+
+
+@pytest.mark.parametrize(
+    "content, key",
+    [
+        (b"[1, 2]", "JSON list"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": "4", "adapter_layers": 2}', "adapter_len"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4.0, "adapter_layers": 2}', "adapter_len"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 0}', "adapter_layers"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4}', "adapter_layers"),
+        (b'{"peft_type": "LORA", "adapter_len": 4, "adapter_layers": 2}', "peft_type"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "target_modules": "mlp", "adapter_len": 4, "adapter_layers": 2}',
+         "target_modules"),
+        (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 2, "x": "\xff"}', "UTF-8"),
+        (b'{"peft_type": ', "not valid JSON"),
+    ],
+)
+def test_load_peft_reads_its_config_by_the_shared_rules(tmp_path, content, key):
+    """A bad adapter_config.json is a CheckpointError naming the file and the key (as for our own loader), and
+    the model is left without an adapter."""
+    from llama_adapter.loading import CheckpointError
+
+    hf.save_peft(adapted(tiny_base()), tmp_path)
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    base = tiny_base()
+    with pytest.raises(CheckpointError, match=key) as info:
+        hf.load_peft(base, tmp_path)
+    assert "adapter_config.json" in str(info.value)
+    assert getattr(base, "adapter_config", None) is None
+
+
+def test_load_peft_names_a_damaged_weights_file(tmp_path):
+    from llama_adapter.loading import CheckpointError
+
+    hf.save_peft(adapted(tiny_base()), tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])
+    base = tiny_base()
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        hf.load_peft(base, tmp_path)
+    assert getattr(base, "adapter_config", None) is None

@@ -435,3 +435,16 @@ def test_sharded_meta_and_hf_checkpoints_quantize_as_the_plain_load(tmp_path):
                 assert torch.equal(dequantize_weight(p), dequantize_weight(quantize_weight(plain[name], "nf4"))), name
             else:
                 assert torch.equal(p, plain[name]), name
+
+
+def test_fsdp_with_an_int8_base_is_refused_before_anything_is_read(tmp_path, capsys):
+    """Quantizing a large base takes minutes: the refusal comes first, as one CLI line naming both flags."""
+    from llama_adapter.cli import main
+
+    absent = str(tmp_path / "absent")
+    argv = ["finetune", "--model", absent, "--data", absent, "--out", str(tmp_path / "out"), "--fsdp",
+            "--quantize", "int8"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("llama-adapter: error: FSDP cannot shard an int8 base (--fsdp with --quantize int8)"), err
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()

@@ -431,6 +431,30 @@ def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
         config(tmp_path, resume=True, overwrite=True)
 
 
+def test_overwrite_and_cleanup_delete_only_files_a_run_wrote(tmp_path):
+    """--out may be a directory full of the user's files (their home): --overwrite and the stale-temporary
+    cleanup delete the run's own files and nothing else, not even inside adapter/ or under a .tmp- name."""
+    Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1)).fit()
+    (tmp_path / "adapter").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "mine.txt"):
+        (tmp_path / "adapter" / name).write_text("x")
+    theirs = [tmp_path / "adapter" / "mine.txt", tmp_path / ".tmp-notes", tmp_path / ".tmp-12-notes.txt",
+              tmp_path / f".tmp-x-{train_state.CHECKPOINT_NAME}", tmp_path / "notes.txt"]  # fmt: skip
+    for path in theirs:
+        path.write_text("mine")
+    ours = tmp_path / f"{train_state._TMP_PREFIX}99-metrics.jsonl"
+    ours.write_text("half a line")
+    Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1, overwrite=True)).fit()
+    assert all(path.read_text() == "mine" for path in theirs)
+    assert sorted(p.name for p in (tmp_path / "adapter").iterdir()) == ["mine.txt"] and not ours.exists()
+
+    (tmp_path / "loss.png").mkdir()
+    (tmp_path / "loss.png" / "kept").write_text("mine")
+    with pytest.raises(RunDirectoryError, match=r"loss\.png is a directory"):
+        Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1, overwrite=True)).fit()
+    assert (tmp_path / "loss.png" / "kept").read_text() == "mine"
+
+
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path, capsys):
     train = dataset(8)
     Trainer(tiny_model(), train, None, config(tmp_path, max_steps=2)).fit()
