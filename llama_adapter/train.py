@@ -50,7 +50,7 @@ from llama_adapter.data import (
     split_examples,
 )
 from llama_adapter.loading import CheckpointError
-from llama_adapter.quantize import QUANTIZATIONS, check_quantize
+from llama_adapter.quantize import QUANTIZATIONS, check_quantize, quantization_of
 from llama_adapter.validation import (
     ANY_INT,
     NON_NEGATIVE,
@@ -158,8 +158,6 @@ def wrap_model(model, info: DistInfo, fsdp: bool = False):
     if fsdp:
         from torch.distributed.fsdp import fully_shard
 
-        from llama_adapter.quantize import quantization_of
-
         check_fsdp_quantize(fsdp, quantization_of(model))
 
         adapter = set(model.adapter_parameters())
@@ -232,10 +230,13 @@ class TrainConfig:
         return self.blr * self.global_batch_size / 256
 
 
-def recipe_key(cfg: TrainConfig, n_train: int, adapter: dict | None) -> dict:
-    """What a resumed run must share with the checkpoint so that its loss curve continues the same run."""
+def recipe_key(cfg: TrainConfig, n_train: int, adapter: dict | None, quantize: str | None = None) -> dict:
+    """What a resumed run must share with the checkpoint so that its loss curve continues the same run (the
+    base's quantization too: an nf4 run resumed on a full base would silently become another run). `quantize`
+    is left out when None, so checkpoints written before it existed still resume on a full base."""
     keys = ("epochs", "warmup_epochs", "global_batch_size", "blr", "weight_decay", "seed")
-    return {**{k: getattr(cfg, k) for k in keys}, "n_train": n_train, "adapter": adapter}
+    key = {**{k: getattr(cfg, k) for k in keys}, "n_train": n_train, "adapter": adapter}
+    return key if quantize is None else {**key, "quantize": quantize}
 
 
 def unwrap(model):
@@ -283,12 +284,14 @@ class Trainer:
             self.optimizer, LRSchedule(self.steps_per_epoch, cfg.warmup_epochs, cfg.epochs)
         )
         self.autocast, self.scaler = precision(self.info.device)
+        quantize = quantization_of(model)  # before FSDP turns the weights into DTensors
         self.wrapped = wrap_model(model, self.info, cfg.fsdp)
         self.out_dir = Path(cfg.out_dir)
         self.step = 0
         self.rng = train_state.capture_rng()
         self.history: list[dict] = []
-        self.meta = recipe_key(cfg, len(train_set), model.adapter_config.to_dict() if model.adapter_config else None)
+        adapter = model.adapter_config.to_dict() if model.adapter_config else None
+        self.meta = recipe_key(cfg, len(train_set), adapter, quantize)
         self._mid_update = False  # between optimizer.step() and the step counter's advance (see train_step)
 
     # -- checkpoints

@@ -195,8 +195,9 @@ def check_resume_compatible(saved: dict, current: dict, path) -> None:
     """Raise ValueError naming each recipe setting that differs between the checkpoint and this run."""
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: the checkpoint's 'meta' is not a dict of recipe settings")
+    keys = [*current, *(k for k in saved if k not in current)]  # a setting only the checkpoint has differs too
     diffs = [
-        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in current if saved.get(k) != current[k]
+        f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)
     ]
     if diffs:
         raise ValueError(f"cannot resume from {path}: the run differs in " + "; ".join(diffs))

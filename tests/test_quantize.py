@@ -448,3 +448,25 @@ def test_fsdp_with_an_int8_base_is_refused_before_anything_is_read(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith("llama-adapter: error: FSDP cannot shard an int8 base (--fsdp with --quantize int8)"), err
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_resume_refuses_a_base_quantized_otherwise_than_the_checkpoints(tmp_path):
+    """The base's format is part of the run: resuming an nf4 run on a full or int8 base would silently continue
+    another run (its loss curve is not the checkpoint's)."""
+    from train_helpers import WordTokenizer, make_examples
+
+    from llama_adapter.data import InstructionDataset
+    from llama_adapter.train import TrainConfig, Trainer
+
+    data = InstructionDataset(make_examples(8), WordTokenizer(), max_seq_len=64)
+
+    def cfg(**kw):
+        return TrainConfig(out_dir=str(tmp_path), epochs=1, warmup_epochs=0.5, global_batch_size=4,
+                           micro_batch_size=4, progress=False, **kw)  # fmt: skip
+
+    Trainer(quantize_model(tiny_model(), "nf4"), data, None, cfg(max_steps=1)).fit()
+    for model in (tiny_model(), quantize_model(tiny_model(), "int8")):
+        with pytest.raises(ValueError, match=r"differs in quantize: checkpoint 'nf4' vs now"):
+            Trainer(model, data, None, cfg(resume=True)).fit()
+    history = Trainer(quantize_model(tiny_model(), "nf4"), data, None, cfg(resume=True)).fit()
+    assert [r["step"] for r in history] == [1, 2]
