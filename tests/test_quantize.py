@@ -371,7 +371,7 @@ def test_fsdp2_shards_an_nf4_base_on_gloo_and_trains_as_one_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
-    fsdp_losses, fsdp_adapter, (kind, rows) = torch.load(tmp_path / "fsdp.pt", weights_only=False)
+    fsdp_losses, fsdp_adapter, (kind, rows) = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert (kind, rows) == ("NF4Tensor", 128)  # sharded, still 4-bit
     assert fsdp_losses == pytest.approx(losses, rel=1e-5)
     for name, t in adapter.items():

@@ -510,3 +510,16 @@ def test_temporaries_of_a_killed_first_write_are_removed(tmp_path, capsys):
 def test_train_config_rejects_bad_values_naming_the_field(tmp_path, field, value, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         config(tmp_path, **{field: value})
+
+
+def test_no_test_helper_turns_off_weights_only():
+    """Tests and their helpers are run by users too: none may load with weights_only=False (torch >= 2.6
+    defaults to True, so a plain torch.load is safe; an explicit False is the only way back to unpickling)."""
+    offenders = []
+    for path in Path(__file__).resolve().parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("load"):
+                for k in node.keywords:
+                    if (k.arg, ast.unparse(k.value)) in (("weights_only", "False"), ("allow_pickle", "True")):
+                        offenders.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert offenders == []
