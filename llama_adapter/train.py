@@ -312,14 +312,21 @@ class Trainer:
     def restore(self) -> None:
         state = train_state.load_checkpoint(self.out_dir)
         train_state.check_resume_compatible(state["meta"], self.meta, self.out_dir)
-        load_adapter_tensors(self.model, state["adapter"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
+        try:  # entries of the right type whose contents are not what they should be (a damaged or edited file)
+            load_adapter_tensors(self.model, state["adapter"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.scaler and state["scaler"]:
+                self.scaler.load_state_dict(state["scaler"])
+            train_state.restore_rng(state["rng"])
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
+            path = self.out_dir / train_state.CHECKPOINT_NAME
+            raise CheckpointError(f"{path} cannot be restored ({type(e).__name__}: {e})") from e
+        if state["step"] > self.total_steps:
+            raise CheckpointError(f"{self.out_dir / train_state.CHECKPOINT_NAME} is at step {state['step']}, past "
+                                  f"this run's {self.total_steps} steps")  # fmt: skip
         self.step = state["step"]
         self.rng = state["rng"]
-        train_state.restore_rng(self.rng)
         self.history = [m for m in read_metrics(self.out_dir, say=self._warn) if m["step"] <= self.step]
         if self.info.is_main:  # drop what an interrupted run logged past its last checkpoint
             write_metrics(self.out_dir, self.history)

@@ -188,7 +188,28 @@ def load_checkpoint(directory_or_file) -> dict:
         raise CheckpointError(
             f"{path} is not a llama-adapter training checkpoint of format {FORMAT_VERSION} (found {found!r})"
         )
+    _check_entries(state, path)
     return state
+
+
+# What save_checkpoint writes, by entry: a file that unpickles safely can still lack one or hold another type.
+_ENTRIES = {"adapter": dict, "optimizer": dict, "scheduler": dict, "step": int, "rng": dict, "meta": dict,
+            "scaler": (dict, type(None))}  # fmt: skip
+
+
+def _check_entries(state: dict, path) -> None:
+    for key, kind in _ENTRIES.items():
+        if key not in state:
+            raise CheckpointError(f"{path} lacks the entry {key!r}: damaged, or not written by save_checkpoint")
+        value = state[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            expected = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, expected {expected}")
+    if state["step"] < 0:
+        raise CheckpointError(f"{path}: entry 'step' must be >= 0, got {state['step']}")
+    bad = [k for k, v in state["adapter"].items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entry 'adapter' must map names to tensors; {bad[0]!r} does not")
 
 
 def check_resume_compatible(saved: dict, current: dict, path) -> None:

@@ -523,3 +523,40 @@ def test_no_test_helper_turns_off_weights_only():
                     if (k.arg, ast.unparse(k.value)) in (("weights_only", "False"), ("allow_pickle", "True")):
                         offenders.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
     assert offenders == []
+
+
+def _drop(key):
+    return lambda state: state.pop(key)
+
+
+def _set(key, value):
+    return lambda state: state.__setitem__(key, value)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (_drop("meta"), "lacks the entry 'meta'"),
+        (_drop("rng"), "lacks the entry 'rng'"),
+        (_set("step", "1"), "entry 'step' is a str, expected int"),
+        (_set("step", True), "entry 'step' is a bool"),
+        (_set("step", -1), "'step' must be >= 0"),
+        (_set("step", 10**6), "at step 1000000, past this run's 4 steps"),
+        (_set("adapter", {"x": 1}), "entry 'adapter' must map names to tensors"),
+        (_set("adapter", {}), r"cannot be restored \(ValueError: adapter tensors do not match"),
+        (_set("rng", {}), r"cannot be restored \(KeyError"),
+        (_set("optimizer", {"state": {}, "param_groups": []}), r"cannot be restored \(ValueError"),
+        (_set("scaler", 3), "entry 'scaler' is a int, expected dict or NoneType"),
+    ],
+)
+def test_a_checkpoint_that_unpickles_safely_but_is_damaged_names_the_file(tmp_path, edit, message):
+    """weights_only lets only plain data through; what that data holds is checked too (an edited or damaged
+    file is a CheckpointError naming it, not a KeyError or a run resumed at a step it never had)."""
+    Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1)).fit()
+    path = tmp_path / train_state.CHECKPOINT_NAME
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=message) as info:
+        Trainer(tiny_model(), dataset(8), None, config(tmp_path, resume=True)).fit()
+    assert str(path) in str(info.value)
