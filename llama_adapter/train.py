@@ -427,6 +427,8 @@ class Trainer:
                 refused = e
             else:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
+                if not any((self.out_dir / name).exists() for name in RUN_FILES):  # never vouch for files we found
+                    (self.out_dir / RUN_MARKER).touch()
                 for tmp in train_state.remove_stale_temporaries(self.out_dir, ATOMIC_FILES):
                     self._warn(f"removed {tmp}, a partial file left by an interrupted write")
                 if cfg.overwrite:
@@ -577,13 +579,20 @@ def check_run_dir(out_dir, resume: bool, overwrite: bool) -> None:
             f"{out_dir} already holds a run ({', '.join(existing)}): pass --resume to continue it, or --overwrite "
             "to delete it and start again"
         )
+    if existing and overwrite and not (out_dir / RUN_MARKER).is_file():
+        raise RunDirectoryError(
+            f"--overwrite: {out_dir} holds {', '.join(existing)} but no {RUN_MARKER}, so no run of ours wrote "
+            "them; they are not deleted (move them away, or choose another --out)"
+        )
 
 
 def remove_run(out_dir) -> None:
     """Delete what a run wrote into `out_dir`, file by file, nothing else: --out may be a directory holding the
     user's own files (their home, a project folder), and `adapter/` may hold more than our two files, so no
-    directory is removed while it still holds something; a run file's name taken by a directory is refused."""
+    directory is removed while it still holds something; a run file's name taken by a directory is refused, and
+    so is a directory whose run files no run of ours wrote (no RUN_MARKER)."""
     out_dir = Path(out_dir)
+    check_run_dir(out_dir, resume=False, overwrite=True)
     files = [out_dir / name for name in RUN_FILES if name != ADAPTER_DIR]
     files += [out_dir / ADAPTER_DIR / name for name in ADAPTER_FILES]
     for path in files:
@@ -600,6 +609,9 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)  # what save_adapter writes into ADAPTER_DIR
 RUN_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE, ADAPTER_DIR, "loss.png")  # what a run writes into its dir
+# Written before any RUN_FILES (a fresh run starts only where none exist): the run files beside it are ours, so
+# --overwrite may delete them; without it they could be anyone's (--out is the user's home, say).
+RUN_MARKER = ".llama-adapter-run"
 ATOMIC_FILES = (train_state.CHECKPOINT_NAME, METRICS_FILE)  # written through a .tmp-<pid>-<name> file
 
 

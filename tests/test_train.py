@@ -23,6 +23,7 @@ from llama_adapter.train import (
     RunDirectoryError,
     TrainConfig,
     Trainer,
+    check_run_dir,
     fit_batch_to_data,
     lm_loss_sum,
     lr_factor,
@@ -560,3 +561,25 @@ def test_a_checkpoint_that_unpickles_safely_but_is_damaged_names_the_file(tmp_pa
     with pytest.raises(CheckpointError, match=message) as info:
         Trainer(tiny_model(), dataset(8), None, config(tmp_path, resume=True)).fit()
     assert str(path) in str(info.value)
+
+
+def test_overwrite_refuses_run_files_no_run_of_ours_wrote(tmp_path):
+    """--out is the user's home holding their own checkpoint.pt and loss.png: --overwrite (even after a failed
+    --resume there) deletes nothing; a directory a run started in fresh is ours to overwrite."""
+    mine = {"checkpoint.pt": b"my other tool's checkpoint", "loss.png": b"my plot", "notes.txt": b"mine"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(CheckpointError):
+        Trainer(tiny_model(), dataset(8), None, config(tmp_path, resume=True)).fit()
+    for attempt in range(2):  # the Trainer and the CLI's early check both refuse
+        with pytest.raises(RunDirectoryError, match=r"no \.llama-adapter-run.*not deleted"):
+            if attempt:
+                check_run_dir(tmp_path, resume=False, overwrite=True)
+            else:
+                Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1, overwrite=True)).fit()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == mine
+
+    run = tmp_path / "run"
+    Trainer(tiny_model(), dataset(8), None, config(run, max_steps=1)).fit()
+    Trainer(tiny_model(), dataset(8), None, config(run, max_steps=1, overwrite=True)).fit()
+    assert train_state.load_checkpoint(run)["step"] == 1
