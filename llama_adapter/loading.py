@@ -412,7 +412,7 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     overrides: ModelArgs fields to replace, e.g. max_seq_len (Meta's params.json does not record it).
     """
     from llama_adapter.model import LLaMA, ModelArgs
-    from llama_adapter.quantize import check_quantize, is_quantized_linear, quantize_weight
+    from llama_adapter.quantize import check_quantize, check_quantize_dtype, is_quantized_linear, quantize_weight
 
     require_device("cpu" if device is None else device)  # before reading gigabytes for a device we lack
     check_quantize(quantize)  # a bad name or a missing library surfaces before any file is opened
@@ -428,6 +428,7 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     check_state_dict(ckpt, expected, os.fspath(path))
     if dtype is None:
         dtype = ckpt.tensors["tok_embeddings.weight"].dtype
+    check_quantize_dtype(quantize, dtype)  # before the first weight is converted
     device = torch.device("cpu" if device is None else device)
     # Tensors already in the right dtype and place stay memory-mapped (torch.load's mmap is copy-on-write).
     state = {}

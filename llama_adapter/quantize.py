@@ -46,6 +46,13 @@ def check_quantize(quantize: str | None) -> str | None:
     return quantize
 
 
+def check_quantize_dtype(quantize: str | None, dtype: torch.dtype) -> None:
+    """The formats hold float32/bfloat16/float16 weights only (torchao's int8 refuses float64): a ValueError
+    naming both, for loaders to raise before any weight is converted."""
+    if quantize is not None and dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"quantize={quantize!r} needs dtype float32, bfloat16 or float16, got dtype={dtype}")
+
+
 def _torchao():
     """The torchao.quantization module; a QuantizationUnavailable error saying how to install it."""
     logger = logging.getLogger("torchao")
@@ -72,8 +79,10 @@ def quantize_weight(weight: torch.Tensor, quantize: str, name: str = "weight") -
     """`weight` (out, in) as a torchao NF4Tensor or Int8Tensor (same shape and nominal dtype, on its device)."""
     if weight.dim() != 2:
         raise ValueError(f"{name}: only 2-D linear weights are quantized, got shape {tuple(weight.shape)}")
-    if weight.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"{name}: quantize={quantize!r} needs float32, bfloat16 or float16, got {weight.dtype}")
+    try:
+        check_quantize_dtype(quantize, weight.dtype)
+    except ValueError as e:
+        raise ValueError(f"{name}: {e}") from None
     tq = _torchao()
     weight = weight.detach()
     if quantize == "nf4":

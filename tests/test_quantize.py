@@ -470,3 +470,19 @@ def test_resume_refuses_a_base_quantized_otherwise_than_the_checkpoints(tmp_path
             Trainer(model, data, None, cfg(resume=True)).fit()
     history = Trainer(quantize_model(tiny_model(), "nf4"), data, None, cfg(resume=True)).fit()
     assert [r["step"] for r in history] == [1, 2]
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_a_dtype_the_formats_cannot_hold_is_refused_before_any_weight_is_converted(fmt, tmp_path, monkeypatch):
+    """float64 (asked for, or the checkpoint's own dtype): one error naming quantize and dtype, not the first
+    weight's after the loader has started converting."""
+    import llama_adapter.quantize as quantize_module
+
+    write_meta_checkpoint(tiny_model(dtype=torch.float64), tmp_path)
+    converted = []
+    monkeypatch.setattr(quantize_module, "quantize_weight", lambda *a, **k: converted.append(a) or a[0])
+    for dtype in (torch.float64, None):
+        with pytest.raises(ValueError, match=rf"quantize='{fmt}' needs dtype float32, bfloat16 or float16, got "
+                                             r"dtype=torch.float64"):  # fmt: skip
+            LLaMA.from_pretrained(tmp_path, quantize=fmt, dtype=dtype)
+    assert converted == []
