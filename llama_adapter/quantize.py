@@ -55,16 +55,19 @@ def check_quantize_dtype(quantize: str | None, dtype: torch.dtype) -> None:
 
 def _torchao():
     """The torchao.quantization module; a QuantizationUnavailable error saying how to install it."""
-    logger = logging.getLogger("torchao")
-    level = logger.level
+    quiet = [logging.getLogger("torch.utils._pytree")]  # newer torch warns about torchao's enum registration
     if not torch.cuda.is_available():  # its CUDA-only extension libraries fail to load on CPU builds, harmlessly
+        quiet.append(logging.getLogger("torchao"))
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
         logger.setLevel(logging.ERROR)
     try:
         import torchao.quantization as tq
     except ImportError as e:
         raise QuantizationUnavailable(f"quantize= needs torchao, which is not installed ({e}): {INSTALL_HINT}") from e
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
     return tq
 
 
