@@ -97,7 +97,9 @@ def divisibility_attrs(fn, divisible) -> dict:
     return {(fn.arg_names.index(name),): attr for name in divisible}
 
 
-def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_spec(
+    name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int, *, score_tile=None
+) -> dict:
     """One entry of a kernel module's `compile_specs()`: enough for triton.compile(ASTSource(...)) without a GPU.
 
     Pointer arguments get `pointers[name]` ("*fp16", ...), `floats` are fp32 scalars, constexprs "constexpr"
@@ -107,6 +109,10 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     stride is divisible by 16 ("divisible": names; "attrs": the same for ASTSource, see `divisibility_attrs`).
     Without that the compiler must assume unaligned, scalar loads: more instructions and registers than the GPU
     runs. Sizes (Nq, Nk, Ka, ...) stay generic.
+
+    score_tile: the two constexpr names whose product is the score tile one iteration of the kernel's main loop
+    exponentiates (kernel_report checks one exp2 per element); None keeps kernel_report's default, BLOCK_M by
+    the first of BLOCK_N, BLOCK_A, BLOCK_KA present.
     """
     unit = [a for a in fn.arg_names if a.startswith("stride_") and (a.endswith("d") or a == "stride_gh")]
     constexprs = {**dict.fromkeys(unit, 1), **constexprs}
@@ -122,7 +128,7 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     if missing:
         raise ValueError(f"compile_spec for {name}: {sorted(missing)} are not arguments of {fn.__name__}")
     divisible = tuple(a for a, t in signature.items() if t.startswith("*") or (t == "i32" and a.startswith("stride_")))
-    return dict(
+    spec = dict(
         name=name,
         fn=fn,
         signature=signature,
@@ -132,6 +138,12 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if score_tile is not None:
+        unknown = set(score_tile) - set(constexprs)
+        if len(score_tile) != 2 or unknown:
+            raise ValueError(f"compile_spec for {name}: score_tile must name two constexprs, got {score_tile!r}")
+        spec["score_tile"] = tuple(score_tile)
+    return spec
 
 
 def sm90_mma(block_rows: int) -> str:
