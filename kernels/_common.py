@@ -8,6 +8,7 @@ the interpreter runs each program in numpy, and small blocks still exercise the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -26,8 +27,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_zero_outputs = False
+
+
+@contextlib.contextmanager
+def zeroed_outputs(active: bool = True):
+    """Within: `new_output` buffers start as zeros. For launches whose index inputs were not checked on the host
+    (cu_seqlens on a GPU): a packing that skips rows, or a max_seqlen too small for the grid, leaves rows no
+    program writes; they read 0 instead of whatever memory held."""
+    global _zero_outputs
+    previous, _zero_outputs = _zero_outputs, active or _zero_outputs
+    try:
+        yield
+    finally:
+        _zero_outputs = previous
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A kernel output buffer: uninitialised, or NaN-filled under POISON_OUTPUTS."""
+    """A kernel output buffer: uninitialised, zeros within `zeroed_outputs`, or NaN-filled under POISON_OUTPUTS."""
+    if _zero_outputs:
+        return torch.zeros(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -40,15 +59,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are @jit functions, ~5 us a call from Python
+# (benchmarks/bench_host_overhead.py); launchers run these per call, so plain integer math.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def prompt_block(n_prompt: int) -> int:
     """Prompt keys handled per inner step. Ka = 10 (the paper) fits one 16-wide block; longer prompts loop."""
     cap = INTERPRETER_BLOCK if interpreting() else 64
-    return min(max(16, 1 << (n_prompt - 1).bit_length()), cap)
+    return min(max(16, next_power_of_2(n_prompt)), cap)
 
 
 def size_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two, so nearby lengths reuse one tuning."""
-    return max(16, 1 << (n - 1).bit_length())  # next power of two; plain ints (called per launch)
+    return max(16, next_power_of_2(n))
 
 
 @functools.cache

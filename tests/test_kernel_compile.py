@@ -177,6 +177,11 @@ def test_loop_facts_flags_a_main_loop_with_twice_the_exp2():
     # the masked diagonal loop after the unmasked one: as many exp2, more instructions; the first is the hot one
     lean = kernel_report.loop_facts([dict(loops[1], ex2=34), dict(loops[1], head=96, instructions=530, ex2=34)], spec)
     assert (lean["duplicated_work"], lean["hot_loop_instructions"], lean["tc_loops"]) == (False, 400, 2)
+    # a small tile's per-row rescaling exp2 weigh more (16 x 64 at 8 warps: 4 per element + 2 per row) but are not
+    # duplicated work; the backward (no rescaling) doubled is exactly 2
+    small = dict(constexprs={"BLOCK_M": 16, "BLOCK_N": 64}, num_warps=8)
+    assert kernel_report.loop_facts([dict(loops[1], ex2=6)], small)["duplicated_work"] is False
+    assert kernel_report.loop_facts([dict(loops[1], ex2=8)], small)["duplicated_work"] is True
     # a spec's own score_tile wins over the BLOCK_M x BLOCK_N default
     own = kernel_report.loop_facts(loops, dict(spec, score_tile=("BLOCK_M", "BLOCK_A")))
     assert (own["ex2_minimum"], own["ex2_ratio"]) == (8.0, 68 / 8)
