@@ -10,8 +10,10 @@ call, ~20-40 us per kernel) comes on top and is not measured here; nor is the au
     python -m benchmarks.bench_host_overhead                 # 7B-shaped: B=1, Hq=Hkv=32, D=128, Ka=10
     python -m benchmarks.bench_host_overhead --profile       # plus the top functions by cumulative time
 
-Prints microseconds per call (median of --repeats runs of --calls calls each) for: a decode step with a prompt
-and kv_lens (what `generate` runs per layer), the same without kv_lens, and a step without a prompt.
+Prints microseconds per call (median of --repeats runs of --calls calls each, thread CPU time) for: a decode step
+with a prompt and kv_lens (what `generate` runs per layer), the same without kv_lens, a step without a prompt, and
+the input checks alone for the first case (on CPU tensors they include reading kv_lens's values; on CUDA they do
+not).
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ def decode_inputs(batch, heads, kv_heads, head_dim, cache_len, prompt_len, dtype
 
 
 def time_calls(fn, calls: int, repeats: int) -> float:
-    """Median microseconds per call."""
+    """Median microseconds per call, in this thread's CPU time: on a shared machine wall time also counts the
+    time other processes hold the core, which here was several times the figure itself."""
     for _ in range(max(10, calls // 10)):  # first calls compile plans, import modules, fill caches
         fn()
     runs = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         for _ in range(calls):
             fn()
-        runs.append((time.perf_counter() - start) / calls * 1e6)
+        runs.append((time.thread_time() - start) / calls * 1e6)
     return statistics.median(runs)
 
 
@@ -72,7 +75,7 @@ def main(argv=None) -> None:
 
     stub_kernel_launches()
     from llama_adapter import adapter_attention
-    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.attention import check_inputs, set_attention_backend
 
     set_attention_backend("triton")
     torch.set_grad_enabled(False)
@@ -83,12 +86,13 @@ def main(argv=None) -> None:
         "prompt + kv_lens (generate)": lambda: adapter_attention(q, k, v, ak, av, gate, kv_lens=kv_lens),
         "prompt, no kv_lens": lambda: adapter_attention(q, k, v, ak, av, gate),
         "no prompt, no kv_lens": lambda: adapter_attention(q, k, v),
+        "of which check_inputs (1st case)": lambda: check_inputs(q, k, v, ak, av, gate, kv_lens=kv_lens),
     }
     shape = f"B={args.batch} Hq={args.heads} Hkv={args.kv_heads} Nq=1 Nk={args.cache_len} D={args.head_dim}"
     print(f"adapter_attention host overhead, kernel launches stubbed ({shape}, Ka={args.prompt_len}, fp16, CPU)")
     print(f"torch {torch.__version__}")
     for name, fn in cases.items():
-        print(f"  {name:<30} {time_calls(fn, args.calls, args.repeats):8.1f} us/call")
+        print(f"  {name:<34} {time_calls(fn, args.calls, args.repeats):8.1f} us/call")
     if args.profile:
         import cProfile
         import pstats
