@@ -208,6 +208,7 @@ def compile_one(module: str, index: int, arch: str) -> dict:
         # the element type of the first pointer (q's, or the kernel's main input) and the constexprs, for selecting
         "dtype": next((t[1:] for t in spec["signature"].values() if t.startswith("*")), None),
         "constexprs": spec["constexprs"],
+        "triton": triton.__version__,
         "error": None,
     }
     start = time.perf_counter()
