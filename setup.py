@@ -24,6 +24,7 @@ setup(
     extras_require={
         "test": [
             "pytest", "pytest-xdist", "transformers", "peft", "safetensors", "ruff", "matplotlib", "torchao>=0.18",
+            "hypothesis",
         ],
         "quant": ["torchao>=0.18"],  # --quantize nf4|int8 (llama_adapter.quantize)
         "plot": ["matplotlib"],

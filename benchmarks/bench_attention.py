@@ -16,6 +16,7 @@ sets to exceed twice the L2 cache. Peak memory is one call's, inputs included.
 
     python -m benchmarks.bench_attention --quick          # gpu_suite: bf16, D=128, N 512..16384
     python -m benchmarks.bench_attention --providers fused,sdpa_adapter --modes fwd --seqlens 1024,4096
+    python -m benchmarks.bench_attention --quick --print-autotune    # also print each shape's autotune winner
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -228,6 +230,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> Results:
     fill_defaults(args)
+    if getattr(args, "print_autotune", False):
+        os.environ["TRITON_PRINT_AUTOTUNING"] = "1"  # read by triton's autotuner at each tuning
     results = Results("attention", args.out, args)
     dev = results.device
     device = "cuda" if HAS_CUDA else "cpu"
@@ -325,6 +329,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="prompt length")
     p.add_argument("--non-causal", action="store_true")
     p.add_argument("--quick", action="store_true", help="bf16, D=128, N 512..16384 (gpu_suite.sh)")
+    p.add_argument(
+        "--print-autotune",
+        action="store_true",
+        help="print the config the kernels' autotuners pick for each new shape (TRITON_PRINT_AUTOTUNING=1)",
+    )
     p.add_argument("--warmup-ms", type=NON_NEGATIVE, default=None)
     p.add_argument("--rep-ms", type=NON_NEGATIVE, default=None)
     p.add_argument(

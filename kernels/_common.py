@@ -8,6 +8,7 @@ the interpreter runs each program in numpy, and small blocks still exercise the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -26,8 +27,26 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_zero_outputs = False
+
+
+@contextlib.contextmanager
+def zeroed_outputs(active: bool = True):
+    """Within: `new_output` buffers start as zeros. For launches whose index inputs were not checked on the host
+    (cu_seqlens on a GPU): a packing that skips rows, or a max_seqlen too small for the grid, leaves rows no
+    program writes; they read 0 instead of whatever memory held."""
+    global _zero_outputs
+    previous, _zero_outputs = _zero_outputs, active or _zero_outputs
+    try:
+        yield
+    finally:
+        _zero_outputs = previous
+
+
 def new_output(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A kernel output buffer: uninitialised, or NaN-filled under POISON_OUTPUTS."""
+    """A kernel output buffer: uninitialised, zeros within `zeroed_outputs`, or NaN-filled under POISON_OUTPUTS."""
+    if _zero_outputs:
+        return torch.zeros(shape, dtype=dtype, device=device)
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
@@ -40,15 +59,25 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+# Host-side integer helpers: triton.cdiv and triton.next_power_of_2 are @jit functions, ~5 us a call from Python
+# (benchmarks/bench_host_overhead.py); launchers run these per call, so plain integer math.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def prompt_block(n_prompt: int) -> int:
     """Prompt keys handled per inner step. Ka = 10 (the paper) fits one 16-wide block; longer prompts loop."""
     cap = INTERPRETER_BLOCK if interpreting() else 64
-    return min(max(16, 1 << (n_prompt - 1).bit_length()), cap)
+    return min(max(16, next_power_of_2(n_prompt)), cap)
 
 
 def size_bucket(n: int) -> int:
     """Autotune key for a sequence length: the next power of two, so nearby lengths reuse one tuning."""
-    return max(16, 1 << (n - 1).bit_length())  # next power of two; plain ints (called per launch)
+    return max(16, next_power_of_2(n))
 
 
 @functools.cache
@@ -97,7 +126,9 @@ def divisibility_attrs(fn, divisible) -> dict:
     return {(fn.arg_names.index(name),): attr for name in divisible}
 
 
-def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int) -> dict:
+def compile_spec(
+    name, fn, pointers: dict, floats: tuple, constexprs: dict, num_warps: int, num_stages: int, *, score_tile=None
+) -> dict:
     """One entry of a kernel module's `compile_specs()`: enough for triton.compile(ASTSource(...)) without a GPU.
 
     Pointer arguments get `pointers[name]` ("*fp16", ...), `floats` are fp32 scalars, constexprs "constexpr"
@@ -107,6 +138,10 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     stride is divisible by 16 ("divisible": names; "attrs": the same for ASTSource, see `divisibility_attrs`).
     Without that the compiler must assume unaligned, scalar loads: more instructions and registers than the GPU
     runs. Sizes (Nq, Nk, Ka, ...) stay generic.
+
+    score_tile: the two constexpr names whose product is the score tile one iteration of the kernel's main loop
+    exponentiates (kernel_report checks one exp2 per element); None keeps kernel_report's default, BLOCK_M by
+    the first of BLOCK_N, BLOCK_A, BLOCK_KA present.
     """
     unit = [a for a in fn.arg_names if a.startswith("stride_") and (a.endswith("d") or a == "stride_gh")]
     constexprs = {**dict.fromkeys(unit, 1), **constexprs}
@@ -122,7 +157,7 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
     if missing:
         raise ValueError(f"compile_spec for {name}: {sorted(missing)} are not arguments of {fn.__name__}")
     divisible = tuple(a for a, t in signature.items() if t.startswith("*") or (t == "i32" and a.startswith("stride_")))
-    return dict(
+    spec = dict(
         name=name,
         fn=fn,
         signature=signature,
@@ -132,6 +167,12 @@ def compile_spec(name, fn, pointers: dict, floats: tuple, constexprs: dict, num_
         num_warps=num_warps,
         num_stages=num_stages,
     )
+    if score_tile is not None:
+        unknown = set(score_tile) - set(constexprs)
+        if len(score_tile) != 2 or unknown:
+            raise ValueError(f"compile_spec for {name}: score_tile must name two constexprs, got {score_tile!r}")
+        spec["score_tile"] = tuple(score_tile)
+    return spec
 
 
 def sm90_mma(block_rows: int) -> str:

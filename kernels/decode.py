@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    cdiv,
     compile_spec,
     dot_precision,
     gate_strides,
@@ -46,6 +47,12 @@ _WAVES = 2  # aim for about two waves of split programs over the SMs
 MERGE_BLOCK_M = 16
 
 
+def _merge_block_ka(ka: int) -> int:
+    """Prompt keys per step of the merge: at least 32, so the 16-row tile's mma.sync n8 columns give each of the
+    4 warps its own (16 x 16 at 4 warps computes every score twice: kernel_report's duplicated-work check)."""
+    return max(prompt_block(ka), 32)
+
+
 # (BLOCK_N, num_warps, num_stages) tried by the autotuner on sm80 / sm90; one small config under the interpreter.
 SPLIT_CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3))
 INTERPRETER_CONFIG = (32, 4, 1)
@@ -61,10 +68,14 @@ def _cost(config: tuple[int, int, int], head_dim: int, block_m: int, elem_bytes:
 
 
 def split_configs(head_dim: int, block_m: int, elem_bytes: int = 2) -> list[tuple[int, int, int]]:
-    """The (BLOCK_N, num_warps, num_stages) configs the split kernel may run with for this tile."""
-    costs = {c: _cost(c, head_dim, block_m, elem_bytes) for c in SPLIT_CONFIGS}
+    """The (BLOCK_N, num_warps, num_stages) configs the split kernel may run with for this tile.
+
+    8 warps only for 16-row tiles, where they split the key columns: on a 64-row tile they compute every score
+    twice (sm90: both warpgroups take the same 64 rows; sm80: twice the exp2 at BLOCK_N = 128), which
+    kernel_report's duplicated-work check measures from the SASS."""
+    costs = {c: _cost(c, head_dim, block_m, elem_bytes) for c in SPLIT_CONFIGS if c[1] == 4 or block_m <= _MIN_BLOCK}
     kept = [c for c, (smem, regs) in costs.items() if smem <= _SMEM_BUDGET and regs <= _FP32_PER_THREAD]
-    return kept or [min(SPLIT_CONFIGS, key=lambda c: costs[c][::-1])]
+    return kept or [min(costs, key=lambda c: costs[c][::-1])]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -227,8 +238,13 @@ _decode_split_tuned = triton.autotune(
 )(_decode_split_kernel)
 
 
-def _block_m(rows: int) -> int:
-    return min(_MAX_BLOCK_M, max(_MIN_BLOCK, triton.next_power_of_2(rows)))
+def _block_m(rows: int, head_dim: int) -> int:
+    """Query rows per split program: 16 (mma.sync's minimum) when they fit, else 64 (wgmma's), or 32 at D = 256,
+    where a 64-row tile spills at 4 warps on sm80 and 8 warps on 64 rows compute every score twice (see
+    split_configs). (32 rows at D = 128, 4 warps, 2 stages spills on sm90: kernel_report.)"""
+    if rows <= _MIN_BLOCK:
+        return _MIN_BLOCK
+    return _MAX_BLOCK_M if head_dim < 256 else 32
 
 
 def _sm_count(device: torch.device) -> int:
@@ -248,13 +264,13 @@ def choose_splits(nk: int, programs: int, n_sms: int, granule: int, num_splits: 
     Without `num_splits`, enough splits that `programs` (B * Hkv * M blocks) times splits fills about
     two waves of `n_sms`, never more than the key blocks available.
     """
-    blocks = triton.cdiv(nk, granule)
+    blocks = cdiv(nk, granule)
     if num_splits is None:
-        num_splits = triton.cdiv(_WAVES * n_sms, programs)
+        num_splits = cdiv(_WAVES * n_sms, programs)
     elif num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    chunk = triton.cdiv(blocks, max(1, min(num_splits, blocks))) * granule
-    return triton.cdiv(nk, chunk), chunk
+    chunk = cdiv(blocks, max(1, min(num_splits, blocks))) * granule
+    return cdiv(nk, chunk), chunk
 
 
 def decode_attention(
@@ -280,58 +296,88 @@ def decode_attention(
     """
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"decode_attention takes float16, bfloat16 or float32 q, got {q.dtype}")
-    B, Hq, Nq, D = q.shape
-    Hkv, Nk = k.shape[1], k.shape[2]
-    G = Hq // Hkv
-    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got {out.shape}")
-
-    block_m = _block_m(G * Nq)
-    m_blocks = triton.cdiv(G * Nq, block_m)
-    splits, chunk = choose_splits(Nk, B * Hkv * m_blocks, _sm_count(q.device), _split_granule(), num_splits)
-    o_part = torch.empty(B * Hkv, splits, m_blocks * block_m, D, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(B * Hkv, splits, m_blocks * block_m, device=q.device, dtype=torch.float32)
-    has_lens = kv_lens is not None
-    lens = kv_lens.to(torch.int32) if has_lens else o_part  # placeholder pointer, never read
-    precision = dot_precision(q.dtype)
-    qk_scale = scale * LOG2E
-
-    _decode_split_tuned[(B * Hkv, splits, m_blocks)](
-        q, k, v, lens, o_part, lse_part,
-        *q.stride(), *k.stride(), *v.stride(),
-        Hkv, G, Nq, Nk, chunk, splits, qk_scale,
-        HEAD_DIM=D, BLOCK_M=block_m, IS_CAUSAL=bool(causal), HAS_LENS=has_lens, DOT_PRECISION=precision,
-    )  # fmt: skip
-
     has_prompt = adapter_k is not None
     ka = adapter_k.shape[-2] if has_prompt else 1
+    precision = dot_precision(q.dtype)
+    key = (q.shape, k.shape, q.dtype, q.device, ka, kv_lens is not None, bool(causal), num_splits, precision)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _LaunchPlan(q, k, ka, num_splits)
+    scale = plan.default_scale if sm_scale is None else float(sm_scale)
+    qk_scale = scale * LOG2E
+
+    o_part = torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
+    lse_part = torch.empty(plan.part_shape[:3], device=q.device, dtype=torch.float32)
+    has_lens = kv_lens is not None
+    if has_lens and kv_lens.dtype != torch.int32:
+        kv_lens = kv_lens.to(torch.int32)
+    lens = kv_lens if has_lens else o_part  # placeholder pointer, never read
+    args = (
+        q, k, v, lens, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
+        plan.Hkv, plan.G, plan.Nq, plan.Nk, plan.chunk, plan.splits, qk_scale,
+    )  # fmt: skip
+    consts = dict(HEAD_DIM=plan.D, BLOCK_M=plan.block_m, IS_CAUSAL=bool(causal), HAS_LENS=has_lens,
+                  DOT_PRECISION=precision)  # fmt: skip
+    if plan.config is None:
+        _decode_split_tuned[plan.split_grid](*args, **consts)
+        plan.config = _decode_split_tuned.best_config.all_kwargs()  # the autotuner's pick, reused from now on
+    else:
+        _decode_split_kernel[plan.split_grid](*args, **consts, **plan.config)
+
     placeholder = q  # pointers of an absent prompt and gate are never read
-    _decode_merge_kernel[(B * Hkv, triton.cdiv(G * Nq, MERGE_BLOCK_M))](
+    _decode_merge_kernel[plan.merge_grid](
         q, adapter_k if has_prompt else placeholder, adapter_v if has_prompt else placeholder,
         gate if has_prompt else placeholder, lens, o_part, lse_part, out,
         *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *out.stride(),
-        Hkv, G, Nq, Nk, ka, chunk, splits, m_blocks * block_m, qk_scale,
-        HEAD_DIM=D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=prompt_block(ka), HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
+        plan.Hkv, plan.G, plan.Nq, plan.Nk, ka, plan.chunk, plan.splits, plan.part_shape[2], qk_scale,
+        HEAD_DIM=plan.D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=plan.block_ka, HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
         DOT_PRECISION=precision, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 
 
+class _LaunchPlan:
+    """What a decode call of one shape launches with, worked out once: block and split sizes, grids, the
+    partial buffers' shape, and (after the first launch) the autotuner's config, so later calls skip its
+    look-up and launch the kernel directly."""
+
+    def __init__(self, q, k, ka, num_splits):
+        B, Hq, self.Nq, self.D = q.shape
+        self.Hkv, self.Nk = k.shape[1], k.shape[2]
+        self.G = Hq // self.Hkv
+        self.default_scale = 1.0 / math.sqrt(self.D)
+        self.block_m = _block_m(self.G * self.Nq, self.D)
+        m_blocks = cdiv(self.G * self.Nq, self.block_m)
+        programs = B * self.Hkv * m_blocks
+        self.splits, self.chunk = choose_splits(self.Nk, programs, _sm_count(q.device), _split_granule(), num_splits)
+        self.part_shape = (B * self.Hkv, self.splits, m_blocks * self.block_m, self.D)
+        self.split_grid = (B * self.Hkv, self.splits, m_blocks)
+        self.merge_grid = (B * self.Hkv, cdiv(self.G * self.Nq, MERGE_BLOCK_M))
+        self.block_ka = _merge_block_ka(ka)
+        self.config = None  # the split kernel's launch kwargs (BLOCK_N, num_warps, ...) once tuned
+
+
+# (q.shape, k.shape, dtype, device, Ka, has kv_lens, causal, num_splits, dot precision) -> _LaunchPlan. A model
+# decodes at a handful of shapes (one per batch size and cache length bucket); entries are a few hundred bytes.
+_PLANS: dict[tuple, _LaunchPlan] = {}
+
+
 def compile_specs() -> list[dict]:
     """What the GPU may run, for the compile checks (`llama_adapter.kernel_report`).
 
-    Every split config at D = 64, 128, 256 for 16-row tiles (G * Nq <= 16) and 64-row tiles, fp16, plus
-    bf16 at D = 128; the merge at each (dtype, D). 16-row tiles cannot use wgmma (64 rows per warpgroup),
-    so sm90 runs them on HMMA.
+    Every split config at D = 64, 128, 256 for each tile `_block_m` picks (16 and 64 rows; 16 and 32 at D = 256),
+    fp16, plus bf16 at D = 128; the merge at each (dtype, D). Tiles under 64 rows cannot use wgmma (64 rows per
+    warpgroup), so sm90 runs them on HMMA.
     """
     specs = []
     for dtype, head_dim in [("fp16", 64), ("fp16", 128), ("fp16", 256), ("bf16", 128)]:
         ptr = "*" + dtype
         pointers = dict(Q=ptr, K=ptr, V=ptr, KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32")
-        for block_m in (16, 64):
+        for block_m in sorted({_block_m(rows, head_dim) for rows in (1, 64)}):
             for block_n, warps, stages in split_configs(head_dim, block_m):
                 consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True, HAS_LENS=True,
                               DOT_PRECISION="ieee")  # fmt: skip
@@ -339,7 +385,7 @@ def compile_specs() -> list[dict]:
                 spec = compile_spec(name, _decode_split_kernel, pointers, ("qk_scale",), consts, warps, stages)
                 specs.append(dict(spec, sm90_mma="HGMMA" if block_m >= 64 else "HMMA"))
         pointers = dict(Q=ptr, AK=ptr, AV=ptr, GATE="*fp32", KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32", OUT=ptr)
-        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=prompt_block(10), HAS_PROMPT=True,
+        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=_merge_block_ka(10), HAS_PROMPT=True,
                       HAS_LENS=True, DOT_PRECISION="ieee")  # fmt: skip
         name = f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]"
         spec = compile_spec(name, _decode_merge_kernel, pointers, ("qk_scale",), consts, 4, 1)

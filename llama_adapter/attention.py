@@ -9,10 +9,13 @@ and "auto" (Triton for CUDA tensors and under TRITON_INTERPRET=1, else the refer
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+import sys
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 BACKENDS = ("auto", "triton", "reference", "sdpa", "eager")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,15 +47,72 @@ def _shape(t) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
 
+def _layout(t):
+    """What the structural checks read from one input: type, shape, dtype, device (None stays None)."""
+    return None if t is None else (type(t), t.shape, t.dtype, t.device)
+
+
+# Layout keys (`_layout` of every tensor input, causal's type, whether max_seqlen was given) that passed
+# `_check_layout`: its verdict depends on nothing else, so a repeated call (every layer of every decode step)
+# skips it. Bounded: a pathological caller with ever-new shapes resets it.
+_CHECKED_LAYOUTS: set = set()
+_CHECKED_LAYOUTS_MAX = 4096
+
+
+def _values_readable(t) -> bool:
+    """Whether t's values can be read on the host without a device sync or breaking a trace: a real CPU tensor,
+    outside torch.compile. (CUDA tensors are not read: that would sync every call; see README, "What is
+    validated where".)"""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling() and not isinstance(t, FakeTensor)
+
+
 def check_inputs(
     q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
     max_seqlen=None,
 ):  # fmt: skip
     """Validate the op's inputs (DESIGN §3) and return sm_scale as a float. Raises TypeError / ValueError.
 
-    cu_seqlens is checked for type, shape and device; that it starts at 0, never decreases and ends at T is the
-    caller's promise (as in FlashAttention: checking its values costs a device sync), except that
-    `adapter_attention` derives a missing max_seqlen from it and checks it then."""
+    Types, shapes, dtypes and devices always; the values of the index-like inputs where they are readable on
+    the host (`_values_readable`): kv_lens in [0, Nk]; cu_seqlens starting at 0, never decreasing, ending at
+    T; max_seqlen at least the longest sequence. On a GPU those values are the caller's promise (as in
+    FlashAttention), except that `adapter_attention` derives a missing max_seqlen from cu_seqlens and checks
+    it then; the kernels clamp whatever arrives (`kernels/_common.py` key_length, sequence_of)."""
+    try:
+        key = (
+            _layout(q), _layout(k), _layout(v), _layout(adapter_k), _layout(adapter_v), _layout(gate),
+            _layout(kv_lens), _layout(cu_seqlens), type(causal), max_seqlen is None,
+        )  # fmt: skip
+    except AttributeError:  # not tensors: the full checks say which argument
+        key = None
+    if key is None or key not in _CHECKED_LAYOUTS:
+        _check_layout(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen)
+        if key is not None:
+            if len(_CHECKED_LAYOUTS) >= _CHECKED_LAYOUTS_MAX:
+                _CHECKED_LAYOUTS.clear()
+            _CHECKED_LAYOUTS.add(key)
+    if kv_lens is not None and _values_readable(kv_lens):
+        lens = kv_lens.tolist()
+        if min(lens) < 0 or max(lens) > k.shape[2]:
+            raise ValueError(f"kv_lens must lie in [0, Nk={k.shape[2]}] (valid keys per row), got {lens}")
+    if cu_seqlens is not None and max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1:
+            raise ValueError(f"max_seqlen must be a positive int (the longest sequence), got {max_seqlen!r}")
+        if _values_readable(cu_seqlens):
+            longest = packed_max_seqlen(cu_seqlens, q.shape[2])
+            if max_seqlen < longest:
+                raise ValueError(f"max_seqlen must be at least the longest sequence ({longest}), got {max_seqlen}")
+    if sm_scale is None:
+        return 1.0 / math.sqrt(q.shape[3])
+    try:
+        sm_scale = float(sm_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"sm_scale must be a number, got {sm_scale!r}") from None
+    if not math.isfinite(sm_scale) or sm_scale <= 0:
+        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
+    return sm_scale
+
+
+def _check_layout(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen):
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -129,12 +189,6 @@ def check_inputs(
         raise ValueError("max_seqlen was given without cu_seqlens")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if sm_scale is None:
-        return 1.0 / math.sqrt(D)
-    sm_scale = float(sm_scale)
-    if not math.isfinite(sm_scale) or sm_scale <= 0:
-        raise ValueError(f"sm_scale must be a positive finite number, got {sm_scale}")
-    return sm_scale
 
 
 def _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen):
@@ -159,8 +213,6 @@ def _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen):
             f"with cu_seqlens every sequence sees the shared prompt: adapter_k/adapter_v (Hkv, Ka, D) and gate (Hq,), "
             f"got adapter_k {_shape(adapter_k)}, gate {_shape(gate)}"
         )
-    if max_seqlen is not None and (isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 1):
-        raise ValueError(f"max_seqlen must be a positive int (the longest sequence), got {max_seqlen!r}")
 
 
 def packed_max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
@@ -202,11 +254,21 @@ def adapter_attention(
     if backend == "triton":
         if q.dtype == torch.float64:
             raise TypeError("float64 inputs run on the reference backend only; the Triton kernels take fp16/bf16/fp32")
-        from llama_adapter.ops import fused_adapter_attention as impl
-    elif backend == "reference":
-        from llama_adapter.reference import adapter_attention as impl
-    elif backend == "sdpa":
-        from llama_adapter.baselines import sdpa_adapter_attention as impl
-    else:
-        from llama_adapter.baselines import eager_adapter_attention as impl
+        if q.dtype == torch.bfloat16 and q.device.type == "cpu" and not isinstance(q, FakeTensor):
+            # Triton's CPU interpreter computes in numpy, which has no bfloat16: results would be garbage.
+            raise TypeError(
+                "q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1, CPU) cannot compute: use float16 "
+                "or float32 there, or the reference backend"
+            )
+    module, name = _IMPLS[backend]
+    impl = getattr(sys.modules.get(module) or importlib.import_module(module), name)
     return impl(q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=scale, kv_lens=kv_lens, **packed)
+
+
+# backend -> (module, function): imported on first use (the kernels' modules import triton), looked up per call
+_IMPLS = {
+    "triton": ("llama_adapter.ops", "fused_adapter_attention"),
+    "reference": ("llama_adapter.reference", "adapter_attention"),
+    "sdpa": ("llama_adapter.baselines", "sdpa_adapter_attention"),
+    "eager": ("llama_adapter.baselines", "eager_adapter_attention"),
+}

@@ -4,15 +4,21 @@ Each module in `llama_adapter.kernels` that defines `compile_specs()` lists the 
 combinations its launchers can pick: dicts with "name", "fn" (the @triton.jit function, not an autotuner),
 "signature" (arg name -> "*fp16" / "*bf16" / "*fp32" / "*i32" / "i32" / "fp32" / "constexpr"),
 "constexprs" (name -> value), "num_warps", "num_stages", and optionally "arch" (80 or 90: a config tuned
-for that chip only; without it the spec is compiled for both) and "sm90_mma" ("HGMMA", the default for
+for that chip only; without it the spec is compiled for both), "sm90_mma" ("HGMMA", the default for
 kernels with tl.dot, or "HMMA" where wgmma cannot apply, e.g. 16-row tiles: wgmma needs 64 rows per
-warpgroup).
+warpgroup) and "score_tile" (two constexpr names, see `score_tile`).
 
 Each spec is compiled with `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`, specialised as
 the JIT would for contiguous tensors: the spec's "divisible" argument names (default: pointers and `stride_*`
 arguments) divisible by 16; unit strides are constexpr 1 in the specs. From the cubin: registers (cuobjdump
 -res-usage), spills (local-memory LDL/STL instructions in the SASS), shared memory (Triton's metadata), and
 whether the SASS holds HMMA (mma.sync) or HGMMA (wgmma).
+
+From the SASS, per loop that holds tensor-core instructions (`sass_loops`: innermost loops, head to backward
+branch): instructions per iteration, counted per warp, and MUFU.EX2 per iteration, per thread. The main (hot)
+loop is the first whose exp2 count reaches one per element of the score tile (BLOCK_M x BLOCK_N by default, or
+the spec's "score_tile"), rows * cols / (32 * num_warps) per thread; "ex2_ratio" is its count over that minimum,
+and a ratio of DUPLICATED_RATIO or more is "duplicated_work" (two warpgroups computing the same rows).
 
     python -m llama_adapter.kernel_report [--json] [--jobs N] [--arch sm80 sm90] [--module decode ...]
 
@@ -40,6 +46,14 @@ from llama_adapter.validation import POSITIVE_INT
 ARCHS = {"sm80": 80, "sm90": 90}
 SHARED_LIMIT = {"sm80": 164 * 1024, "sm90": 227 * 1024}  # max dynamic shared memory per block: A100, H100
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+# One SASS instruction as cuobjdump prints it: `/*1a30*/   @!P4 BRA 0x16e0 ;` (address, then the instruction).
+_SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", re.MULTILINE)
+_BRANCH = re.compile(r"^(?:@!?U?P\w+\s+)?BRA(?:\.\w+)*\s+(?:`?\(?)0x([0-9a-f]+)")
+# The main loop's exp2 per thread over the one-per-score-element minimum at or above which two warps (warpgroups)
+# must be computing the same scores. A lean loop sits just above 1: the online softmax adds one exp2 per row the
+# thread holds (2 of 34 at 128x64 with 8 warps; 2 of 6 for a 16x64 decode tile at 8 warps, which is why the bar is
+# not lower); computing every score twice gives 2 or a little more.
+DUPLICATED_RATIO = 2.0
 
 
 def _interpreting() -> bool:
@@ -96,9 +110,74 @@ def _ast_source(spec: dict):
     return ASTSource(fn, signature, constexprs, attrs)
 
 
+def sass_loops(sass: str) -> list[dict]:
+    """The innermost loops of a SASS listing that hold tensor-core instructions, in code order.
+
+    A loop runs from a backward branch's target (its head) to the branch; one holding no other loop is innermost
+    (outer loops, e.g. the dK/dV kernel's over the GQA group, would count their inner loops' work once per outer
+    iteration). Per iteration, for each warp: "instructions" (every instruction from head to branch, taken
+    branches aside: what a warp issues when no forward branch inside skips code), "ex2" (MUFU.EX2, each
+    thread's exp2 calls), "mma" (HGMMA/HMMA). `head` and `branch` are the code addresses."""
+    code = [(int(addr, 16), text) for addr, text in _SASS_LINE.findall(sass)]
+    spans = {}
+    for addr, text in code:
+        branch = _BRANCH.match(text)
+        target = int(branch.group(1), 16) if branch else None
+        if target is not None and target < addr:  # backward: a loop (target == addr is the trap after EXIT)
+            spans[target] = max(spans.get(target, addr), addr)
+    innermost = [
+        (head, end)
+        for head, end in spans.items()
+        if not any(head <= h2 and e2 <= end and (h2, e2) != (head, end) for h2, e2 in spans.items())
+    ]
+    loops = []
+    for head, end in sorted(innermost):
+        body = [text for addr, text in code if head <= addr <= end]
+        mma = sum(1 for text in body if _MMA.search(text))
+        if mma:
+            ex2 = sum(1 for text in body if "MUFU.EX2" in text)
+            loops.append({"head": head, "branch": end, "instructions": len(body), "ex2": ex2, "mma": mma})
+    return loops
+
+
+def score_tile(spec: dict) -> tuple[str, str] | None:
+    """The two constexprs whose product is the score tile of the spec's main loop: its own "score_tile", else
+    BLOCK_M by the first of BLOCK_N (key blocks), BLOCK_A / BLOCK_KA (prompt blocks) it has; None if neither."""
+    if "score_tile" in spec:
+        return tuple(spec["score_tile"])
+    consts = spec["constexprs"]
+    cols = next((c for c in ("BLOCK_N", "BLOCK_A", "BLOCK_KA") if c in consts), None)
+    return ("BLOCK_M", cols) if "BLOCK_M" in consts and cols else None
+
+
+def loop_facts(loops: list[dict], spec: dict) -> dict:
+    """The hot-loop figures of one compiled spec, from its `sass_loops`.
+
+    The main loop is the tensor-core loop with the most exp2 per iteration, the first of equals in code order
+    (the SASS keeps source order: the unmasked key loop before the masked diagonal one, which exponentiates as
+    many scores; the prompt loops' tiles are BLOCK_A = 16 wide, narrower than any key tile). Its count is held
+    against the score tile's minimum, rows * cols / (32 * num_warps): one exp2 per score element, every thread
+    an equal share. None without tensor-core loops."""
+    tile = score_tile(spec)
+    facts = {"tc_loops": len(loops), "loops": loops, "score_tile": None, "ex2_minimum": None}
+    facts.update(hot_loop=None, hot_loop_instructions=None, hot_loop_ex2=None, ex2_ratio=None, duplicated_work=None)
+    if tile is None:
+        return facts
+    rows, cols = (spec["constexprs"][name] for name in tile)
+    minimum = rows * cols / (32 * spec["num_warps"])
+    facts.update(score_tile=f"{tile[0]}={rows} x {tile[1]}={cols}", ex2_minimum=minimum)
+    if loops:
+        hot = max(range(len(loops)), key=lambda i: (loops[i]["ex2"], -i))
+        loop = loops[hot]
+        ratio = loop["ex2"] / minimum
+        facts.update(hot_loop=hot, hot_loop_instructions=loop["instructions"], hot_loop_ex2=loop["ex2"])
+        facts.update(ex2_ratio=round(ratio, 3), duplicated_work=ratio >= DUPLICATED_RATIO)
+    return facts
+
+
 def _sass_facts(cubin: bytes, tool: str | None) -> dict:
     if tool is None:
-        return {"registers": None, "stack": None, "spill_instructions": None, "mma": None}
+        return {"registers": None, "stack": None, "spill_instructions": None, "mma": None, "sass": None}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
@@ -109,6 +188,7 @@ def _sass_facts(cubin: bytes, tool: str | None) -> dict:
         "stack": int(usage.group(2)),
         "spill_instructions": len(re.findall(r"\b(?:STL|LDL)(?:\.\w+)*\s", text)),
         "mma": sorted(set(_MMA.findall(text))),
+        "sass": text,
     }
 
 
@@ -125,6 +205,10 @@ def compile_one(module: str, index: int, arch: str) -> dict:
         "num_warps": spec["num_warps"],
         "num_stages": spec["num_stages"],
         "sm90_mma": spec.get("sm90_mma", "HGMMA"),
+        # the element type of the first pointer (q's, or the kernel's main input) and the constexprs, for selecting
+        "dtype": next((t[1:] for t in spec["signature"].values() if t.startswith("*")), None),
+        "constexprs": spec["constexprs"],
+        "triton": triton.__version__,
         "error": None,
     }
     start = time.perf_counter()
@@ -136,7 +220,11 @@ def compile_one(module: str, index: int, arch: str) -> dict:
         )
         row["shared"] = compiled.metadata.shared
         row["uses_dot"] = "tt.dot" in compiled.asm["ttir"]
-        row.update(_sass_facts(compiled.asm["cubin"], cuobjdump_path()))
+        facts = _sass_facts(compiled.asm["cubin"], cuobjdump_path())
+        sass = facts.pop("sass")
+        row.update(facts)
+        if sass is not None:
+            row.update(loop_facts(sass_loops(sass), spec))
     except Exception as exc:  # a compile failure is a finding of the report, not a crash of it
         row["error"] = f"{type(exc).__name__}: {str(exc).strip()[-2000:]}"
     row["seconds"] = round(time.perf_counter() - start, 2)
@@ -163,8 +251,11 @@ def report(archs=tuple(ARCHS), jobs: int = 1, modules=None) -> list[dict]:
 
 
 def format_table(rows: list[dict]) -> str:
+    """One line per row: resources, then the hot loop (instructions and exp2 per iteration, exp2 over its minimum;
+    "DUP" marks duplicated work) and, after "loops", every tensor-core loop as instructions/exp2."""
     head = (
-        f"{'kernel':<44} {'arch':<5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} {'s':>5}  mma"
+        f"{'kernel':<44} {'arch':<5} {'warps':>5} {'stages':>6} {'regs':>5} {'spill':>5} {'smem KB':>8} {'s':>5}  "
+        f"{'mma':<5} {'instr/it':>8} {'ex2/it':>6} {'ex2/min':>7}  loops (instr/ex2 per iteration)"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -172,12 +263,21 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{r['kernel']:<44} {r['arch']:<5} FAILED: {r['error'].splitlines()[0][:80]}")
             continue
         mma = ",".join(r["mma"]) if r["mma"] is not None else "?"
+        hot = r.get("hot_loop_instructions")
+        ratio = r.get("ex2_ratio")
+        ratio_text = "-" if ratio is None else f"{ratio:.2f}" + (" DUP" if r["duplicated_work"] else "")
+        loops = " ".join(f"{loop['instructions']}/{loop['ex2']}" for loop in r.get("loops") or [])
         lines.append(
             f"{r['kernel']:<44} {r['arch']:<5} {r['num_warps']:>5} {r['num_stages']:>6} {r['registers']!s:>5} "
-            f"{r['spill_instructions']!s:>5} {r['shared'] / 1024:>8.1f} {r['seconds']:>5.1f}  {mma or '-'}"
+            f"{r['spill_instructions']!s:>5} {r['shared'] / 1024:>8.1f} {r['seconds']:>5.1f}  {mma or '-':<5} "
+            f"{'-' if hot is None else hot:>8} {r.get('hot_loop_ex2') or '-':>6} {ratio_text:>7}  {loops}"
         )
     failed = sum(1 for r in rows if r["error"])
-    lines.append(f"{len(rows)} compiles, {failed} failed, {sum(r['seconds'] for r in rows):.0f} s compiling")
+    dup = sum(1 for r in rows if r.get("duplicated_work"))
+    lines.append(
+        f"{len(rows)} compiles, {failed} failed, {dup} with duplicated work, "
+        f"{sum(r['seconds'] for r in rows):.0f} s compiling"
+    )
     return "\n".join(lines)
 
 

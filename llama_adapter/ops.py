@@ -16,7 +16,9 @@ import functools
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
+from llama_adapter.kernels._common import zeroed_outputs
 from llama_adapter.kernels.attention_bwd import adapter_attention_bwd
 from llama_adapter.kernels.attention_fwd import adapter_attention_fwd
 
@@ -37,11 +39,22 @@ def _fwd_op(
     cu_seqlens: Tensor | None = None,
     max_seqlen: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    o, lse_w, lse_a = adapter_attention_fwd(
-        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
-        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-    )  # fmt: skip
+    o, lse_w, lse_a = _forward(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, cu_seqlens, max_seqlen)
     return o, lse_w, lse_a if lse_a is not None else lse_w.new_empty(0)
+
+
+def _forward(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, cu_seqlens, max_seqlen):
+    with zeroed_outputs(_unchecked_packing(cu_seqlens)):
+        return adapter_attention_fwd(
+            q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
+            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )  # fmt: skip
+
+
+def _unchecked_packing(cu_seqlens) -> bool:
+    """cu_seqlens on a GPU was not read on the host (that costs a sync per call; `attention.check_inputs`): the
+    kernels clamp it, and outputs start zeroed so rows that no sequence (or no grid row) covers read 0."""
+    return cu_seqlens is not None and cu_seqlens.is_cuda
 
 
 @_fwd_op.register_fake
@@ -69,10 +82,11 @@ def _bwd_op(
     max_seqlen: int = 0,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     has_prompt = adapter_k is not None
-    grads = adapter_attention_bwd(
-        do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a if has_prompt else None,
-        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-    )  # fmt: skip
+    with zeroed_outputs(_unchecked_packing(cu_seqlens)):
+        grads = adapter_attention_bwd(
+            do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a if has_prompt else None,
+            causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+        )  # fmt: skip
     if has_prompt:
         return grads
     empty = q.new_empty(0)
@@ -154,14 +168,23 @@ def fused_adapter_attention(
     Few queries without autograd (decode) go to the split-KV decode kernel when it is installed; everything
     else, packed sequences (cu_seqlens, max_seqlen: the longest one) always, runs the FlashAttention-style
     forward, differentiable in q, k, v, adapter_k, adapter_v and gate.
+
+    Without autograd, outside torch.compile and on real tensors, the launchers are called directly: the custom
+    ops exist for autograd and for tracing, and their dispatch (schema binding, the dynamo-disabled wrapper)
+    cost a decode step more host time than the launcher itself (benchmarks/bench_host_overhead.py).
     """
-    args = (q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, float(sm_scale))
-    if cu_seqlens is not None:
-        return _fwd_op(*args, cu_seqlens, int(max_seqlen))[0]
-    if (
-        q.shape[2] <= DECODE_MAX_QUERIES
-        and not _needs_grad(q, k, v, adapter_k, adapter_v, gate)
-        and _decode_launcher() is not None
-    ):
+    sm_scale = float(sm_scale)
+    grad = _needs_grad(q, k, v, adapter_k, adapter_v, gate)
+    packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))
+    max_seqlen = packed.get("max_seqlen", 0)
+    decode = not packed and not grad and q.shape[2] <= DECODE_MAX_QUERIES and _decode_launcher() is not None
+    if not grad and not torch.compiler.is_compiling() and not isinstance(q, FakeTensor):
+        if decode:
+            return _decode_launcher()(
+                q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens
+            )
+        return _forward(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, cu_seqlens, max_seqlen)[0]
+    args = (q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale)
+    if decode:
         return _decode_op(*args)
-    return _fwd_op(*args)[0]
+    return _fwd_op(*args, *packed.values())[0]

@@ -92,10 +92,11 @@ def test_reference_mask_is_block_diagonal_in_float64():
 def test_varlen_never_takes_the_decode_kernel(monkeypatch):
     """A short packed batch without grad is still a prefill: the decode kernel knows no cu_seqlens."""
 
-    def refuse(*args):
+    def refuse(*args, **kwargs):
         raise AssertionError("packed sequences reached the decode kernel")
 
     monkeypatch.setattr(ops, "_decode_op", refuse)
+    monkeypatch.setattr(ops, "_decode_launcher", lambda: refuse)
     lengths = [2, 3]
     inputs, _ = packed_inputs(lengths, Hq=2, Hkv=2, D=16, Ka=3)
     cu, max_len = packing(lengths)
