@@ -511,9 +511,13 @@ class LLaMA(nn.Module):
             if cache is not None or prompt_offset is not None or image_features is not None or B != 1:
                 raise ValueError("cu_seqlens packs sequences into tokens (1, T) for training or prefill, without "
                                  "cache, prompt_offset or image_features (those are per row)")  # fmt: skip
+            if max_seqlen is None or cu_seqlens.device.type == "cpu":
+                # a CPU cu_seqlens (what collate makes) is checked before it moves: free here, a sync on the GPU
+                longest = packed_max_seqlen(cu_seqlens, N)
+                if max_seqlen is not None and max_seqlen < longest:
+                    raise ValueError(f"max_seqlen must be at least the longest sequence ({longest}), got {max_seqlen}")
+                max_seqlen = longest if max_seqlen is None else max_seqlen
             cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-            if max_seqlen is None:
-                max_seqlen = packed_max_seqlen(cu_seqlens, N)
             if max_seqlen > self.params.max_seq_len:
                 raise ValueError(f"a packed sequence has {max_seqlen} positions, more than max_seq_len")
             seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=device), right=True)  # (T,)

@@ -89,6 +89,20 @@ def test_model_refuses_cu_seqlens_with_a_batch_or_a_cache():
         model(torch.ones(1, 4, dtype=torch.long), cu_seqlens=cu, cache=model.new_cache(1, 8), input_pos=0)
 
 
+@pytest.mark.parametrize(
+    "cu, max_seqlen, match",
+    [
+        ([0, 3, 9], 4, "at least the longest sequence \\(6\\)"),  # a too-small max_seqlen is caught, not trusted
+        ([0, 3, 12], 9, "end at T=9"),  # past the tokens
+        ([1, 3, 9], 6, "start at 0"),  # leaves tokens uncovered
+    ],
+)
+def test_model_checks_a_cpu_cu_seqlens_even_with_max_seqlen(cu, max_seqlen, match):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=match):
+        model(torch.ones(1, 9, dtype=torch.long), cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max_seqlen)
+
+
 def _one_step(tmp_path, pack):
     model = tiny_model(seed=2, dtype=torch.float64)
     cfg = TrainConfig(out_dir=str(tmp_path), epochs=1, warmup_epochs=0.5, global_batch_size=4, micro_batch_size=2,
