@@ -131,8 +131,11 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str | None = None) -> DistInfo:
-    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> process group (nccl on CUDA, gloo on CPU) and device."""
+def init_distributed(device: str | None = None, init_method: str | None = None) -> DistInfo:
+    """torchrun's env (RANK, WORLD_SIZE, LOCAL_RANK) -> process group (nccl on CUDA, gloo on CPU) and device.
+
+    `init_method` (e.g. "file:///tmp/x") replaces the env:// rendezvous (MASTER_ADDR/PORT): processes spawned
+    without torchrun can then meet through a file, with no TCP port to pick and lose to another process."""
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -140,7 +143,11 @@ def init_distributed(device: str | None = None) -> DistInfo:
     if use_cuda:
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        backend = "nccl" if use_cuda else "gloo"
+        if init_method is None:
+            dist.init_process_group(backend)
+        else:  # only env:// reads rank and world size from the environment itself
+            dist.init_process_group(backend, init_method, rank=int(os.environ["RANK"]), world_size=world)
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
     return DistInfo(device=dev)

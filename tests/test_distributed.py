@@ -2,16 +2,13 @@
 with DDP and with FSDP2 (`fully_shard` runs on CPU tensors with gloo, so both are tested here)."""
 
 import os
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from train_helpers import WordTokenizer, make_examples, single_thread, tiny_model
+from train_helpers import WordTokenizer, make_examples, single_thread, spawn_gloo, tiny_model
 
-from llama_adapter.attention import set_attention_backend
 from llama_adapter.data import InstructionDataset
-from llama_adapter.train import TrainConfig, Trainer, adapter_tensors, init_distributed
+from llama_adapter.train import TrainConfig, Trainer, adapter_tensors
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
@@ -26,29 +23,16 @@ def _run(out_dir: str, fsdp: bool = False, dist_info=None):
     return history, {k: v.clone() for k, v in adapter_tensors(model).items()}
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str):
-    torch.set_num_threads(1)
-    set_attention_backend("reference")  # as conftest does for the parent process
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
-    )  # fmt: skip  (what torchrun sets)
-    info = init_distributed("cpu")
+def _worker(info, out_dir: str):
     results = {mode: _run(os.path.join(out_dir, mode), mode == "fsdp", info) for mode in ("ddp", "fsdp")}
     if info.is_main:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_gloo_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     single_history, single_adapter = _run(str(tmp_path / "single"))
     assert len(single_history) == 4 and (single_adapter["layers.1.attention.adapter_gate"] != 0).all()
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_worker, 2, tmp_path, str(tmp_path))
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     for mode, (history, adapter) in results.items():
         assert [r["step"] for r in history] == [1, 2, 3, 4], mode

@@ -342,35 +342,21 @@ def _fsdp_train(out_dir, fsdp: bool, info=None):
     return losses, {k: v.clone() for k, v in adapter_tensors(model).items()}, (type(shard).__name__, shard.shape[0])
 
 
-def _fsdp_worker(rank: int, port: int, out_dir: str):
+def _fsdp_worker(info, out_dir: str):
     import os
 
-    from llama_adapter.attention import set_attention_backend
-    from llama_adapter.train import init_distributed
-
-    torch.set_num_threads(1)
-    set_attention_backend("reference")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))  # fmt: skip
-    info = init_distributed("cpu")
     result = _fsdp_train(os.path.join(out_dir, "fsdp"), True, info)
     if info.is_main:
         torch.save(result, os.path.join(out_dir, "fsdp.pt"))
-    torch.distributed.destroy_process_group()
 
 
 def test_fsdp2_shards_an_nf4_base_on_gloo_and_trains_as_one_process(tmp_path):
-    import socket
-
-    import torch.multiprocessing as mp
+    from train_helpers import spawn_gloo
 
     losses, adapter, (kind, rows) = _fsdp_train(tmp_path / "single", False)
     assert (kind, rows) == ("NF4Tensor", 256)
     assert len(losses) == 2 and (adapter["layers.1.attention.adapter_gate"] != 0).all()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    spawn_gloo(_fsdp_worker, 2, tmp_path, str(tmp_path))
     fsdp_losses, fsdp_adapter, (kind, rows) = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     assert (kind, rows) == ("NF4Tensor", 128)  # sharded, still 4-bit
     assert fsdp_losses == pytest.approx(losses, rel=1e-5)

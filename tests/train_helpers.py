@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -61,3 +64,31 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def _gloo_entry(rank: int, world: int, init_file: str, fn, args: tuple):
+    import torch.distributed as dist
+
+    from llama_adapter.attention import set_attention_backend
+    from llama_adapter.train import init_distributed
+
+    torch.set_num_threads(1)
+    set_attention_backend("reference")  # as conftest does for the parent process
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))  # what torchrun sets
+    info = init_distributed("cpu", init_method=Path(init_file).as_uri())
+    try:
+        fn(info, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_gloo(fn, world: int, tmp_dir, *args) -> None:
+    """Runs fn(dist_info, *args) in `world` gloo processes on the CPU, going through `init_distributed`.
+
+    They meet through a file rendezvous in tmp_dir: picking a free TCP port (bind port 0, close, hand it to the
+    workers) races with every other process on a shared machine. fn must be a module-level function."""
+    import torch.multiprocessing as mp
+
+    init_file = Path(tmp_dir) / "gloo_rendezvous"
+    assert not init_file.exists(), "a stale rendezvous file would join the workers to a finished group"
+    mp.spawn(_gloo_entry, args=(world, str(init_file), fn, args), nprocs=world, join=True)
