@@ -43,23 +43,50 @@ def base_shape(model) -> dict:
 
 
 def save_adapter(model, directory) -> None:
-    """Write adapter_model.safetensors + adapter_config.json into `directory` (created if needed)."""
+    """Write adapter_model.safetensors + adapter_config.json into `directory` (created if needed).
+
+    Both files are written and fsynced in a temporary sibling directory first, so a crash while serializing
+    leaves the previous adapter untouched. A new directory is then renamed into place whole (atomic); an
+    existing one gets the two files renamed in (atomic each; POSIX cannot swap a directory atomically, and
+    the target may hold other files that are not ours to move or delete)."""
+    import shutil
+    import uuid
+
     from safetensors.torch import save_file
+
+    from llama_adapter.train_state import _fsync_dir
 
     if model.adapter_config is None:
         raise ValueError("the model has no adapter to save (attach_adapter or load_adapter first)")
-    directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = os.path.abspath(os.fspath(directory))
+    parent, name = os.path.split(directory)
+    os.makedirs(parent, exist_ok=True)
     tensors = {name: t.detach().contiguous().cpu() for name, t in model.adapter_state_dict().items()}
-    save_file(tensors, os.path.join(directory, WEIGHTS_FILE), metadata={"format": FORMAT})
     config = dict(
         format=FORMAT,
         format_version=FORMAT_VERSION,
         adapter=model.adapter_config.to_dict(),
         base_model=base_shape(model),
     )
-    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2)
+    staging = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.mkdir(staging)  # unlike mkdtemp's 0700, honours the umask: it may become the adapter directory
+    try:
+        save_file(tensors, os.path.join(staging, WEIGHTS_FILE), metadata={"format": FORMAT})
+        with open(os.path.join(staging, CONFIG_FILE), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2)
+        for file in (WEIGHTS_FILE, CONFIG_FILE):
+            with open(os.path.join(staging, file), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(staging)
+        if not os.path.exists(directory):
+            os.rename(staging, directory)
+        else:
+            for file in (WEIGHTS_FILE, CONFIG_FILE):  # config last: it names what the weights are
+                os.replace(os.path.join(staging, file), os.path.join(directory, file))
+            _fsync_dir(directory)
+        _fsync_dir(parent)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def load_adapter(model, path, *, adapter_len: int | None = None):

@@ -71,6 +71,40 @@ def test_round_trip(tmp_path):
         assert torch.equal(model(tokens), other(tokens))
 
 
+def test_a_save_killed_between_its_two_files_leaves_the_previous_adapter(tmp_path, monkeypatch):
+    import llama_adapter.adapter_io as adapter_io
+
+    old = tiny_model()
+    old.attach_adapter(AdapterConfig(adapter_len=5, adapter_layers=2))
+    randomize_adapter(old, seed=1)
+    save_adapter(old, tmp_path / "ad")
+    (tmp_path / "ad" / "notes.txt").write_text("the user's")
+    new = tiny_model()
+    new.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=1, gate="head"))
+    randomize_adapter(new, seed=2)
+
+    def killed(*args, **kwargs):  # the weights file is written by now: the config is the second write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(adapter_io.json, "dump", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_adapter(new, tmp_path / "ad")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]  # no staging directory left behind
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE, "notes.txt"]
+    reader = tiny_model()
+    reader.load_adapter(tmp_path / "ad")
+    assert reader.adapter_config == old.adapter_config
+    assert all(torch.equal(v, reader.adapter_state_dict()[k]) for k, v in old.adapter_state_dict().items())
+
+    save_adapter(new, tmp_path / "ad")  # and a save that completes replaces ours, keeps the user's file
+    reader.load_adapter(tmp_path / "ad")
+    assert reader.adapter_config == new.adapter_config
+    assert all(torch.equal(v, reader.adapter_state_dict()[k]) for k, v in new.adapter_state_dict().items())
+    assert (tmp_path / "ad" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ad"]
+
+
 def test_save_without_adapter(tmp_path):
     with pytest.raises(ValueError, match="no adapter to save"):
         save_adapter(tiny_model(), tmp_path)
