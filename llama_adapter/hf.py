@@ -315,13 +315,20 @@ def attention_modules(model) -> list[nn.Module]:
     return [m for name, m in model.named_modules() if name.endswith(".self_attn")]
 
 
-def _check_config(config, n_layers: int) -> None:
-    from llama_adapter.model import AdapterConfig  # validates its own fields
+def _fit_config(config, n_layers: int):
+    """`config`, checked, with adapter_layers clamped to n_layers (warning) as `LLaMA.attach_adapter` does."""
+    import dataclasses
+    import warnings
+
+    from llama_adapter.model import AdapterConfig, fit_adapter_layers  # AdapterConfig validates its own fields
 
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a llama_adapter AdapterConfig, got {type(config).__name__}")
-    if config.adapter_layers > n_layers:
-        raise ValueError(f"config.adapter_layers={config.adapter_layers} exceeds the model's {n_layers} layers")
+    layers, note = fit_adapter_layers(config.adapter_layers, n_layers, "config.adapter_layers")
+    if note:
+        warnings.warn(note, stacklevel=3)
+        config = dataclasses.replace(config, adapter_layers=layers)
+    return config
 
 
 def apply_adapter(model, config: AdapterConfig):
@@ -337,7 +344,7 @@ def apply_adapter(model, config: AdapterConfig):
     if getattr(model, "adapter_config", None) is not None:
         raise ValueError("model already has an adapter (apply_adapter was called on it before)")
     layers = attention_modules(model)
-    _check_config(config, len(layers))
+    config = _fit_config(config, len(layers))
 
     for module in layers[-config.adapter_layers :]:
         weight = module.q_proj.weight
@@ -406,6 +413,12 @@ def load_peft(model, directory: str | os.PathLike):
         raise ValueError(f"{config_path} not found: not a PEFT adapter directory")
     adapter_len, adapter_layers = peft_sizes(config_path, read_json_object(config_path))
     wanted = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, gate="scalar", gate_act="none")
+    n_layers = len(attention_modules(model))
+    if adapter_layers > n_layers:  # unlike a fresh adapter, trained prompts cannot be moved to other layers
+        raise ValueError(
+            f"{config_path}: adapter_layers {adapter_layers} > the model's {n_layers} layers: "
+            "the adapter was made for another model"
+        )
     # before touching the model: a missing or damaged file leaves it as it was
     tensors = read_tensor_file(peft_weights_path(directory))
     current = getattr(model, "adapter_config", None)

@@ -2,6 +2,7 @@
 
 import copy
 import importlib.util
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -285,8 +286,15 @@ def test_forward_compiles_fullgraph(backend):
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     base = tiny_base()
-    with pytest.raises(ValueError, match="adapter_layers=4 exceeds"):
-        hf.apply_adapter(copy.deepcopy(base), AdapterConfig(adapter_len=K, adapter_layers=4))
+    with pytest.warns(UserWarning, match="config.adapter_layers 30 > the model's 3 layers; adapting all 3"):
+        everywhere = hf.apply_adapter(copy.deepcopy(base), AdapterConfig(adapter_len=K, adapter_layers=30))
+    assert everywhere.adapter_config == AdapterConfig(adapter_len=K, adapter_layers=3)  # as LLaMA.attach_adapter
+    assert len(hf.adapter_state_dict(everywhere)) == 2 * 3
+    hf.save_peft(adapted(base), tmp_path / "peft")
+    peft_config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps({**peft_config, "adapter_layers": 4}))
+    with pytest.raises(ValueError, match="adapter_layers 4 > the model's 3 layers: .*made for another model"):
+        hf.load_peft(copy.deepcopy(base), tmp_path / "peft")
     with pytest.raises(TypeError, match="AdapterConfig"):
         hf.apply_adapter(copy.deepcopy(base), {"adapter_len": K})
     with pytest.raises(ValueError, match="transformers model of type"):
