@@ -24,11 +24,13 @@ import torch
 from llama_adapter.data import InstructionDataset, collate, load_examples
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.quantize import QUANTIZATIONS
-from llama_adapter.train import evaluate_loss, finetune, lm_loss_sum
+from llama_adapter.train import RunDirectoryError, evaluate_loss, finetune, lm_loss_sum
 from llama_adapter.train import register_cli as register_finetune_cli
 from llama_adapter.validation import ANY_INT, NON_NEGATIVE_INT, POSITIVE, POSITIVE_INT, Number
 
 DATA_DIR = Path(__file__).parent / "demo_data"
+# Written into --out before anything else: the files beside it are a demo's, so the next demo may replace them.
+DEMO_MARKER = ".llama-adapter-demo"
 TINY = dict(dim=96, n_layers=3, multiple_of=32, max_seq_len=160)  # n_heads = dim // 32
 
 
@@ -136,6 +138,21 @@ def show(title: str, records: list[dict], answers: list[str], n: int) -> None:
         print(f"  {mark} {r['instruction']:<36} -> {a!r}")
 
 
+def claim_out_dir(out) -> None:
+    """Make `out` the demo's: refused if it holds files and no previous demo wrote it (the demo overwrites
+    tokenizer.model and base/ without asking, as finetune's run-directory rule does not cover them)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and not (out / DEMO_MARKER).is_file() and any(out.iterdir()):
+        raise RunDirectoryError(
+            f"--out {out} holds files that no demo wrote ({DEMO_MARKER} is missing); the demo would overwrite "
+            "them: choose an empty or new --out"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).touch()
+
+
 def run_demo(args) -> int:
     from llama_adapter.model import LLaMA, ModelArgs
     from llama_adapter.tokenizer import Tokenizer
@@ -145,6 +162,7 @@ def run_demo(args) -> int:
     # on a busy 2-core machine, measured), and one thread makes the printed numbers the same on every machine.
     torch.set_num_threads(1)
     out = Path(args.out)
+    claim_out_dir(out)
     base_dir, run_dir = out / "base", out / "finetune"
     t_start = time.perf_counter()
     paragraphs = (DATA_DIR / "corpus.txt").read_text(encoding="utf-8").splitlines()

@@ -202,3 +202,27 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch):
     }
     assert (tmp_path / "finetune" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "base" / "consolidated.00.pth").exists()
+    assert (tmp_path / demo.DEMO_MARKER).is_file()
+    assert main(argv) == 0  # `make demo` twice in a row: the second run rebuilds the first one's directory
+
+
+def test_demo_refuses_an_out_that_holds_files_no_demo_wrote(tmp_path, capsys):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "tokenizer.model").write_text("the user's")
+    assert main(["demo", "--out", str(theirs), "--pretrain-steps", "1"]) == 1  # refused before any work
+    err = capsys.readouterr().err
+    assert f"--out {theirs} holds files that no demo wrote" in err and err.count("\n") == 1
+    assert sorted(p.name for p in theirs.iterdir()) == ["tokenizer.model"]
+    assert (theirs / "tokenizer.model").read_text() == "the user's"
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(demo.RunDirectoryError, match="--out .*a_file exists and is not a directory"):
+        demo.claim_out_dir(tmp_path / "a_file")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    demo.claim_out_dir(empty)
+    demo.claim_out_dir(tmp_path / "new" / "out")
+    assert (empty / demo.DEMO_MARKER).is_file() and (tmp_path / "new" / "out" / demo.DEMO_MARKER).is_file()
+    (empty / "tokenizer.model").write_text("a previous demo's")
+    demo.claim_out_dir(empty)  # a previous demo's directory is the demo's to rebuild
