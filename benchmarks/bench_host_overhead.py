@@ -27,6 +27,8 @@ os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel modules are importe
 
 import torch  # noqa: E402
 
+from llama_adapter.validation import POSITIVE_INT  # noqa: E402
+
 
 def stub_kernel_launches() -> None:
     """Make every Triton kernel launch a no-op (the interpreter's entry point; the autotuner calls it too)."""
@@ -62,14 +64,14 @@ def time_calls(fn, calls: int, repeats: int) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=32)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--cache-len", type=int, default=640)
-    parser.add_argument("--prompt-len", type=int, default=10)
-    parser.add_argument("--calls", type=int, default=2000)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=POSITIVE_INT, default=1)
+    parser.add_argument("--heads", type=POSITIVE_INT, default=32)
+    parser.add_argument("--kv-heads", type=POSITIVE_INT, default=32)
+    parser.add_argument("--head-dim", type=POSITIVE_INT, default=128)
+    parser.add_argument("--cache-len", type=POSITIVE_INT, default=640)
+    parser.add_argument("--prompt-len", type=POSITIVE_INT, default=10)
+    parser.add_argument("--calls", type=POSITIVE_INT, default=2000)
+    parser.add_argument("--repeats", type=POSITIVE_INT, default=5)
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of the prompt+kv_lens case")
     args = parser.parse_args(argv)
 

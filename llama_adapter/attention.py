@@ -59,6 +59,21 @@ _CHECKED_LAYOUTS: set = set()
 _CHECKED_LAYOUTS_MAX = 4096
 
 
+def _layout_key(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen):
+    """The `_CHECKED_LAYOUTS` key of a call, or None: not tensors (the full checks say which argument), or
+    while torch.compile traces (a lookup in a module-level set would become a guard that cannot hold; the
+    compiled graph runs the checks once per trace anyway)."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return (
+            _layout(q), _layout(k), _layout(v), _layout(adapter_k), _layout(adapter_v), _layout(gate),
+            _layout(kv_lens), _layout(cu_seqlens), type(causal), max_seqlen is None,
+        )  # fmt: skip
+    except AttributeError:
+        return None
+
+
 def _values_readable(t) -> bool:
     """Whether t's values can be read on the host without a device sync or breaking a trace: a real CPU tensor,
     outside torch.compile. (CUDA tensors are not read: that would sync every call; see README, "What is
@@ -77,13 +92,7 @@ def check_inputs(
     T; max_seqlen at least the longest sequence. On a GPU those values are the caller's promise (as in
     FlashAttention), except that `adapter_attention` derives a missing max_seqlen from cu_seqlens and checks
     it then; the kernels clamp whatever arrives (`kernels/_common.py` key_length, sequence_of)."""
-    try:
-        key = (
-            _layout(q), _layout(k), _layout(v), _layout(adapter_k), _layout(adapter_v), _layout(gate),
-            _layout(kv_lens), _layout(cu_seqlens), type(causal), max_seqlen is None,
-        )  # fmt: skip
-    except AttributeError:  # not tensors: the full checks say which argument
-        key = None
+    key = _layout_key(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen)
     if key is None or key not in _CHECKED_LAYOUTS:
         _check_layout(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen)
         if key is not None:
