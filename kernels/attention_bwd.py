@@ -1,4 +1,4 @@
-"""Backward kernels for gated prompt attention (forward in `attention_fwd`; DESIGN §1 has the math).
+"""Backward kernels for gated prompt attention (forward in `attention_fwd`; docs/design.md §1 has the math).
 
 With P, A the word and prompt probabilities (recomputed from the saved log2 log-sum-exps), s = sm_scale:
 

@@ -287,7 +287,7 @@ def decode_attention(
     num_splits=None,
     out=None,
 ):
-    """Flash-decoding forward of `adapter_attention` (DESIGN §3) for few queries over a long KV cache.
+    """Flash-decoding forward of `adapter_attention` (docs/design.md §3) for few queries over a long KV cache.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D) with any strides (e.g. a slice of a preallocated cache);
     adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D); gate (Hq,) or (B, Hq); kv_lens (B,) int or None.
