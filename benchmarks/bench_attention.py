@@ -1,6 +1,6 @@
 """Gated prompt attention, provider against provider: fused kernels vs what users run today.
 
-Providers (all compute o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av, DESIGN §1):
+Providers (all compute o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av, docs/design.md §1):
   fused               ours: llama_adapter.ops, words and prompt in one pass
   fused_noprompt      ours with no prompt (Ka = 0): the floor the prompt's cost is measured against
   sdpa_adapter        torch SDPA on its default backend for the words + a second SDPA for the prompt (PEFT, litgpt)

@@ -1,4 +1,4 @@
-"""Backward kernels for gated prompt attention (forward in `attention_fwd`; DESIGN §1 has the math).
+"""Backward kernels for gated prompt attention (forward in `attention_fwd`; docs/design.md §1 has the math).
 
 With P, A the word and prompt probabilities (recomputed from the saved log2 log-sum-exps), s = sm_scale:
 
@@ -37,6 +37,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     INTERPRETER_BLOCK,
+    LOG2E,
     SPEC_DTYPES,
     SPEC_HEAD_DIMS,
     compile_spec,
@@ -57,7 +58,6 @@ from ._common import (
     visible_key_range,
 )
 
-LOG2E = 1.4426950408889634
 PREPROCESS_BLOCK_M = 64  # launched with Triton's defaults: 4 warps, 3 stages
 PROMPT_BLOCK_M = 64  # query rows per step of the dK/dV kernel's prompt programs (tile BLOCK_A keys x 64 rows)
 

@@ -34,6 +34,7 @@ import triton.language as tl
 
 from . import _common
 from ._common import (
+    LOG2E,
     SPEC_DTYPES,
     SPEC_HEAD_DIMS,
     compile_spec,
@@ -341,7 +342,7 @@ def adapter_attention_fwd(
         kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, out, lse_w, lse_a if has_prompt else lse_w,
         *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
         *gate_strides(gate), *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk, n_prompt, sm_scale * 1.4426950408889634,
+        Hq, Hq // Hkv, Nq, Nk, n_prompt, sm_scale * LOG2E,
         size_bucket(rows), size_bucket(rows if varlen else Nk),
     )  # fmt: skip
     consts = dict(

@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    LOG2E,
+    SMEM_BYTES,
     cdiv,
     compile_spec,
     dot_precision,
@@ -38,7 +40,6 @@ from ._common import (
     prompt_strides,
 )
 
-LOG2E = 1.4426950408889634
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
 _MAX_BLOCK_M = 64
 _WAVES = 2  # aim for about two waves of split programs over the SMs
@@ -56,7 +57,7 @@ def _merge_block_ka(ka: int) -> int:
 # (BLOCK_N, num_warps, num_stages) tried by the autotuner on sm80 / sm90; one small config under the interpreter.
 SPLIT_CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (64, 8, 2), (128, 8, 3))
 INTERPRETER_CONFIG = (32, 4, 1)
-_SMEM_BUDGET = 160 * 1024  # below A100's 164 KB, so every kept config fits both chips
+_SMEM_BUDGET = min(SMEM_BYTES.values())  # the smallest chip's, so every kept config fits both
 _FP32_PER_THREAD = 64  # accumulator + score tile per thread beyond which registers spill
 
 
@@ -287,7 +288,7 @@ def decode_attention(
     num_splits=None,
     out=None,
 ):
-    """Flash-decoding forward of `adapter_attention` (DESIGN §3) for few queries over a long KV cache.
+    """Flash-decoding forward of `adapter_attention` (docs/design.md §3) for few queries over a long KV cache.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D) with any strides (e.g. a slice of a preallocated cache);
     adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D); gate (Hq,) or (B, Hq); kv_lens (B,) int or None.

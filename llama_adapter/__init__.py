@@ -1,6 +1,6 @@
 """LLaMA-Adapter with fused Triton zero-init prompt attention.
 
-Public names (DESIGN §3): `adapter_attention`, `set_attention_backend`, `LLaMA`, `ModelArgs`, `AdapterConfig`,
+Public names (docs/design.md §3): `adapter_attention`, `set_attention_backend`, `LLaMA`, `ModelArgs`, `AdapterConfig`,
 `Tokenizer`, and `Adapter` / `AdapterBank` (several adapters in one batch). Heavy modules load on first use, so
 `import llama_adapter` stays cheap.
 """

@@ -1,4 +1,4 @@
-"""`adapter_attention`: the public op (DESIGN §3), its input checks and backend dispatch.
+"""`adapter_attention`: the public op (docs/design.md §3), its input checks and backend dispatch.
 
     o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av
 
@@ -85,7 +85,7 @@ def check_inputs(
     q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
     max_seqlen=None,
 ):  # fmt: skip
-    """Validate the op's inputs (DESIGN §3) and return sm_scale as a float. Raises TypeError / ValueError.
+    """Validate the op's inputs (docs/design.md §3) and return sm_scale as a float. Raises TypeError / ValueError.
 
     Types, shapes, dtypes and devices always; the values of the index-like inputs where they are readable on
     the host (`_values_readable`): kv_lens in [0, Nk]; cu_seqlens starting at 0, never decreasing, ending at

@@ -1,6 +1,6 @@
 """What other implementations compute for the gated prompt attention: the baselines the kernels must beat.
 
-Both take `adapter_attention`'s signature (inputs already checked) and compute, per DESIGN §1,
+Both take `adapter_attention`'s signature (inputs already checked) and compute, per docs/design.md §1,
 
     o = softmax_causal(s q k^T) v + g * softmax(s q ak^T) av
 

@@ -5,8 +5,8 @@ error (`user_errors`) while a command runs prints one line `llama-adapter: error
 exits 130. `--debug` or LLAMA_ADAPTER_DEBUG=1 shows the traceback instead.
 
 A module listed in SUBCOMMANDS exposes `register_cli(subparsers)`, which adds its parser(s) and sets
-`func=callable(args) -> int` on them. Modules load only when the command line is built, so a broken optional
-feature never hides the others: its import error is reported when that subcommand is asked for.
+`func=callable(args) -> int` on them. Modules load only when the command line is built, so importing
+`llama_adapter` does not import every command's dependencies.
 """
 
 import argparse
@@ -30,13 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = import_module(name)
-        except ModuleNotFoundError as err:
-            if err.name == name:  # feature not built yet
-                continue
-            raise
-        module.register_cli(subparsers)
+        import_module(name).register_cli(subparsers)
     for sub in subparsers.choices.values():  # `llama-adapter finetune ... --debug` works too
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return parser

@@ -25,7 +25,6 @@ import torch
 from llama_adapter.chat import AlpacaFormat, ChatError, check_messages, messages_from_record
 
 IGNORE_INDEX = -100
-FIELDS = ("instruction", "input", "output")
 
 
 class DataError(ValueError):
@@ -317,10 +316,6 @@ def image_inputs(dataset: InstructionDataset, ids, device) -> dict:
     return {"image_features": torch.stack([dataset.image_features[i] for i in ids]).to(device)}
 
 
-def steps_per_epoch(n_examples: int, global_batch_size: int) -> int:
-    return n_examples // global_batch_size
-
-
 def padding_waste(lengths: list[int], batches: list[list[int]]) -> float:
     """Fraction of a padded batch's tokens that are padding (for reports and tests)."""
     real = sum(lengths[i] for b in batches for i in b)
@@ -343,5 +338,4 @@ __all__ = [
     "padding_waste",
     "rank_micro_batches",
     "split_examples",
-    "steps_per_epoch",
 ]

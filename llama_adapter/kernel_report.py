@@ -41,10 +41,11 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from llama_adapter.kernels._common import SMEM_BYTES
 from llama_adapter.validation import POSITIVE_INT
 
 ARCHS = {"sm80": 80, "sm90": 90}
-SHARED_LIMIT = {"sm80": 164 * 1024, "sm90": 227 * 1024}  # max dynamic shared memory per block: A100, H100
+SHARED_LIMIT = {name: SMEM_BYTES[cc] for name, cc in ARCHS.items()}  # bytes per block (opt-in maximum)
 _MMA = re.compile(r"\b(HGMMA|HMMA)\b")
 # One SASS instruction as cuobjdump prints it: `/*1a30*/   @!P4 BRA 0x16e0 ;` (address, then the instruction).
 _SASS_LINE = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+([^;]*?)\s*;", re.MULTILINE)

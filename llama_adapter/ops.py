@@ -12,8 +12,6 @@ the model's business). Shared prompts and GQA groups reduce their gradients dete
 kernels/attention_bwd.py).
 """
 
-import functools
-
 import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import FakeTensor
@@ -21,6 +19,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from llama_adapter.kernels._common import zeroed_outputs
 from llama_adapter.kernels.attention_bwd import adapter_attention_bwd
 from llama_adapter.kernels.attention_fwd import adapter_attention_fwd
+from llama_adapter.kernels.decode import decode_attention
 
 DECODE_MAX_QUERIES = 16
 
@@ -125,12 +124,8 @@ def _backward(ctx, do, _dlse_w, _dlse_a):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-@functools.cache
 def _decode_launcher():
-    try:
-        from llama_adapter.kernels.decode import decode_attention
-    except ImportError:
-        return None
+    """The decode kernel's launcher; a function so that tests can count its launches."""
     return decode_attention
 
 
@@ -177,7 +172,7 @@ def fused_adapter_attention(
     grad = _needs_grad(q, k, v, adapter_k, adapter_v, gate)
     packed = {} if cu_seqlens is None else dict(cu_seqlens=cu_seqlens, max_seqlen=int(max_seqlen))
     max_seqlen = packed.get("max_seqlen", 0)
-    decode = not packed and not grad and q.shape[2] <= DECODE_MAX_QUERIES and _decode_launcher() is not None
+    decode = not packed and not grad and q.shape[2] <= DECODE_MAX_QUERIES
     if not grad and not torch.compiler.is_compiling() and not isinstance(q, FakeTensor):
         if decode:
             return _decode_launcher()(

@@ -398,10 +398,7 @@ class Trainer:
         """Greedy answer to one validation (else training) instruction, or None without a tokenizer."""
         if self.tokenizer is None:
             return None
-        try:
-            from llama_adapter.generation import generate
-        except ImportError:
-            return None
+        from llama_adapter.generation import generate
         tokens, prompt_len = (self.val_set or self.train_set)[0][:2]  # the conversation up to its first answer
         room = min(self.cfg.sample_max_new_tokens, self.model.params.max_seq_len - prompt_len)
         if room < 1:

@@ -2,7 +2,7 @@
 
 `float64_upcasts()` makes transformers' Llama (and PEFT's adaption prompt) compute in float64 throughout:
 their RMSNorm, RoPE tables and softmaxes upcast to `torch.float32` / `torch.float`, which would round a
-float64 model's activations to float32 (DESIGN §3). Inside the context those names mean float64 in the
+float64 model's activations to float32 (docs/design.md §7). Inside the context those names mean float64 in the
 modules that use them, so it is their own code that runs, just without the rounding.
 """
 

@@ -1,4 +1,4 @@
-"""The public op `adapter_attention`: its input errors (DESIGN §3), backend selection, and the PyTorch
+"""The public op `adapter_attention`: its input errors (docs/design.md §3), backend selection, and the PyTorch
 reference against a naive float64 computation written out query by query."""
 
 import math

@@ -12,6 +12,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed; the scripts run a
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import tune_attention as tune  # noqa: E402
+from llama_adapter.kernels._common import SMEM_BYTES  # noqa: E402
 from llama_adapter.kernels.attention_bwd import adapter_attention_bwd  # noqa: E402
 
 
@@ -47,13 +48,13 @@ def test_split_backward_launchers_give_the_full_backward():
 
 
 def test_candidates_start_with_the_table_and_fit_shared_memory():
-    table = tune.TABLES["fwd"][90][128]
-    fwd = tune.candidates("fwd", 128, 90, 227 * 1024)
-    assert fwd[: len(table)] == [c for c in table if tune.fwd_smem_bytes(c[0], c[1], 128, c[3]) <= 227 * 1024]
+    table, h100 = tune.TABLES["fwd"][90][128], SMEM_BYTES[90]
+    fwd = tune.candidates("fwd", 128, 90, h100)
+    assert fwd[: len(table)] == [c for c in table if tune.fwd_smem_bytes(c[0], c[1], 128, c[3]) <= h100]
     assert len(fwd) == len(set(fwd)) > len(table)
     small = tune.candidates("dkdv", 128, 90, 48 * 1024)
     assert small and all(tune.dkdv_smem_bytes(m, n, 128, s) <= 48 * 1024 for m, n, _, s in small)
-    assert len(small) < len(tune.candidates("dkdv", 128, 90, 227 * 1024))
+    assert len(small) < len(tune.candidates("dkdv", 128, 90, h100))
 
 
 def test_best_configs_rank_by_geometric_mean_over_every_length():
