@@ -429,16 +429,11 @@ def _tuned(which: str, head_dim: int, arch: int, smem: int):
     return triton.autotune(configs, key=key)(kernel)
 
 
-@functools.cache
-def _device_arch(device: torch.device) -> tuple[int, int]:
-    return device_arch(device)
-
-
 def _launch(which, kernel, args, consts, grid_of, config, head_dim, device):
     if config is not None:
         kernel[grid_of(config)](*args, **consts, **config)
     else:
-        tuned = _tuned(which, head_dim, *(_device_arch(device) if not interpreting() else (80, 0)))
+        tuned = _tuned(which, head_dim, *(device_arch(device) if not interpreting() else (80, 0)))
         tuned[grid_of](*args, **consts)
 
 
@@ -543,7 +538,7 @@ def bwd_dq(
     spills (kernel_report): before on sm90, where it keeps the loop's register peak down, after on sm80 (and
     under the interpreter, where it does not matter), where the same move made ptxas spill."""
     if prompt_first is None:
-        prompt_first = not interpreting() and q.is_cuda and _device_arch(q.device)[0] >= 90
+        prompt_first = not interpreting() and q.is_cuda and device_arch(q.device)[0] >= 90
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     has_prompt = adapter_k is not None
