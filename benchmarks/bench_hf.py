@@ -86,8 +86,7 @@ def build_models(base, args) -> dict:
     """{provider: model}: `base` becomes PEFT's (nonzero gates); peft_fused and ours are copies holding its adapter."""
     from peft import AdaptionPromptConfig, get_peft_model
 
-    from llama_adapter import hf
-    from llama_adapter.model import AdapterConfig
+    from llama_adapter import AdapterConfig, hf
 
     L = base.config.num_hidden_layers
     ours = hf.apply_adapter(

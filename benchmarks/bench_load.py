@@ -37,7 +37,7 @@ from llama_adapter.validation import POSITIVE_INT, Number
 
 def write_checkpoint(directory: Path, dim: int, layers: int, dtype: torch.dtype, vocab: int = 1024) -> int:
     """A random Meta checkpoint of a LLaMA shape; returns its file size in bytes."""
-    from llama_adapter.model import LLaMA, ModelArgs
+    from llama_adapter import LLaMA, ModelArgs
 
     args = ModelArgs(dim=dim, n_layers=layers, n_heads=dim // 128, vocab_size=vocab, multiple_of=256)
     model = LLaMA(args, device="meta")
@@ -59,7 +59,7 @@ def _status_kb(field: str) -> int:
 
 def measure_load(directory: Path, dtype: torch.dtype, quantize: str | None) -> dict:
     """Load in this process and report its memory (see the module docstring)."""
-    from llama_adapter.model import LLaMA, ModelArgs
+    from llama_adapter import LLaMA, ModelArgs
     from llama_adapter.quantize import check_quantize, weight_bytes
 
     # Imports before the baseline: torchao, and the modules torch loads on first use of the meta device (~74 MB of

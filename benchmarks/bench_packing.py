@@ -38,7 +38,7 @@ def length_mix(n: int, low: int, high: int, seed: int) -> list[int]:
 
 
 def micro_batches(model, lengths: list[int], device) -> dict:
-    """{"padded": (tokens, labels, {}), "packed": (tokens, labels, {cu_seqlens, max_seqlen})} of random tokens,
+    """{"padded": (tokens, labels, {}), "packed": (tokens, labels, {layout})} of random tokens,
     every token a target, as `llama_adapter.data.collate` lays them out."""
     from llama_adapter.data import IGNORE_INDEX, collate
 
@@ -49,7 +49,7 @@ def micro_batches(model, lengths: list[int], device) -> dict:
         batch = collate(items, pad_id=0, pack=mode == "packed")
         extra = {}
         if mode == "packed":
-            extra = dict(cu_seqlens=batch["cu_seqlens"].to(device), max_seqlen=batch["max_seqlen"])
+            extra = dict(layout=batch["layout"].to(device))
         assert (batch["labels"] != IGNORE_INDEX).sum() == sum(n - 1 for n in lengths)
         out[mode] = (batch["tokens"].to(device), batch["labels"].to(device), extra)
     return out

@@ -229,7 +229,7 @@ def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapt
     """A LLaMA of a `ModelArgs.from_name` shape ("7B", "tiny", ...), random weights and an adapter, on `device`.
 
     Gates are set to 0.1 rather than their zero init so every path carries real values, as mid-training."""
-    from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
+    from llama_adapter import AdapterConfig, LLaMA, ModelArgs
 
     extra = {"n_layers": layers} if layers else {}
     params = ModelArgs.from_name(size, **extra)

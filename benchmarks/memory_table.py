@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 
-from llama_adapter.model import ModelArgs
+from llama_adapter import ModelArgs
 from llama_adapter.quantize import quantized_nbytes
 from llama_adapter.validation import NON_NEGATIVE, POSITIVE_INT
 

@@ -24,8 +24,10 @@ import re
 
 import torch
 
-from llama_adapter.loading import CheckpointError, read_json_object, read_tensor_file
-from llama_adapter.validation import ConfigError, Number, check_arg, check_values
+from llama_adapter.adapter import AdapterConfig, check_tensors, copy_in, is_adapter_param, read_peft
+from llama_adapter.files import CheckpointError, fsync_dir, read_json_object, read_tensor_file
+from llama_adapter.model import Transformer
+from llama_adapter.validation import Number, check_arg
 
 FORMAT = "llama_adapter"
 FORMAT_VERSION = 1
@@ -33,7 +35,6 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 OFFICIAL_ADAPTER_LEN = 10
 
-_PEFT_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
 _OFFICIAL_GATE = re.compile(r"^layers\.(\d+)\.attention\.gate$")
 
 
@@ -53,8 +54,6 @@ def save_adapter(model, directory) -> None:
     import uuid
 
     from safetensors.torch import save_file
-
-    from llama_adapter.train_state import _fsync_dir
 
     if model.adapter_config is None:
         raise ValueError("the model has no adapter to save (attach_adapter or load_adapter first)")
@@ -77,14 +76,14 @@ def save_adapter(model, directory) -> None:
         for file in (WEIGHTS_FILE, CONFIG_FILE):
             with open(os.path.join(staging, file), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(staging)
+        fsync_dir(staging)
         if not os.path.exists(directory):
             os.rename(staging, directory)
         else:
             for file in (WEIGHTS_FILE, CONFIG_FILE):  # config last: it names what the weights are
                 os.replace(os.path.join(staging, file), os.path.join(directory, file))
-            _fsync_dir(directory)
-        _fsync_dir(parent)
+            fsync_dir(directory)
+        fsync_dir(parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -95,7 +94,9 @@ def load_adapter(model, path, *, adapter_len: int | None = None):
     adapter_len: prompt length of an official .pth (default 10, the official one); ignored for directories.
     """
     cfg, tensors = read_adapter(model, path, adapter_len=adapter_len)
-    _install(model, cfg, tensors)
+    model.attach_adapter(cfg)
+    params = {name: p for name, p in model.named_parameters() if is_adapter_param(name, cfg)}
+    copy_in(params, tensors, f"adapter {os.fspath(path)}")
     return cfg
 
 
@@ -128,9 +129,7 @@ def read_adapter(model, path, *, adapter_len: int | None = None) -> tuple:
 
 def _expected_shapes(model, cfg) -> dict[str, tuple]:
     """What `cfg` adds to this model (V2 options and projector included), from a copy on the meta device."""
-    from llama_adapter.model import LLaMA
-
-    probe = LLaMA(model.params, cfg, device="meta")
+    probe = Transformer(model.params, cfg, device="meta")
     return {name: tuple(t.shape) for name, t in probe.adapter_state_dict().items()}
 
 
@@ -140,25 +139,7 @@ def check_adapter_tensors(model, cfg, tensors: dict[str, torch.Tensor], source: 
         raise CheckpointError(
             f"adapter {source} adapts {cfg.adapter_layers} layers, the model has only {model.params.n_layers}"
         )
-    expected = _expected_shapes(model, cfg)
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"adapter {source} lacks tensor {name!r}")
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(
-                f"tensor {name!r} in {source} has shape {tuple(tensors[name].shape)}, the model expects {shape}"
-            )
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise CheckpointError(f"unexpected tensor {extra[0]!r} in adapter {source}")
-
-
-def _install(model, cfg, tensors: dict[str, torch.Tensor]) -> None:
-    model.attach_adapter(cfg)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, t in tensors.items():
-            params[name].copy_(t)
+    check_tensors(_expected_shapes(model, cfg), tensors, f"adapter {source}")
 
 
 def _shape_error(source: str, made_for: dict, model) -> CheckpointError:
@@ -166,8 +147,6 @@ def _shape_error(source: str, made_for: dict, model) -> CheckpointError:
 
 
 def _read_ours(model, path: str, config: dict):
-    from llama_adapter.model import AdapterConfig
-
     config_path = os.path.join(path, CONFIG_FILE)
     version = config.get("format_version", FORMAT_VERSION)
     if type(version) is not int or version != FORMAT_VERSION:  # a newer layout would be misread silently
@@ -188,75 +167,16 @@ def _read_ours(model, path: str, config: dict):
     return cfg, read_tensor_file(os.path.join(path, WEIGHTS_FILE))
 
 
-def peft_sizes(config_path: str, config: dict) -> tuple[int, int]:
-    """(adapter_len, adapter_layers) of a PEFT adaption-prompt adapter_config.json already read as `config`,
-    checked by AdapterConfig's rules: CheckpointError naming the file and the key. Both readers of PEFT
-    directories (ours on LLaMA, hf.load_peft on transformers) go through here."""
-    from llama_adapter.model import AdapterConfig
-
-    if config.get("peft_type") != "ADAPTION_PROMPT":
-        raise CheckpointError(f"{config_path}: peft_type must be 'ADAPTION_PROMPT', got {config.get('peft_type')!r}")
-    if config.get("target_modules", "self_attn") not in (None, "self_attn"):
-        raise CheckpointError(
-            f"{config_path}: PEFT target_modules {config['target_modules']!r} is not LLaMA's 'self_attn'"
-        )
-    try:
-        sizes = {k: config.get(k) for k in ("adapter_len", "adapter_layers")}
-        K, L = check_values(sizes, AdapterConfig.RULES).values()
-    except ConfigError as e:
-        raise CheckpointError(f"{config_path}: {e}") from None
-    return K, L
-
-
-def peft_weights_path(directory: str) -> str:
-    """adapter_model.safetensors, or PEFT's older adapter_model.bin when only that one is there."""
-    weights = os.path.join(directory, WEIGHTS_FILE)
-    legacy = os.path.join(directory, "adapter_model.bin")
-    return legacy if not os.path.isfile(weights) and os.path.isfile(legacy) else weights
-
-
 def _read_peft(model, path: str, config: dict):
-    from llama_adapter.model import AdapterConfig
-
-    K, L = peft_sizes(os.path.join(path, CONFIG_FILE), config)
-    weights = peft_weights_path(path)
-    raw = read_tensor_file(weights)
-
-    found: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in raw.items():
-        m = _PEFT_NAME.search(name)
-        if m is None:
-            raise CheckpointError(f"unexpected tensor {name!r} in {weights} (not an adaption prompt or gate)")
-        found.setdefault(int(m.group(1)), {})[m.group(2)] = t
-    layers = sorted(found)
-    n = model.params.n_layers
-    if layers != list(range(n - L, n)) or any(t.shape[-1] != model.params.dim for t in raw.values() if t.dim() == 3):
-        prompt = next((t for t in raw.values() if t.dim() == 3), None)
-        made_for = dict(dim=None if prompt is None else prompt.shape[-1], adapted_layers=f"{layers[:1]}..{layers[-1:]}")
-        raise CheckpointError(
-            f"PEFT adapter {path} was made for a model with {made_for} (the top {L} layers); this model has "
-            f"dim={model.params.dim}, n_layers={n} (top {L} layers: {n - L}..{n - 1})"
-        )
+    peft = read_peft(path, model.params.n_layers, model.params.dim, config)
     tensors = {}
-    for i, parts in found.items():
-        if set(parts) != {"prompt", "gate"}:
-            raise CheckpointError(
-                f"{weights}: layer {i} has {sorted(parts)}, needs both adaption_prompt and adaption_gate"
-            )
-        prompt, gate = parts["prompt"], parts["gate"]
-        if prompt.shape != (1, K, model.params.dim) or gate.shape != (1,):
-            raise CheckpointError(
-                f"{weights}: layer {i} adaption_prompt {tuple(prompt.shape)} / adaption_gate {tuple(gate.shape)}, "
-                f"expected (1, {K}, {model.params.dim}) / (1,)"
-            )
-        tensors[f"layers.{i}.attention.adapter_prompt"] = prompt[0]
-        tensors[f"layers.{i}.attention.adapter_gate"] = gate
-    return AdapterConfig(adapter_len=K, adapter_layers=L, gate="scalar", gate_act="none"), tensors
+    for i, prompt in peft.prompts.items():
+        tensors[f"layers.{i}.attention.adapter_prompt"] = prompt
+        tensors[f"layers.{i}.attention.adapter_gate"] = peft.gates[i]
+    return peft.config(), tensors
 
 
 def _read_official(model, path: str, adapter_len: int):
-    from llama_adapter.model import AdapterConfig
-
     raw = read_tensor_file(path)
     if "adapter_query.weight" not in raw:
         raise CheckpointError(f"{path} lacks 'adapter_query.weight': not an official LLaMA-Adapter v1 .pth")

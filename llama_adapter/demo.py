@@ -154,7 +154,7 @@ def claim_out_dir(out) -> None:
 
 
 def run_demo(args) -> int:
-    from llama_adapter.model import LLaMA, ModelArgs
+    from llama_adapter import LLaMA, ModelArgs
     from llama_adapter.tokenizer import Tokenizer
 
     torch.manual_seed(args.seed)

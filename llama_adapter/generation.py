@@ -320,8 +320,8 @@ def clamp_new_tokens(requested: int, prompt_len: int, max_seq_len: int, flag: st
 
 
 def _cli_generate(args) -> int:
+    from llama_adapter import LLaMA
     from llama_adapter.chat import AlpacaFormat, ChatError, get_chat_format, messages_from_record
-    from llama_adapter.model import LLaMA
     from llama_adapter.tokenizer import Tokenizer
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

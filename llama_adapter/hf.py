@@ -37,15 +37,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
+from llama_adapter import adapter
+from llama_adapter.adapter import AdapterConfig, copy_in, fit_adapter_layers, gate_value, project_prompt, read_peft
 from llama_adapter.attention import adapter_attention
-
-if TYPE_CHECKING:
-    from llama_adapter.model import AdapterConfig
 
 ATTN_IMPLEMENTATION = "llama_adapter"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
@@ -53,12 +52,11 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> AdaptionPromptModel -> the transformers model
 PROMPT_OWNER_KWARG = "llama_adapter_prompt_owner"  # how a PEFT AdaptedAttention hands its prompt to the attention
-_ADAPTER_PARAM_NAMES = ("adaption_prompt", "adaption_gate")
 
 
 def is_adapter_param(name: str) -> bool:
-    """The one predicate for what trains and what is saved (PEFT's rule: the last name starts with "adaption_")."""
-    return name.rsplit(".", 1)[-1] in _ADAPTER_PARAM_NAMES
+    """What trains and what is saved on a transformers model: `adapter.is_adapter_param` in PEFT's naming."""
+    return adapter.is_adapter_param(name, naming="peft")
 
 
 def padding_mask(
@@ -281,11 +279,8 @@ def _attend_padded(attend, query, key, value, mask, has_prompt):
 
 def prompt_keys_values(module, prompt: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """A (1, K, hidden) prompt through the layer's frozen k_proj / v_proj: two (Hkv, K, D) tensors in `dtype`."""
-    prompt = prompt[0]  # (K, hidden)
     n_kv = module.config.num_key_value_heads
-    K = prompt.shape[0]
-    keys = module.k_proj(prompt).view(K, n_kv, module.head_dim).transpose(0, 1)  # (Hkv, K, D)
-    values = module.v_proj(prompt).view(K, n_kv, module.head_dim).transpose(0, 1)
+    keys, values = project_prompt(module.k_proj, module.v_proj, prompt[0], n_kv, module.head_dim)  # (Hkv, K, D)
     return keys.to(dtype), values.to(dtype)
 
 
@@ -293,10 +288,7 @@ def effective_gate(owner, n_heads: int) -> torch.Tensor:
     """gate_act(adaption_gate) expanded to (Hq,): what the op multiplies each head's prompt output by.
 
     `owner` holds adaption_gate: one of our adapted attention modules, or a PEFT AdaptedAttention (no gate_act)."""
-    gate = owner.adaption_gate
-    if getattr(owner, "adapter_gate_act", "none") == "tanh":
-        gate = torch.tanh(gate)
-    return gate.expand(n_heads)
+    return gate_value(owner.adaption_gate, getattr(owner, "adapter_gate_act", "none")).expand(n_heads)
 
 
 def _register() -> None:
@@ -319,8 +311,6 @@ def _fit_config(config, n_layers: int):
     """`config`, checked, with adapter_layers clamped to n_layers (warning) as `LLaMA.attach_adapter` does."""
     import dataclasses
     import warnings
-
-    from llama_adapter.model import AdapterConfig, fit_adapter_layers  # AdapterConfig validates its own fields
 
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"config must be a llama_adapter AdapterConfig, got {type(config).__name__}")
@@ -403,44 +393,24 @@ def save_peft(model, directory: str | os.PathLike) -> None:
 
 def load_peft(model, directory: str | os.PathLike):
     """Read a PEFT adaption-prompt directory into `model` (adding the adapter first if it has none). Returns model."""
-    from llama_adapter.adapter_io import peft_sizes, peft_weights_path
-    from llama_adapter.loading import read_json_object, read_tensor_file
-    from llama_adapter.model import AdapterConfig
-
     directory = os.fspath(directory)
     config_path = os.path.join(directory, PEFT_CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path} not found: not a PEFT adapter directory")
-    adapter_len, adapter_layers = peft_sizes(config_path, read_json_object(config_path))
-    wanted = AdapterConfig(adapter_len=adapter_len, adapter_layers=adapter_layers, gate="scalar", gate_act="none")
-    n_layers = len(attention_modules(model))
-    if adapter_layers > n_layers:  # unlike a fresh adapter, trained prompts cannot be moved to other layers
-        raise ValueError(
-            f"{config_path}: adapter_layers {adapter_layers} > the model's {n_layers} layers: "
-            "the adapter was made for another model"
-        )
-    # before touching the model: a missing or damaged file leaves it as it was
-    tensors = read_tensor_file(peft_weights_path(directory))
+    layers = [(name, m) for name, m in model.named_modules() if name.endswith(".self_attn")]  # attention_modules
+    # read and checked before the model is touched: a missing or damaged file leaves it as it was
+    peft = read_peft(directory, len(layers), model.config.hidden_size)
+    wanted = peft.config()
     current = getattr(model, "adapter_config", None)
     if current is None:
         apply_adapter(model, wanted)
     elif current != wanted:
         raise ValueError(f"{config_path} describes {wanted}, but the model already has adapter {current}")
-
-    params = dict(model.named_parameters())
-    expected = set(adapter_state_dict(model))
-    found = {name.removeprefix(PEFT_PREFIX) for name in tensors}
-    if found != expected:
-        raise ValueError(
-            f"{directory}: adapter tensors do not match the model: "
-            f"missing {sorted(expected - found)}, unexpected {sorted(found - expected)}"
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            param = params[name.removeprefix(PEFT_PREFIX)]
-            if tensor.shape != param.shape:
-                raise ValueError(f"{directory}: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
-            param.copy_(tensor)
+    tensors = {}
+    for i, prompt in peft.prompts.items():
+        tensors[f"{layers[i][0]}.adaption_prompt"] = prompt[None]  # (1, K, hidden), as PEFT keeps it
+        tensors[f"{layers[i][0]}.adaption_gate"] = peft.gates[i]
+    copy_in({name: p for name, p in model.named_parameters() if is_adapter_param(name)}, tensors, directory)
     return model
 
 

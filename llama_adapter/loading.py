@@ -1,4 +1,4 @@
-"""Load a Meta or Hugging Face LLaMA checkpoint directory into `LLaMA` (Meta's parameter names).
+"""Load a Meta or Hugging Face LLaMA checkpoint directory into `model.Transformer` (Meta's parameter names).
 
 Meta dir: params.json + consolidated.NN.pth, one file per model-parallel rank. Column-parallel weights
 (wq, wk, wv, w1, w3, output) are split along dim 0, row-parallel ones (wo, w2) along dim 1, norms are
@@ -17,13 +17,17 @@ so nothing is allocated twice. Every problem with the files is a FileNotFoundErr
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from dataclasses import dataclass, field
 
 import torch
 
+from llama_adapter.adapter import AdapterConfig
+from llama_adapter.adapter_io import load_adapter
+from llama_adapter.files import CheckpointError, read_json_object, read_tensor_file
+from llama_adapter.model import Transformer
+from llama_adapter.model_args import ModelArgs
 from llama_adapter.validation import ConfigError, check_values, require_device
 
 META_PARAMS = "params.json"
@@ -56,10 +60,6 @@ _HF_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_at
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
-
-
 class Deferred:
     """A tensor built only when the loader assigns it (model-parallel shards concatenated, HF q/k rows un-permuted):
     shapes and dtypes can be checked first, and a quantizing load never holds more than one such copy at a time."""
@@ -85,67 +85,13 @@ class Checkpoint:
     config_path: str = ""  # params.json or config.json
 
 
-def read_json_object(path) -> dict:
-    """A JSON file holding an object (a config): CheckpointError naming the file if it is not UTF-8 JSON or
-    holds anything else (a list, a number)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{path} is not UTF-8 text: {e}") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, expected an object of keys")
-    return value
-
-
 def check_model_args(args: dict, path, names: dict | None = None) -> dict:
     """`args` (ModelArgs fields) checked against ModelArgs.RULES; CheckpointError naming the file and the key
     (`names`: field -> the file's key, for Hugging Face's names)."""
-    from llama_adapter.model import ModelArgs
-
     try:
         return check_values(args, ModelArgs.RULES, names)
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def _torch_load(path: str) -> dict:
-    try:
-        sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:  # truncated zips raise RuntimeError or OSError depending on where they end
-        raise CheckpointError(f"cannot read {path} (truncated or not a torch checkpoint?): {e}") from e
-    if not isinstance(sd, dict):
-        raise CheckpointError(f"{path} holds a {type(sd).__name__}, expected a dict of tensors")
-    if isinstance(sd.get("model"), dict):  # training checkpoints wrap the state dict
-        sd = sd["model"]
-    return sd
-
-
-def _safetensors_load(path: str, names=None) -> dict:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            available = set(f.keys())
-            return {n: f.get_tensor(n) for n in (available if names is None else names) if n in available}
-    except Exception as e:  # SafetensorError: truncated header or data
-        raise CheckpointError(f"cannot read {path} (truncated or not a safetensors file?): {e}") from e
-
-
-def read_tensor_file(path: str, names=None) -> dict[str, torch.Tensor]:
-    """The tensors of a .safetensors or torch (.pth / .bin / .pt) file, memory-mapped; only `names` if given
-    (a sharded checkpoint's index lists them), each of which must be there."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    tensors = _safetensors_load(path, names) if path.endswith(".safetensors") else _torch_load(path)
-    if names is None:
-        return tensors
-    missing = [n for n in names if n not in tensors]
-    if missing:
-        raise CheckpointError(f"{path} lacks tensor {missing[0]!r} (listed for it in the index)")
-    return {n: tensors[n] for n in names}
 
 
 # ---------------------------------------------------------------- Meta
@@ -402,8 +348,11 @@ def read_model_config(path) -> dict:
     return read_checkpoint(path).args  # neither file: raises the error naming what is missing
 
 
-def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device=None, quantize=None, **overrides):
-    """A `LLaMA` with the weights of a Meta or HF directory.
+def load_pretrained(
+    path, adapter=None, dtype: torch.dtype | None = None, device=None, quantize=None, cls=Transformer, **overrides
+):
+    """A `cls` (the network, `Transformer`, or a subclass: `LLaMA.from_pretrained` passes `LLaMA`) with the
+    weights of a Meta or HF directory.
 
     adapter: None, an AdapterConfig (fresh prompts, zero gates), or a path `load_adapter` accepts.
     dtype: None keeps the checkpoint's (its embedding's dtype); device: None is the CPU.
@@ -411,7 +360,6 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     it is read, so neither host nor device ever holds more than one full-precision weight beyond the mapped files.
     overrides: ModelArgs fields to replace, e.g. max_seq_len (Meta's params.json does not record it).
     """
-    from llama_adapter.model import LLaMA, ModelArgs
     from llama_adapter.quantize import check_quantize, check_quantize_dtype, is_quantized_linear, quantize_weight
 
     require_device("cpu" if device is None else device)  # before reading gigabytes for a device we lack
@@ -422,7 +370,7 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
     except ValueError as e:
         with_overrides = f" (with overrides {overrides})" if overrides else ""
         raise CheckpointError(f"{ckpt.config_path}: {e}{with_overrides}") from None
-    model = LLaMA(args, device="meta")
+    model = cls(args, device="meta")
     expected = {name: t.shape for name, t in model.state_dict().items()}
     check_float_tensors(ckpt)
     check_state_dict(ckpt, expected, os.fspath(path))
@@ -439,12 +387,10 @@ def load_pretrained(path, adapter=None, dtype: torch.dtype | None = None, device
         del t
     model.load_state_dict(state, strict=True, assign=True)
     if adapter is not None:
-        from llama_adapter.model import AdapterConfig
-
         if isinstance(adapter, AdapterConfig):
             model.attach_adapter(adapter)
         elif isinstance(adapter, str | os.PathLike):
-            model.load_adapter(adapter)
+            load_adapter(model, adapter)
         else:
             raise TypeError(f"adapter must be an AdapterConfig or a path, got {type(adapter).__name__}")
     return model

@@ -1,149 +1,45 @@
-"""A minimal LLaMA (1/2/3) with LLaMA-Adapter's zero-init gated prompts, in Meta's parameter names.
+"""The network: a minimal LLaMA (1/2/3) carrying LLaMA-Adapter's zero-init gated prompts, in Meta's names.
 
-One forward serves training (full sequences, no cache) and cached generation: with a `KVCache`, each row
-starts at its own position (`input_pos`, (B,)) and attends to its own number of cached keys (`kv_lens`), so
-right-padded prompts of different lengths give exactly what each gives alone. The adapter's prompt keys and
-values are recomputed from the current parameters on every call unless the caller passes `adapter_kv`
-(generation computes them once per call, never across calls, so training never sees stale ones).
+`Transformer` is the network alone, as Meta's own code keeps `Transformer` apart from `Llama` (loading and
+generation): this module imports only the attention op, the adapter (`llama_adapter.adapter`), the batch
+layout and validation, so nothing here reaches up into loading, files of adapters or generation.
+`llama_adapter.api.LLaMA` (the package's `LLaMA`) adds `from_pretrained`, `generate`, `save_adapter` and
+`load_adapter` on top.
+
+One forward serves training (full sequences or packed ones, no cache) and cached generation: with a `KVCache`,
+each row starts at its own position (`input_pos`, (B,)) and attends to its own number of cached keys, so
+right-padded prompts of different lengths give exactly what each gives alone (`llama_adapter.layout`). Each
+attention layer projects its own prompt through its own wk, wv inside its forward (so FSDP has gathered them
+there), from the current parameters, unless the caller passes `adapter_kv` (generation computes them once per
+call, never across calls, so training never sees stale ones; an AdapterBank gives one prompt per row).
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
-from typing import ClassVar
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from llama_adapter.attention import adapter_attention, packed_max_seqlen
-from llama_adapter.validation import (
-    NON_NEGATIVE_INT,
-    POSITIVE,
-    POSITIVE_INT,
-    Choice,
-    ConfigError,
-    Flag,
-    Number,
-    Table,
-    check_fields,
+from llama_adapter.adapter import (
+    AdapterConfig,
+    VisualProjector,
+    fit_adapter_layers,
+    gate_value,
+    is_adapter_param,
+    param_dtype,
+    project_prompt,
+    set_bias_scale,
 )
+from llama_adapter.attention import adapter_attention
+from llama_adapter.layout import KVCache, Layout
+from llama_adapter.model_args import ModelArgs
 
-_ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-@dataclass
-class ModelArgs:
-    dim: int = 4096
-    n_layers: int = 32
-    n_heads: int = 32
-    n_kv_heads: int | None = None
-    vocab_size: int = 32000
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    max_seq_len: int = 2048
-    rope_scaling: dict | None = None  # LLaMA-3.1: factor, low_freq_factor, high_freq_factor, original_max_pos...
-    hidden_dim: int | None = None  # None: Meta's SwiGLU rule below
-    head_dim: int = field(init=False)
-
-    # Every field's type and range (llama_adapter.validation); the checkpoint loaders check params.json and
-    # config.json against the same rules, naming the file and key.
-    RULES: ClassVar[dict] = dict(
-        dim=POSITIVE_INT, n_layers=POSITIVE_INT, n_heads=POSITIVE_INT, n_kv_heads=Number(int, min=1, optional=True),
-        vocab_size=POSITIVE_INT, multiple_of=POSITIVE_INT, ffn_dim_multiplier=Number(float, min=0, min_open=True,
-        optional=True), norm_eps=POSITIVE, rope_theta=POSITIVE, max_seq_len=POSITIVE_INT,
-        rope_scaling=Table(tuple((k, POSITIVE) for k in _ROPE_SCALING_KEYS), optional=True),
-        hidden_dim=Number(int, min=1, optional=True),
-    )  # fmt: skip
-
-    def __post_init__(self):
-        check_fields(self, self.RULES)
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads:
-            raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
-        self.head_dim = self.dim // self.n_heads
-        if self.hidden_dim is None:
-            hidden = int(2 * 4 * self.dim / 3)
-            if self.ffn_dim_multiplier is not None:
-                hidden = int(self.ffn_dim_multiplier * hidden)
-            self.hidden_dim = self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
-        if self.head_dim % 2:
-            raise ConfigError("n_heads", f"head_dim = dim / n_heads = {self.head_dim} must be even (RoPE pairs dims)")
-        if self.rope_scaling is not None:  # check_fields made a copy: CONFIGS' dict is never aliased
-            if self.rope_scaling["high_freq_factor"] == self.rope_scaling["low_freq_factor"]:
-                raise ConfigError("rope_scaling", "rope_scaling's high_freq_factor must differ from low_freq_factor")
-
-    @classmethod
-    def from_name(cls, name: str, **overrides) -> ModelArgs:
-        if name not in CONFIGS:
-            raise ValueError(f"unknown model name {name!r}; known: {sorted(CONFIGS)}")
-        return cls(**{**CONFIGS[name], **overrides})
-
-
-_LLAMA3_8B = dict(
-    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
-    rope_theta=500000.0, max_seq_len=8192,
-)  # fmt: skip
-_LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-CONFIGS = {
-    "7B": dict(dim=4096, n_layers=32, n_heads=32),
-    "13B": dict(dim=5120, n_layers=40, n_heads=40),
-    "70B": dict(
-        dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.3, multiple_of=4096, max_seq_len=4096
-    ),
-    "llama3-8B": _LLAMA3_8B,
-    "llama3.1-8B": {**_LLAMA3_8B, "rope_scaling": _LLAMA31_SCALING},
-    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128, multiple_of=16, max_seq_len=256),
-}
-
-
-@dataclass
-class AdapterConfig:
-    adapter_len: int = 10
-    adapter_layers: int = 30
-    gate: str = "head"  # "head": one gate per head (official v1); "scalar": one per layer (PEFT)
-    gate_act: str = "tanh"  # "tanh": official training code; "none": official inference code, PEFT, lit-llama
-    # Off by default (plain v1). LLaMA-Adapter V2 (Gao et al. 2023, arXiv 2304.15010: norm, bias and scale
-    # unlocked plus early fusion, "14M parameters over LLaMA" in all) and v1's image-conditioned prompts:
-    bias_tuning: bool = False  # V2: y = scale * (W x + bias) on the 7 linears of every block (7B: 2.7M, 0.040%)
-    norm_tuning: bool = False  # V2: every RMSNorm weight trains (7B: 65 x 4096 = 0.27M)
-    visual_dim: int | None = None  # v1 Eqs. 9-10: per-image feature size (M x C) -> `visual_proj` MLP to dim
-    visual_hidden: int = 512  # hidden width of that MLP
-    early_fusion: int = 0  # V2: image offsets go only to the first N layers (own prompts); static prompts above
-
-    RULES: ClassVar[dict] = dict(
-        adapter_len=POSITIVE_INT, adapter_layers=POSITIVE_INT, gate=Choice(("head", "scalar")),
-        gate_act=Choice(("tanh", "none")), bias_tuning=Flag(), norm_tuning=Flag(),
-        visual_dim=Number(int, min=1, optional=True), visual_hidden=POSITIVE_INT, early_fusion=NON_NEGATIVE_INT,
-    )  # fmt: skip
-
-    def __post_init__(self):
-        check_fields(self, self.RULES)
-
-    def to_dict(self) -> dict:
-        """The fields, less the V2 / multimodal switches left at their defaults (v1 configs read as before)."""
-        defaults = AdapterConfig()
-        v1 = ("adapter_len", "adapter_layers", "gate", "gate_act")
-        return {k: v for k, v in asdict(self).items() if k in v1 or v != getattr(defaults, k)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AdapterConfig:
-        if not isinstance(d, dict):
-            raise ConfigError("adapter", f"an AdapterConfig must be an object of fields, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown AdapterConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
-
+NO_PROMPT = (None, None, None)  # an `adapter_kv` entry for a layer that runs without its prompt
 
 def _upcast(dtype: torch.dtype) -> torch.dtype:
     """float32, or the dtype itself when wider (float64): norms, RoPE and softmax never round down."""
@@ -172,11 +68,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
-def effective_gate(gate: torch.Tensor, gate_act: str) -> torch.Tensor:
-    """What the attention multiplies the prompt's output by: tanh(gate) or the gate itself (AdapterConfig.gate_act)."""
-    return torch.tanh(gate) if gate_act == "tanh" else gate
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5, device=None, dtype=None):
         super().__init__()
@@ -188,67 +79,8 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class KVCache:
-    """Preallocated static keys/values, one (B, Hkv, max_len, D) pair per layer (gpt-fast style).
-
-    static=False: attention reads the first `length` keys (the longest row's), which costs one host sync per
-    forward to learn that length. static=True: attention always reads all max_len keys and `kv_lens` masks the
-    unwritten ones, so shapes never change and a decode step compiles into one graph (CUDA graphs replay it).
-    """
-
-    def __init__(self, n_layers, batch, n_kv_heads, max_len, head_dim, *, dtype, device, static=False):
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.batch, self.max_len, self.static = batch, max_len, static
-        self.length = 0  # keys in use this step (the longest row's): set once per forward, unless static
-
-    def write(self, layer: int, k, v, positions):
-        """Store k, v (B, Hkv, N, D) at per-row positions (B, N); return the first `length` cached keys/values."""
-        index = positions[:, None, :, None].expand_as(k)
-        self.k[layer].scatter_(2, index, k)
-        self.v[layer].scatter_(2, index, v)
-        if self.static:
-            return self.k[layer], self.v[layer]
-        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
-
-
-class BiasScaleLinear(nn.Linear):
-    """V2's bias and scale tuning of a frozen linear layer: y = scale * (W x + bias), bias 0 and scale 1 at init.
-
-    Shares the wrapped layer's weight, so the state-dict names stay `...wq.weight` (plus `.bias`, `.scale`).
-    """
-
-    def __init__(self, linear: nn.Linear):
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.weight = linear.in_features, linear.out_features, linear.weight
-        w = linear.weight
-        self.bias = nn.Parameter(torch.zeros(self.out_features, device=w.device, dtype=_upcast(w.dtype)))
-        self.scale = nn.Parameter(torch.ones(self.out_features, device=w.device, dtype=_upcast(w.dtype)))
-
-    def forward(self, x):
-        y = F.linear(x, self.weight, self.bias.to(self.weight.dtype))
-        return y * self.scale.to(y.dtype)
-
-    def plain(self) -> nn.Linear:
-        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
-        linear.weight = self.weight
-        return linear
-
-
 _TUNED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
                   "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
-
-
-def _set_bias_scale(block: nn.Module, enabled: bool) -> None:
-    """Wrap (fresh bias 0, scale 1) or unwrap the block's linear layers."""
-    for path in _TUNED_LINEARS:
-        parent_name, name = path.split(".")
-        parent = getattr(block, parent_name)
-        linear = getattr(parent, name)
-        if isinstance(linear, BiasScaleLinear):
-            linear = linear.plain()
-        setattr(parent, name, BiasScaleLinear(linear) if enabled else linear)
 
 
 class Attention(nn.Module):
@@ -270,7 +102,7 @@ class Attention(nn.Module):
 
     def add_adapter(self, cfg: AdapterConfig):
         w = self.wk.weight
-        pdtype = torch.float64 if w.dtype == torch.float64 else torch.float32
+        pdtype = param_dtype(w.dtype)
         dim = self.wq.in_features
         self.adapter_prompt = nn.Parameter(torch.randn(cfg.adapter_len, dim, device=w.device, dtype=pdtype))
         n_gates = self.n_heads if cfg.gate == "head" else 1
@@ -283,24 +115,24 @@ class Attention(nn.Module):
         if prompt_offset is not None:
             prompt = prompt + prompt_offset  # (B, K, dim)
         ak, av = self.project_prompt(prompt)
-        return ak, av, effective_gate(self.adapter_gate, self.gate_act).expand(self.n_heads)
+        return ak, av, gate_value(self.adapter_gate, self.gate_act).expand(self.n_heads)
 
     def project_prompt(self, prompt):
         """Keys and values (..., Hkv, K, D) of prompts (..., K, dim) through this layer's frozen wk, wv."""
-        prompt = prompt.to(self.wk.weight.dtype)
-        ak = self.wk(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)  # (..., Hkv, K, D)
-        av = self.wv(prompt).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(-3, -2)
-        return ak, av
+        return project_prompt(self.wk, self.wv, prompt.to(self.wk.weight.dtype), self.n_kv_heads, self.head_dim)
 
-    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None, packed=None):
-        B, N, _ = x.shape
+    def forward(self, x, cos, sin, layout: Layout, adapter_kv=None, prompt_offset=None):
+        """adapter_kv: this layer's (keys, values, gate) computed by the caller, NO_PROMPT, or None: the layer's
+        own prompt (plus prompt_offset (B, K|1, dim), image prompts) through its own wk, wv."""
         q = apply_rope(self.wq(x).unflatten(-1, (self.n_heads, self.head_dim)), cos, sin).transpose(1, 2)
         k = apply_rope(self.wk(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), cos, sin).transpose(1, 2)
         v = self.wv(x).unflatten(-1, (self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, Hkv, N, D)
-        if cache is not None:
-            k, v = cache.write(self.layer_id, k, v, positions)
-        ak, av, gate = adapter_kv if adapter_kv is not None else (None, None, None)
-        out = adapter_attention(q, k, v, ak, av, gate, causal=True, kv_lens=kv_lens, **(packed or {}))  # (B, H, N, D)
+        if layout.cache is not None:
+            k, v = layout.cache.write(self.layer_id, k, v, layout.positions)
+        if adapter_kv is None and self.adapter_prompt is not None:
+            adapter_kv = self.prompt_kv(prompt_offset)
+        ak, av, gate = adapter_kv or NO_PROMPT
+        out = adapter_attention(q, k, v, ak, av, gate, causal=True, **layout.op_kwargs())  # (B, H, N, D)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 
@@ -323,33 +155,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, device=device, dtype=dtype)
 
-    def forward(self, x, cos, sin, adapter_kv=None, cache=None, positions=None, kv_lens=None, packed=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, adapter_kv, cache, positions, kv_lens, packed)
+    def forward(self, x, cos, sin, layout: Layout, adapter_kv=None, prompt_offset=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, layout, adapter_kv, prompt_offset)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def _is_adapter_param(name: str, cfg: AdapterConfig | None = None) -> bool:
-    """The single source of truth for what trains and what an adapter file holds.
-
-    Prompts, gates, the image projector and V2's biases and scales (the base has no biases) exist only when
-    the adapter adds them; the norm weights belong to the base and count only under cfg.norm_tuning.
-    """
-    if name.rsplit(".", 1)[-1] in ("adapter_prompt", "adapter_gate", "bias", "scale"):
-        return True
-    if name.startswith("visual_proj."):
-        return True
-    return cfg is not None and cfg.norm_tuning and name.endswith("norm.weight")
-
-
-
-def fit_adapter_layers(requested: int, n_layers: int, name: str = "adapter_layers") -> tuple[int, str | None]:
-    """The adapted layer count for a model of n_layers, and a note when `requested` had to be clamped to it.
-    One rule for AdapterConfig on a model and for `finetune --adapter-layers` (name: how the caller spells it)."""
-    if requested > n_layers:
-        return n_layers, f"{name} {requested} > the model's {n_layers} layers; adapting all {n_layers}"
-    return requested, None
-
-class LLaMA(nn.Module):
+class Transformer(nn.Module):
     def __init__(self, params: ModelArgs, adapter: AdapterConfig | None = None, *, device=None, dtype=None):
         super().__init__()
         self.params = params
@@ -359,7 +170,7 @@ class LLaMA(nn.Module):
         self.output = nn.Linear(params.dim, params.vocab_size, bias=False, device=device, dtype=dtype)
         self.requires_grad_(False)
         self.adapter_config = None
-        self.visual_proj = None  # multimodal.VisualProjector when the adapter has visual_dim
+        self.visual_proj = None  # adapter.VisualProjector when the adapter has visual_dim
         self._base_norms = None  # the checkpoint's norm weights, kept once norm tuning may change them
         self.gradient_checkpointing = False
         self._rope_tables = {}
@@ -382,7 +193,7 @@ class LLaMA(nn.Module):
             layer.attention.remove_adapter()
             if i in adapted:
                 layer.attention.add_adapter(cfg)
-            _set_bias_scale(layer, cfg.bias_tuning)
+            set_bias_scale(layer, _TUNED_LINEARS, cfg.bias_tuning)
         norms = {n: p for n, p in self.named_parameters() if n.endswith("norm.weight")}
         with torch.no_grad():
             if self._base_norms is not None:  # a fresh adapter starts from the checkpoint's norms
@@ -392,14 +203,12 @@ class LLaMA(nn.Module):
                 self._base_norms = {n: p.detach().clone() for n, p in norms.items()}
         self.visual_proj = None
         if cfg.visual_dim is not None:
-            from llama_adapter.multimodal import VisualProjector
-
             w = self.tok_embeddings.weight
             self.visual_proj = VisualProjector(cfg.visual_dim, self.params.dim, cfg.adapter_len, cfg.visual_hidden,
-                                               device=w.device, dtype=_upcast(w.dtype))  # fmt: skip
+                                               device=w.device, dtype=param_dtype(w.dtype))  # fmt: skip
         self.adapter_config = cfg
         for name, p in self.named_parameters():
-            p.requires_grad_(_is_adapter_param(name, cfg))
+            p.requires_grad_(is_adapter_param(name, cfg))
 
     def adapted_layers(self, cfg: AdapterConfig | None = None) -> list[int]:
         """Layers with prompts: the top cfg.adapter_layers, and the first cfg.early_fusion (V2)."""
@@ -422,10 +231,10 @@ class LLaMA(nn.Module):
         return min(self.adapted_layers(cfg), default=self.params.n_layers)
 
     def adapter_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if _is_adapter_param(name, self.adapter_config)]
+        return [p for name, p in self.named_parameters() if is_adapter_param(name, self.adapter_config)]
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: t for name, t in self.state_dict().items() if _is_adapter_param(name, self.adapter_config)}
+        return {name: t for name, t in self.state_dict().items() if is_adapter_param(name, self.adapter_config)}
 
     def trainable_summary(self) -> str:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -436,17 +245,14 @@ class LLaMA(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(self.trainable_summary())
 
-    def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list:
-        """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters."""
+    def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list | None:
+        """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters, for a
+        caller that runs several forwards with the same prompts (generation). None when the adapted layers'
+        wk, wv are FSDP shards: each layer then projects its own prompt inside its forward, where they are whole."""
         if prompt_offset is not None:
-            cfg = self.adapter_config
-            if cfg is None:
-                raise ValueError("prompt_offset was given but the model has no adapter (attach_adapter first)")
-            K, dim = cfg.adapter_len, self.params.dim
-            ok = prompt_offset.dim() == 3 and prompt_offset.shape[1] in (1, K) and prompt_offset.shape[2] == dim
-            if not ok or (batch is not None and prompt_offset.shape[0] != batch):
-                got = tuple(prompt_offset.shape)
-                raise ValueError(f"prompt_offset must have shape (B={batch}, {K} or 1, {dim}), got {got}")
+            self._check_prompt_offset(prompt_offset, batch)
+        elif any(_is_shard(layer.attention.wk.weight) for layer in self.layers):
+            return None
         visual = set(self.visual_layers())
         return [
             layer.attention.prompt_kv(prompt_offset if i in visual else None)
@@ -454,6 +260,31 @@ class LLaMA(nn.Module):
             else None
             for i, layer in enumerate(self.layers)
         ]
+
+    def _check_prompt_offset(self, prompt_offset: torch.Tensor, batch: int | None) -> None:
+        cfg = self.adapter_config
+        if cfg is None:
+            raise ValueError("prompt_offset was given but the model has no adapter (attach_adapter first)")
+        K, dim = cfg.adapter_len, self.params.dim
+        ok = prompt_offset.dim() == 3 and prompt_offset.shape[1] in (1, K) and prompt_offset.shape[2] == dim
+        if not ok or (batch is not None and prompt_offset.shape[0] != batch):
+            got = tuple(prompt_offset.shape)
+            raise ValueError(f"prompt_offset must have shape (B={batch}, {K} or 1, {dim}), got {got}")
+
+    def _prompt_offset(self, prompt_offset, image_features, adapter_kv, batch: int) -> torch.Tensor | None:
+        """The per-row offset (B, K|1, dim) of the visual layers' prompts, from either of forward's two inputs."""
+        if image_features is not None:
+            if self.visual_proj is None:
+                raise ValueError("image_features were given but the adapter has no visual projector (visual_dim)")
+            if prompt_offset is not None:
+                raise ValueError("pass image_features or prompt_offset, not both")
+            prompt_offset = self.visual_proj(image_features)
+        if prompt_offset is None:
+            return None
+        if adapter_kv is not None:
+            raise ValueError("pass prompt_offset or adapter_kv, not both (adapter_kv already includes the offset)")
+        self._check_prompt_offset(prompt_offset, batch)
+        return prompt_offset
 
     # ----- forward -----
     def rope_tables(self, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -477,86 +308,56 @@ class LLaMA(nn.Module):
         shape = (p.n_layers, batch, p.n_kv_heads, max_len, p.head_dim)
         return KVCache(*shape, dtype=w.dtype, device=w.device, static=static)
 
+    def _layout(self, tokens: torch.Tensor, layout: Layout | None, cache, input_pos) -> Layout:
+        B, N = tokens.shape
+        if cache is not None:
+            if layout is not None:
+                raise ValueError("pass layout= (dense, or packed with cu_seqlens) or cache= with input_pos=, not both")
+            return Layout.cached(cache, input_pos, B, N, tokens.device)
+        layout = Layout.dense(N, tokens.device) if layout is None else layout.to(tokens.device)
+        layout.check(B, N, self.params.max_seq_len)
+        return layout
+
     def forward(
         self,
         tokens: torch.Tensor,
         prompt_offset: torch.Tensor | None = None,
         *,
+        layout: Layout | None = None,
         cache: KVCache | None = None,
-        input_pos: torch.Tensor | None = None,
+        input_pos: torch.Tensor | int | None = None,
         adapter_kv: list | None = None,
         logits_pos: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        max_seqlen: int | None = None,
     ) -> torch.Tensor:
         """tokens (B, N) -> logits (B, N, vocab).
 
-        Packed sequences: tokens (1, T) hold several sequences back to back, cu_seqlens (S+1,) int32 their
-        boundaries (`adapter_attention`'s varlen contract); each attends only within itself, sees the shared
-        prompt and has RoPE positions from 0. max_seqlen: the longest (None: read from cu_seqlens, one sync).
-
-        With `cache`, row b's tokens sit at positions input_pos[b] + arange(N) and attend to the cached keys
-        before them only. `adapter_kv` (from `adapter_kv()`) skips recomputing the prompt keys/values;
-        `logits_pos` (B,) returns only the logits at those positions, (B, 1, vocab). `image_features` (B, M*C)
-        go through the adapter's `visual_proj` to become the prompt offset.
+        layout (`llama_adapter.layout.Layout`): None, each row one sequence from position 0; or
+        `Layout.packed(cu_seqlens, max_seqlen)`: tokens (1, T) hold several sequences back to back, each attending
+        only within itself, seeing the shared prompt, with RoPE positions from 0 (what `collate(pack=True)` gives).
+        With `cache` (Layout.cached), row b's tokens sit at positions input_pos[b] + arange(N) (input_pos an int
+        or (B,)) and attend to the cached keys before them only. `adapter_kv` (from `adapter_kv()` or an
+        AdapterBank) skips recomputing the prompt keys/values; `logits_pos` (B,) returns only the logits at
+        those positions, (B, 1, vocab). `prompt_offset` (B, K|1, dim) is added to the prompts of the visual
+        layers; `image_features` (B, M*C) become that offset through the adapter's `visual_proj`.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             got = getattr(tokens, "shape", type(tokens).__name__)
             raise ValueError(f"tokens must be an integer tensor of shape (B, N), got {got}")
-        B, N = tokens.shape
-        device = tokens.device
-        packed = None
-        if cu_seqlens is not None:
-            if cache is not None or prompt_offset is not None or image_features is not None or B != 1:
-                raise ValueError("cu_seqlens packs sequences into tokens (1, T) for training or prefill, without "
-                                 "cache, prompt_offset or image_features (those are per row)")  # fmt: skip
-            if max_seqlen is None or cu_seqlens.device.type == "cpu":
-                # a CPU cu_seqlens (what collate makes) is checked before it moves: free here, a sync on the GPU
-                longest = packed_max_seqlen(cu_seqlens, N)
-                if max_seqlen is not None and max_seqlen < longest:
-                    raise ValueError(f"max_seqlen must be at least the longest sequence ({longest}), got {max_seqlen}")
-                max_seqlen = longest if max_seqlen is None else max_seqlen
-            cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
-            if max_seqlen > self.params.max_seq_len:
-                raise ValueError(f"a packed sequence has {max_seqlen} positions, more than max_seq_len")
-            seq = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(N, device=device), right=True)  # (T,)
-            positions = (torch.arange(N, device=device) - cu_seqlens.long()[seq])[None]  # (1, T), from 0 per sequence
-            kv_lens = None
-            packed = dict(cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
-        elif cache is None:
-            if N > self.params.max_seq_len:
-                raise ValueError(f"tokens has {N} positions, more than max_seq_len={self.params.max_seq_len}")
-            positions = torch.arange(N, device=device)[None]  # (1, N)
-            kv_lens = None
-        else:
-            if input_pos is None or cache.batch != B:
-                raise ValueError(f"cache (batch {cache.batch}) needs input_pos of shape ({B},) and tokens batch {B}")
-            input_pos = torch.as_tensor(input_pos, device=device, dtype=torch.long).expand(B)  # int or (B,)
-            positions = input_pos[:, None] + torch.arange(N, device=device)  # (B, N)
-            if not cache.static:  # a static cache skips this host sync: the caller keeps positions < max_len
-                cache.length = int(positions.max()) + 1
-                if cache.length > cache.max_len:
-                    raise ValueError(f"positions up to {cache.length - 1} exceed the cache's max_len={cache.max_len}")
-            kv_lens = (input_pos + N).to(torch.int32)
-        if image_features is not None:
-            if self.visual_proj is None:
-                raise ValueError("image_features were given but the adapter has no visual projector (visual_dim)")
-            if prompt_offset is not None:
-                raise ValueError("pass image_features or prompt_offset, not both")
-            prompt_offset = self.visual_proj(image_features)
-        if adapter_kv is None:
-            adapter_kv = self.adapter_kv(prompt_offset, B)
-        elif prompt_offset is not None:
-            raise ValueError("pass prompt_offset or adapter_kv, not both (adapter_kv already includes the offset)")
-
+        B, device = tokens.shape[0], tokens.device
+        layout = self._layout(tokens, layout, cache, input_pos)
+        offset = self._prompt_offset(prompt_offset, image_features, adapter_kv, B)
+        if offset is not None and layout.cu_seqlens is not None:
+            per_row = "prompt_offset or image_features (those are per row)"
+            raise ValueError(f"cu_seqlens packs sequences into one row, which cannot carry {per_row}")
         cos, sin = self.rope_tables(device, self.tok_embeddings.weight.dtype)
-        cos, sin = cos[positions], sin[positions]  # (B|1, N, D/2)
+        cos, sin = cos[layout.positions], sin[layout.positions]  # (B|1, N, D/2)
         h = self.tok_embeddings(tokens)
-        first = self.first_adapter_layer()
+        first, visual = self.first_adapter_layer(), set(self.visual_layers())
         for i, layer in enumerate(self.layers):
-            args = (h, cos, sin, adapter_kv[i], cache, positions, kv_lens, packed)
-            if self.gradient_checkpointing and i >= first and cache is None and torch.is_grad_enabled():
+            kv = None if adapter_kv is None else adapter_kv[i] or NO_PROMPT
+            args = (h, cos, sin, layout, kv, offset if i in visual else None)
+            if self.gradient_checkpointing and i >= first and layout.cache is None and torch.is_grad_enabled():
                 h = checkpoint(layer, *args, use_reentrant=False)
             else:
                 h = layer(*args)
@@ -564,29 +365,11 @@ class LLaMA(nn.Module):
             h = h.gather(1, logits_pos.to(device=device, dtype=torch.long).view(B, 1, 1).expand(B, 1, h.shape[-1]))
         return self.output(self.norm(h))
 
-    # ----- delegations (imported lazily: these modules import this one) -----
-    @classmethod
-    def from_pretrained(
-        cls, path, adapter: AdapterConfig | None = None, dtype=None, device=None, quantize=None, **overrides
-    ) -> LLaMA:
-        """Meta or Hugging Face directory; quantize: None, "nf4" or "int8" for the frozen block linears
-        (llama_adapter.quantize); `overrides` are ModelArgs fields (e.g. max_seq_len=4096)."""
-        from llama_adapter.loading import load_pretrained
 
-        return load_pretrained(path, adapter=adapter, dtype=dtype, device=device, quantize=quantize, **overrides)
+def _is_shard(t: torch.Tensor) -> bool:
+    """An FSDP2 shard (a DTensor): whole only inside its module's forward."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
 
-    def save_adapter(self, directory) -> None:
-        from llama_adapter.adapter_io import save_adapter
-
-        return save_adapter(self, directory)
-
-    def load_adapter(self, path, **kwargs):
-        """Our adapter dir, a PEFT adaption-prompt dir or the official v1 .pth (kwargs: adapter_len=)."""
-        from llama_adapter.adapter_io import load_adapter
-
-        return load_adapter(self, path, **kwargs)
-
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, **kwargs):
-        from llama_adapter.generation import generate
-
-        return generate(self, prompts, max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id, **kwargs)
+    return isinstance(t, DTensor)

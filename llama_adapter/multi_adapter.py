@@ -14,7 +14,7 @@ The adapters of a bank share adapter_len and their adapted layers (adapter_layer
 prompt length, and every row must adapt the same layers. Their gate forms may differ ("head" or "scalar", tanh
 or not): the bank keeps each as effective per-head values. Rows differ in prompts and gates only, so adapters
 that also tune biases, scales or norms (V2) or take images are refused. Prompt keys/values come from the base's
-current wk, wv at every `adapter_kv` call and are never kept, like the model's own (`LLaMA.adapter_kv`).
+current wk, wv at every `adapter_kv` call and are never kept, like the model's own (`Transformer.adapter_kv`).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from llama_adapter.adapter import AdapterConfig, gate_value
 from llama_adapter.adapter_io import check_adapter_tensors, read_adapter
-from llama_adapter.model import AdapterConfig, effective_gate
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so a bank can key rows by the object itself
@@ -118,7 +118,7 @@ class AdapterBank:
             prompt = adapter.tensors[f"layers.{i}.attention.adapter_prompt"]
             gate = adapter.tensors[f"layers.{i}.attention.adapter_gate"].to(device=w.device, dtype=dtype)
             prompts.append(prompt.detach().to(device=w.device, dtype=dtype).clone())
-            gates.append(effective_gate(gate.detach(), cfg.gate_act).expand(n_heads).clone())
+            gates.append(gate_value(gate.detach(), cfg.gate_act).expand(n_heads).clone())
         self._prompts.append(prompts)
         self._gates.append(gates)
         self._stacked = None

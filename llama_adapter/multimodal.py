@@ -4,8 +4,8 @@ A frozen image encoder gives global features at M scales, I_m (C_m,). They are c
 to the model width by a small MLP, I_p = MLP([I_1; ...; I_M]) (dim,), repeated K times and added to the
 adaption prompt of every adapted layer: P_l + repeat(I_p). Each sample then has its own prompt, which the
 attention op takes as (B, Hkv, K, D) (`LLaMA.forward(prompt_offset=...)`; no per-sample Python loop).
-The projector (`VisualProjector`) lives on the model as `visual_proj` when `AdapterConfig.visual_dim` is set,
-so it trains, saves and loads with the prompts and gates.
+The projector (`llama_adapter.adapter.VisualProjector`) lives on the model as `visual_proj` when
+`AdapterConfig.visual_dim` is set, so it trains, saves and loads with the prompts and gates.
 
 The encoder is pluggable and never downloaded. Features come from files (`ImageFeatures`):
   - one tensor for a data set: a .pt holding a tensor (N, ...) or {"features": (N, ...), "ids": [N names]}
@@ -27,7 +27,6 @@ import json
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from llama_adapter.validation import NON_NEGATIVE_INT, POSITIVE_INT, require_device
 
@@ -37,31 +36,6 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 class FeatureError(ValueError):
     """Image features that cannot be used; the message names the file and the image."""
-
-
-# ----------------------------------------------------------------------------- projection
-class VisualProjector(nn.Module):
-    """Concatenated multi-scale features (B, M*C) or (B, M, C) -> prompt offset (B, K, dim) (Eqs. 9-10)."""
-
-    def __init__(self, in_dim: int, dim: int, adapter_len: int, hidden: int = 512, *, device=None, dtype=None):
-        super().__init__()
-        self.in_dim, self.adapter_len = in_dim, adapter_len
-        self.fc1 = nn.Linear(in_dim, hidden, device=device, dtype=dtype)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, device=device, dtype=dtype)
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        if not isinstance(features, torch.Tensor) or features.dim() not in (2, 3):
-            got = getattr(features, "shape", type(features).__name__)
-            raise ValueError(f"image_features must be a tensor (B, {self.in_dim}) or (B, M, C), got {got}")
-        x = features.flatten(1)
-        if x.shape[1] != self.in_dim:
-            raise ValueError(
-                f"image_features have {x.shape[1]} values per image (shape {tuple(features.shape)}), the projector "
-                f"expects {self.in_dim} (AdapterConfig.visual_dim)"
-            )
-        x = x.to(self.fc1.weight.dtype)
-        return self.fc2(self.act(self.fc1(x))).unsqueeze(1).expand(-1, self.adapter_len, -1)  # (B, K, dim)
 
 
 # ----------------------------------------------------------------------------- feature files

@@ -199,7 +199,7 @@ def format_report(report: dict) -> str:
 
 # ----------------------------------------------------------------------------- command line
 def _run_eval(args) -> int:
-    from llama_adapter.model import LLaMA
+    from llama_adapter import LLaMA
     from llama_adapter.multimodal import ImageFeatures
     from llama_adapter.tokenizer import Tokenizer
 

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from llama_adapter import train_state
+from llama_adapter.adapter import copy_in, is_adapter_param
 from llama_adapter.adapter_io import CONFIG_FILE, WEIGHTS_FILE
 from llama_adapter.attention import resolve_backend
 from llama_adapter.chat import FORMATS
@@ -156,10 +157,9 @@ def init_distributed(device: str | None = None, init_method: str | None = None) 
 def wrap_model(model, info: DistInfo, fsdp: bool = False):
     """DDP (reduces only the adapter's grads: DDP skips parameters that do not require grad) or FSDP2.
 
-    Under FSDP the frozen base is sharded layer by layer and the small adapter stays replicated (ignored by
-    FSDP), its gradients averaged by one all-reduce per step (`sync_adapter_grads`). The adapted layers' wk and
-    wv stay replicated too: the model projects the prompts through them before the layers run, outside the
-    window in which FSDP gathers a layer's shards (with GQA, as in 70B, they are ~1% of the weights)."""
+    Under FSDP every frozen weight is sharded layer by layer (each layer projects its prompt through its own
+    wk, wv inside its forward, where FSDP has gathered them) and the small adapter stays replicated (ignored by
+    FSDP), its gradients averaged by one all-reduce per step (`sync_adapter_grads`)."""
     if info.world_size == 1 and not fsdp:
         return model
     if fsdp:
@@ -167,11 +167,8 @@ def wrap_model(model, info: DistInfo, fsdp: bool = False):
 
         check_fsdp_quantize(fsdp, quantization_of(model))
 
-        adapter = set(model.adapter_parameters())
-        replicated = set(adapter)
+        replicated = set(model.adapter_parameters())
         for layer in model.layers:
-            if layer.attention.adapter_prompt is not None:
-                replicated |= {layer.attention.wk.weight, layer.attention.wv.weight}
             fully_shard(layer, ignored_params=replicated & set(layer.parameters()))
         fully_shard(model, ignored_params=replicated)
         for p in replicated:  # FSDP does not move the parameters it ignores
@@ -350,9 +347,7 @@ class Trainer:
             # Image prompts are per example, which packed rows cannot carry: those batches stay padded.
             pack = self.packs() and not images
             batch = collate([self.train_set[i] for i in ids], self.pad_id, pack=pack)
-            packed = (
-                dict(cu_seqlens=batch["cu_seqlens"].to(info.device), max_seqlen=batch["max_seqlen"]) if pack else {}
-            )
+            packed = dict(layout=batch["layout"]) if pack else {}  # moved to the tokens' device by the model
             last = j == len(micro) - 1
             no_sync = self.wrapped.no_sync if hasattr(self.wrapped, "no_sync") and not last else nullcontext
             with no_sync():
@@ -674,21 +669,12 @@ def evaluate_loss(model, dataset: InstructionDataset, batch_size: int, pad_id: i
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
     """The adapter's parameters by state-dict name, read without `state_dict()` (whose FSDP hooks communicate)."""
-    adapter = {id(p) for p in model.adapter_parameters()}
-    return {name: p.detach() for name, p in model.named_parameters() if id(p) in adapter}
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_param(name, model.adapter_config)}
 
 
 def load_adapter_tensors(model, tensors: dict) -> None:
     """Copy adapter tensors (adapter_state_dict names) into the model; every adapter key must match."""
-    expected = adapter_tensors(model)
-    if set(tensors) != set(expected):
-        missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-        raise ValueError(f"adapter tensors do not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
-    with torch.no_grad():
-        for name, param in expected.items():
-            if tensors[name].shape != param.shape:
-                raise ValueError(f"adapter tensor {name}: shape {tuple(tensors[name].shape)} != {tuple(param.shape)}")
-            param.copy_(tensors[name])
+    copy_in(adapter_tensors(model), tensors, "the checkpoint's adapter")
 
 
 def plot_loss(history: list[dict], path) -> Path | None:
@@ -803,8 +789,9 @@ def model_defaults(args, say=print) -> tuple[int, int]:
     the model's context / all its layers, with one line saying what was chosen. Read from the checkpoint's config
     only, so data errors still surface before any weight is read. An explicit --max-seq-len beyond the context
     is an error; an explicit --adapter-layers beyond the depth is clamped (as AdapterConfig on a model is)."""
+    from llama_adapter.adapter import fit_adapter_layers
     from llama_adapter.loading import read_model_config
-    from llama_adapter.model import ModelArgs, fit_adapter_layers
+    from llama_adapter.model_args import ModelArgs
 
     config = read_model_config(args.model)
     context = config.get("max_seq_len", next(f.default for f in fields(ModelArgs) if f.name == "max_seq_len"))
@@ -853,8 +840,8 @@ def check_fsdp_quantize(fsdp: bool, quantize: str | None) -> None:
 def finetune(args) -> Trainer:
     """`llama-adapter finetune` without the signal handling: load, train, save; returns the trainer (whose
     `.model` holds the trained adapter)."""
+    from llama_adapter import AdapterConfig, LLaMA
     from llama_adapter.chat import get_chat_format
-    from llama_adapter.model import AdapterConfig, LLaMA
     from llama_adapter.tokenizer import Tokenizer
 
     if args.device is not None:

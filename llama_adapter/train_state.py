@@ -23,24 +23,11 @@ from pathlib import Path
 
 import torch
 
-from llama_adapter.loading import CheckpointError
+from llama_adapter.files import CheckpointError, fsync_dir
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _TMP_PREFIX = ".tmp-"
 FORMAT_VERSION = 2  # 1 pickled RNG states (numpy arrays, tuples) and needed weights_only=False
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _atomic_write(path, write) -> Path:
@@ -56,7 +43,7 @@ def _atomic_write(path, write) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from llama_adapter.adapter import gate_value, project_prompt
 from llama_adapter.attention import adapter_attention
 
 _PROJECTIONS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
@@ -88,9 +89,9 @@ class ZeroInitPromptAttention(nn.Module):
         k = self._heads(self.k_name, hidden_states)
         v = self._heads(self.v_name, hidden_states)
         prompt = self.prompt.to(hidden_states.dtype)
-        ak, av = self._heads(self.k_name, prompt), self._heads(self.v_name, prompt)  # (H, K, D)
-        gate = torch.tanh(self.gate) if self.gate_act == "tanh" else self.gate
-        gate = gate.to(q.dtype).expand(self.n_heads)
+        k_proj, v_proj = getattr(self.base, self.k_name), getattr(self.base, self.v_name)
+        ak, av = project_prompt(k_proj, v_proj, prompt, self.n_heads, self.head_dim)  # (H, K, D)
+        gate = gate_value(self.gate, self.gate_act).to(q.dtype).expand(self.n_heads)
         kv_lens = None if attention_mask is None else padding_mask_to_kv_lens(attention_mask, N)
         out = adapter_attention(q, k, v, ak, av, gate, causal=False, sm_scale=self.scaling, kv_lens=kv_lens)
         out = out.transpose(1, 2).flatten(2)  # (B, N, H*D)

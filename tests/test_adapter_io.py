@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
 from llama_adapter.loading import CheckpointError
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 
 PEFT_PREFIX = "base_model.model.model.layers"
 BASE = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=32)  # tiny_model()'s shape

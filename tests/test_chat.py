@@ -205,9 +205,9 @@ def test_template_sees_transformers_variables(llama3):
 def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
     """`finetune` end to end on chat and Alpaca records with an HF LLaMA-3 tokenizer dir: the template format is
     picked and a conversation's two answers are what its loss covers."""
+    from llama_adapter import LLaMA, ModelArgs
     from llama_adapter.attention import get_attention_backend, set_attention_backend
     from llama_adapter.demo import finetune_args
-    from llama_adapter.model import LLaMA, ModelArgs
     from llama_adapter.train import finetune
 
     model_dir = tmp_path / "model"

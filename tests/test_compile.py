@@ -12,10 +12,9 @@ import pytest
 import torch
 from test_generation import make_model, prompts_of, stream_logits
 
-from llama_adapter import generation
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs, generation
 from llama_adapter.attention import set_attention_backend
 from llama_adapter.generation import generate, generate_stream
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.multi_adapter import Adapter
 
 CPU_COMPILE = {"backend": "aot_eager"}

@@ -7,11 +7,10 @@ import pytest
 import torch
 from train_helpers import single_thread
 
-from llama_adapter import demo
+from llama_adapter import LLaMA, ModelArgs, demo
 from llama_adapter.attention import get_attention_backend, set_attention_backend
 from llama_adapter.cli import build_parser, main
 from llama_adapter.data import DataError, load_examples
-from llama_adapter.model import LLaMA, ModelArgs
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.tokenizer import Tokenizer
 

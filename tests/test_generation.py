@@ -6,8 +6,9 @@ import re
 import pytest
 import torch
 
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.generation import generate, generate_stream, sample
-from llama_adapter.model import AdapterConfig, Attention, LLaMA, ModelArgs
+from llama_adapter.model import Attention
 
 F64 = torch.float64
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=48)

@@ -14,9 +14,11 @@ from peft import AdaptionPromptConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.adaption_prompt import layer as peft_layer  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM  # noqa: E402
 
-from llama_adapter import hf  # noqa: E402
+from llama_adapter import (
+    AdapterConfig,  # noqa: E402
+    hf,  # noqa: E402
+)
 from llama_adapter.attention import set_attention_backend  # noqa: E402
-from llama_adapter.model import AdapterConfig  # noqa: E402
 
 VOCAB, K, L = 64, 3, 2
 PEFT_ADAPTER = AdapterConfig(adapter_len=K, adapter_layers=L, gate="scalar", gate_act="none")

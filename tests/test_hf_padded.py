@@ -21,9 +21,12 @@ from test_hf_dropin import (  # noqa: E402
 )
 from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 
-from llama_adapter import hf, ops  # noqa: E402
+from llama_adapter import (  # noqa: E402
+    AdapterConfig,  # noqa: E402
+    hf,
+    ops,
+)
 from llama_adapter.attention import set_attention_backend  # noqa: E402
-from llama_adapter.model import AdapterConfig  # noqa: E402
 
 B, N = 3, 9
 

@@ -10,6 +10,7 @@ import torch
 pytest.importorskip("transformers")
 from helpers import random_hf_model, tiny_hf_config, write_meta_dir  # noqa: E402
 
+from llama_adapter import AdapterConfig  # noqa: E402
 from llama_adapter.loading import (  # noqa: E402
     CheckpointError,
     hf_model_args,
@@ -18,7 +19,6 @@ from llama_adapter.loading import (  # noqa: E402
     read_checkpoint,
     unpermute_rotate_half,
 )
-from llama_adapter.model import AdapterConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -303,7 +303,7 @@ def test_config_files_that_are_not_a_json_object_or_not_utf8(copy_of, name):
 
 def test_model_args_and_adapter_config_check_every_field():
     """One rule per field (ModelArgs.RULES, AdapterConfig.RULES): the loaders and the constructors share them."""
-    from llama_adapter.model import ModelArgs
+    from llama_adapter import ModelArgs
 
     good = dict(dim=64, n_layers=2, n_heads=4, vocab_size=32)
     for field in ModelArgs.RULES:

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 
-from llama_adapter.model import CONFIGS, AdapterConfig, LLaMA, ModelArgs, RMSNorm, apply_rope, rope_frequencies
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
+from llama_adapter.model import RMSNorm, apply_rope, rope_frequencies
+from llama_adapter.model_args import CONFIGS
 
 F64 = torch.float64
 TINY = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=97, multiple_of=16, max_seq_len=64)

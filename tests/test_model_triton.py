@@ -14,9 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llama_adapter import ops
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs, ops
 from llama_adapter.attention import set_attention_backend
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 
 
 @pytest.fixture(scope="module")

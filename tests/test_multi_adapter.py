@@ -4,10 +4,10 @@ import pytest
 import torch
 from test_generation import F64, TINY, make_model, prompts_of, stream_logits
 
-from llama_adapter import adapter_io
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs, adapter_io
 from llama_adapter.attention import set_attention_backend
 from llama_adapter.loading import CheckpointError
-from llama_adapter.model import AdapterConfig, Attention, LLaMA, ModelArgs
+from llama_adapter.model import Attention
 from llama_adapter.multi_adapter import Adapter, AdapterBank
 
 K, L = 3, 2

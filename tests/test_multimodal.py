@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
+from llama_adapter.adapter import VisualProjector
 from llama_adapter.attention import set_attention_backend
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.multimodal import (
     FeatureError,
     ImageFeatures,
-    VisualProjector,
     attach_image_features,
     default_layers,
     extract_features,

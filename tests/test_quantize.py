@@ -18,8 +18,8 @@ from train_helpers import single_thread, tiny_model
 
 pytest.importorskip("torchao")
 
+from llama_adapter import LLaMA  # noqa: E402
 from llama_adapter.loading import CheckpointError  # noqa: E402
-from llama_adapter.model import LLaMA  # noqa: E402
 from llama_adapter.quantize import (  # noqa: E402
     QUANTIZED_LINEARS,
     QuantizationUnavailable,
@@ -283,8 +283,8 @@ def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
     from helpers import train_sentencepiece
     from train_helpers import make_examples
 
+    from llama_adapter import ModelArgs
     from llama_adapter.cli import main
-    from llama_adapter.model import ModelArgs
 
     torch.manual_seed(6)
     base = tmp_path / "base"
@@ -313,7 +313,7 @@ def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
 def _fsdp_model(fmt: str) -> LLaMA:
     """Shapes whose NF4 pieces (data, block scales, their 256-group factors) split evenly across 2 ranks, as
     every real LLaMA's do (the tiny model's do not: FSDP2 shards each of them along dim 0)."""
-    from llama_adapter.model import AdapterConfig, ModelArgs
+    from llama_adapter import AdapterConfig, ModelArgs
 
     torch.manual_seed(7)
     model = LLaMA(ModelArgs(dim=256, n_layers=2, n_heads=4, vocab_size=128, multiple_of=256, max_seq_len=64))

@@ -8,8 +8,8 @@ import pytest
 import torch
 from train_helpers import WordTokenizer, single_thread
 
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.data import DataError
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
 from llama_adapter.multimodal import ImageFeatures
 from llama_adapter.prompts import alpaca_prompt
 from llama_adapter.scienceqa import accuracy_report, format_report, load_problems, predict, to_record

@@ -4,7 +4,8 @@ unchanged logits at init, exactly the right parameters trainable, save/load roun
 import pytest
 import torch
 
-from llama_adapter.model import AdapterConfig, BiasScaleLinear, LLaMA, ModelArgs
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
+from llama_adapter.adapter import BiasScaleLinear
 
 ARGS = dict(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16, max_seq_len=32)
 V2 = dict(bias_tuning=True, norm_tuning=True, visual_dim=6, visual_hidden=8, early_fusion=1)

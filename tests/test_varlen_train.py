@@ -10,6 +10,7 @@ from train_helpers import WordTokenizer, make_examples, single_thread, tiny_mode
 import llama_adapter.train as train
 from llama_adapter import set_attention_backend
 from llama_adapter.data import IGNORE_INDEX, InstructionDataset, collate
+from llama_adapter.layout import Layout
 from llama_adapter.train import TrainConfig, Trainer, lm_loss_sum
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -33,10 +34,12 @@ def test_collate_pack_concatenates_and_masks_each_boundary():
     items = [dataset(5)[i] for i in range(4)]
     packed, padded = collate(items, pad_id=0, pack=True), collate(items, pad_id=0)
     lengths = [len(ids) for ids, _ in items]
-    assert packed["cu_seqlens"].dtype == torch.int32 and packed["max_seqlen"] == max(lengths)
-    assert packed["cu_seqlens"].tolist() == [sum(lengths[:i]) for i in range(len(items) + 1)]
+    layout = packed["layout"]
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == max(lengths)
+    assert layout.cu_seqlens.tolist() == [sum(lengths[:i]) for i in range(len(items) + 1)]
     assert packed["tokens"].shape == (1, sum(lengths))
-    cu = packed["cu_seqlens"].tolist()
+    cu = layout.cu_seqlens.tolist()
+    assert layout.positions[0].tolist() == [p for n in lengths for p in range(n)]  # RoPE restarts per sequence
     for row, (a, b) in enumerate(zip(cu, cu[1:])):
         n = b - a
         assert packed["tokens"][0, a:b].tolist() == padded["tokens"][row, :n].tolist()
@@ -51,7 +54,7 @@ def test_packed_logits_equal_each_sequence_alone_float64():
     seqs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (5, 1, 12, 7)]
     cu = torch.tensor([0, 5, 6, 18, 25], dtype=torch.int32)
     with torch.no_grad():
-        packed = model(torch.cat(seqs)[None], cu_seqlens=cu)  # max_seqlen read from cu
+        packed = model(torch.cat(seqs)[None], layout=Layout.packed(cu))  # max_seqlen read from cu
         alone = torch.cat([model(s[None]) for s in seqs], dim=1)
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-10)
 
@@ -73,7 +76,7 @@ def test_packed_loss_and_grads_equal_padded(backend, dtype, tol):
     model = model_with_open_gates(dtype, seed=1)
     items = [dataset(6)[i] for i in (0, 2)]
     packed = collate(items, pad_id=0, pack=True)
-    got = _loss_and_grads(model, packed, cu_seqlens=packed["cu_seqlens"], max_seqlen=packed["max_seqlen"])
+    got = _loss_and_grads(model, packed, layout=packed["layout"])
     want = _loss_and_grads(model, collate(items, pad_id=0))
     assert got[0] > 0
     for g, w in zip(got, want):
@@ -82,11 +85,13 @@ def test_packed_loss_and_grads_equal_padded(backend, dtype, tol):
 
 def test_model_refuses_cu_seqlens_with_a_batch_or_a_cache():
     model = tiny_model()
-    cu = torch.tensor([0, 2, 4], dtype=torch.int32)
+    layout = Layout.packed(torch.tensor([0, 2, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="cu_seqlens"):
-        model(torch.ones(2, 4, dtype=torch.long), cu_seqlens=cu)
+        model(torch.ones(2, 4, dtype=torch.long), layout=layout)
     with pytest.raises(ValueError, match="cu_seqlens"):
-        model(torch.ones(1, 4, dtype=torch.long), cu_seqlens=cu, cache=model.new_cache(1, 8), input_pos=0)
+        model(torch.ones(1, 4, dtype=torch.long), layout=layout, cache=model.new_cache(1, 8), input_pos=0)
+    with pytest.raises(ValueError, match="cu_seqlens .*per row"):
+        model(torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 1, 64), layout=layout)
 
 
 @pytest.mark.parametrize(
@@ -100,7 +105,7 @@ def test_model_refuses_cu_seqlens_with_a_batch_or_a_cache():
 def test_model_checks_a_cpu_cu_seqlens_even_with_max_seqlen(cu, max_seqlen, match):
     model = tiny_model()
     with pytest.raises(ValueError, match=match):
-        model(torch.ones(1, 9, dtype=torch.long), cu_seqlens=torch.tensor(cu, dtype=torch.int32), max_seqlen=max_seqlen)
+        model(torch.ones(1, 9, dtype=torch.long), layout=Layout.packed(torch.tensor(cu, dtype=torch.int32), max_seqlen))
 
 
 def _one_step(tmp_path, pack):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llama_adapter.model import AdapterConfig, LLaMA, ModelArgs
+from llama_adapter import AdapterConfig, LLaMA, ModelArgs
 
 
 class CharTokenizer:
