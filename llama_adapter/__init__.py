@@ -1,7 +1,8 @@
 """LLaMA-Adapter with fused Triton zero-init prompt attention.
 
 Public names (docs/design.md §3): `adapter_attention`, `set_attention_backend`, `LLaMA`, `ModelArgs`, `AdapterConfig`,
-`Tokenizer`, and `Adapter` / `AdapterBank` (several adapters in one batch). Heavy modules load on first use, so
+`Layout` (a batch's layout: dense, packed, cached), `Tokenizer`, and `Adapter` / `AdapterBank` (several adapters in
+one batch). Heavy modules load on first use, so
 `import llama_adapter` stays cheap.
 """
 

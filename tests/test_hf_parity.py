@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("transformers")
 from helpers import float64_upcasts, random_hf_model, tiny_hf_config, write_meta_dir  # noqa: E402
 
+from llama_adapter import LLaMA  # noqa: E402
 from llama_adapter.adapter_io import load_adapter  # noqa: E402
-from llama_adapter.loading import load_pretrained  # noqa: E402
 
 TOL = 1e-10
 SOURCES = ("hf", "hf_sharded", "meta", "meta_2shards")
@@ -45,7 +45,7 @@ def test_logits_equal_transformers(peer, source):
     hf, tokens, expected, dirs = peer
     if source == "hf_sharded":
         assert len(list(dirs[source].glob("model-*.safetensors"))) > 1  # the index path really ran
-    model = load_pretrained(dirs[source])
+    model = LLaMA.from_pretrained(dirs[source])
     assert model.tok_embeddings.weight.dtype == torch.float64
     with torch.no_grad():
         got = model(tokens)
@@ -55,7 +55,7 @@ def test_logits_equal_transformers(peer, source):
 
 def test_greedy_generation_equals_transformers(peer):
     hf, _, _, dirs = peer
-    model = load_pretrained(dirs["meta_2shards"])
+    model = LLaMA.from_pretrained(dirs["meta_2shards"])
     prompts = [[1, 17, 40, 5, 66, 9, 31], [1, 80, 3]]
     eos = hf.config.eos_token_id
     with float64_upcasts(), torch.no_grad():
@@ -99,7 +99,7 @@ def test_peft_adapter_equals_peft(peer, tmp_path):
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes the output
     peft_model.save_pretrained(tmp_path / "peft")
 
-    model = load_pretrained(dirs["hf"], adapter=str(tmp_path / "peft"))
+    model = LLaMA.from_pretrained(dirs["hf"], adapter=str(tmp_path / "peft"))
     cfg = model.adapter_config
     assert (cfg.adapter_len, cfg.adapter_layers, cfg.gate, cfg.gate_act) == (3, 2, "scalar", "none")
     assert all(p.dtype == torch.float64 and p.requires_grad for p in model.adapter_parameters())
@@ -124,7 +124,7 @@ def test_official_pth_equals_peft(peer, tmp_path):
         official[f"layers.{i}.attention.gate"] = gate.expand(n_heads).reshape(1, n_heads, 1, 1).clone()
     torch.save(official, tmp_path / "adapter.pth")
 
-    model = load_pretrained(dirs["meta"])
+    model = LLaMA.from_pretrained(dirs["meta"])
     cfg = load_adapter(model, tmp_path / "adapter.pth", adapter_len=4)
     assert (cfg.adapter_len, cfg.adapter_layers, cfg.gate, cfg.gate_act) == (4, 2, "head", "none")
     with torch.no_grad():
