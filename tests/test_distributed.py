@@ -8,6 +8,7 @@ import torch
 from train_helpers import WordTokenizer, make_examples, single_thread, spawn_gloo, tiny_model
 
 from llama_adapter.data import InstructionDataset
+from llama_adapter.generation import generate
 from llama_adapter.train import TrainConfig, Trainer, adapter_tensors
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
@@ -20,7 +21,12 @@ def _run(out_dir: str, fsdp: bool = False, dist_info=None):
                       blr=32.0, progress=False, fsdp=fsdp)  # fmt: skip
     model = tiny_model(dtype=torch.float64, adapter_layers=2)
     history = Trainer(model, data, val, cfg, dist_info=dist_info).fit()
-    return history, {k: v.clone() for k, v in adapter_tensors(model).items()}
+    # every rank generates (FSDP's forward is collective): under FSDP each layer projects its prompt itself
+    generated = generate(model, [[5, 6, 7], [9]], 3)
+    attention = model.layers[1].attention  # an adapted layer
+    kinds = {name: type(getattr(attention, name).weight).__name__ for name in ("wq", "wk", "wv")}
+    kinds["adapter_prompt"] = type(attention.adapter_prompt).__name__
+    return history, {k: v.clone() for k, v in adapter_tensors(model).items()}, generated, kinds
 
 
 def _worker(info, out_dir: str):
@@ -30,11 +36,15 @@ def _worker(info, out_dir: str):
 
 
 def test_two_gloo_processes_equal_one_with_ddp_and_fsdp(tmp_path):
-    single_history, single_adapter = _run(str(tmp_path / "single"))
+    single_history, single_adapter, single_generated, _ = _run(str(tmp_path / "single"))
     assert len(single_history) == 4 and (single_adapter["layers.1.attention.adapter_gate"] != 0).all()
     spawn_gloo(_worker, 2, tmp_path, str(tmp_path))
     results = torch.load(tmp_path / "results.pt", weights_only=True)
-    for mode, (history, adapter) in results.items():
+    for mode, (history, adapter, generated, kinds) in results.items():
+        assert generated == single_generated, mode
+        # FSDP shards every frozen weight, the adapted layers' wk and wv included; the adapter stays replicated
+        sharded = "DTensor" if mode == "fsdp" else "Parameter"
+        assert kinds == dict(wq=sharded, wk=sharded, wv=sharded, adapter_prompt="Parameter"), mode
         assert [r["step"] for r in history] == [1, 2, 3, 4], mode
         for a, b in zip(single_history, history):
             assert a["loss"] == pytest.approx(b["loss"], rel=1e-12), mode
