@@ -251,7 +251,12 @@ class Transformer(nn.Module):
         wk, wv are FSDP shards: each layer then projects its own prompt inside its forward, where they are whole."""
         if prompt_offset is not None:
             self._check_prompt_offset(prompt_offset, batch)
-        elif any(_is_shard(layer.attention.wk.weight) for layer in self.layers):
+        if any(_is_shard(layer.attention.wk.weight) for layer in self.layers):
+            if prompt_offset is not None:
+                raise ValueError(
+                    "prompt_offset cannot be projected ahead on an FSDP-sharded model: pass it to forward, whose "
+                    "layers project their prompts themselves"
+                )
             return None
         visual = set(self.visual_layers())
         return [

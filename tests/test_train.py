@@ -544,7 +544,7 @@ def _set(key, value):
         (_set("step", -1), "'step' must be >= 0"),
         (_set("step", 10**6), "at step 1000000, past this run's 4 steps"),
         (_set("adapter", {"x": 1}), "entry 'adapter' must map names to tensors"),
-        (_set("adapter", {}), r"cannot be restored \(ValueError: adapter tensors do not match"),
+        (_set("adapter", {}), r"cannot be restored \(CheckpointError: the checkpoint's adapter lacks tensor 'layers"),
         (_set("rng", {}), r"cannot be restored \(KeyError"),
         (_set("optimizer", {"state": {}, "param_groups": []}), r"cannot be restored \(ValueError"),
         (_set("scaler", 3), "entry 'scaler' is a int, expected dict or NoneType"),
