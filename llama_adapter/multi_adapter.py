@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama_adapter.adapter import AdapterConfig, gate_value
+from llama_adapter.adapter import AdapterConfig, gate_value, param_dtype
 from llama_adapter.adapter_io import check_adapter_tensors, read_adapter
 
 
@@ -111,7 +111,7 @@ class AdapterBank:
         check_adapter_tensors(self.model, cfg, dict(adapter.tensors), where)
         self.config = self.config or cfg
         w = self.model.tok_embeddings.weight
-        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32  # as the model's own adapter params
+        dtype = param_dtype(w.dtype)  # as the model's own adapter params
         n_heads = self.model.params.n_heads
         prompts, gates = [], []
         for i in self._adapted_layers():
