@@ -1,18 +1,18 @@
 """Split-KV decode kernel (flash-decoding) for zero-init gated prompt attention.
 
 For a few query tokens (Nq ~ 1..16) over a long KV cache the forward kernel has almost no parallelism
-(one query block per head), so the key axis is split instead. For batch b and kv head h the query rows
-of the G = Hq/Hkv heads of the group and the Nq queries are packed into the M dimension of one program,
-row r = g * Nq + i, so each K/V block is read once per group (GQA/MQA). Scores use exp2 with
+(one query block per head), so the key axis is split instead. For batch b and kv head hk the queries of the
+GROUP = Hq/Hkv heads of the group are packed into the M dimension of one program, row r = j * Nq + i for
+query i of head hk * GROUP + j, so each K/V block is read once per group (GQA/MQA). Scores use exp2 with
 sm_scale * log2(e) folded in, so every log-sum-exp below is in base 2.
 
-1. `_decode_split_kernel`, grid (B * Hkv, splits, M blocks): split s covers keys
-   [s * chunk, min((s + 1) * chunk, len_b)) with len_b = kv_lens[b] (Nk without kv_lens) and writes the
+1. `adapter_attention_decode_split_kernel`, grid (B * Hkv, splits, M blocks): split s covers keys
+   [s * chunk, min((s + 1) * chunk, L)) with L = kv_lens[b] (Nk without kv_lens) and writes the
    normalised partial output O_s and its lse_s = m_s + log2(l_s) (fp32; -inf when the split shows a row
-   no key). Causal: query i sees keys j <= i + len_b - Nq.
-2. `_decode_merge_kernel`, grid (B * Hkv, 16-row blocks): combines the splits that hold keys,
-   O_w = sum_s 2^(lse_s - L) O_s with L = log2 sum_s 2^lse_s (O_w = 0 for a row with no visible word key),
-   computes the prompt's own softmax O_a = softmax(s q ak^T) av over all Ka prompt keys, and stores
+   no key). Causal: query i sees keys j <= i + L - Nq.
+2. `adapter_attention_decode_merge_kernel`, grid (B * Hkv, 16-row blocks): combines the splits that hold keys,
+   O_w = sum_s 2^(lse_s - lse_w) O_s with lse_w = log2 sum_s 2^lse_s (O_w = 0 for a row with no visible word
+   key), computes the prompt's own softmax O_a = softmax(s q ak^T) av over all Ka prompt keys, and stores
    o = O_w + g * O_a in q's dtype.
 
 Inference only: no autograd, no lse returned. fp32 accumulation throughout; fp32 inputs use TF32 dots
@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     LOG2E,
     SMEM_BYTES,
@@ -36,8 +37,11 @@ from ._common import (
     gate_strides,
     interpreting,
     key_length,
+    load_tile,
+    load_tile_t,
     prompt_block,
     prompt_strides,
+    sm90_mma,
 )
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
@@ -48,7 +52,7 @@ _WAVES = 2  # aim for about two waves of split programs over the SMs
 MERGE_BLOCK_M = 16
 
 
-def _merge_block_ka(ka: int) -> int:
+def _merge_block_a(ka: int) -> int:
     """Prompt keys per step of the merge: at least 32, so the 16-row tile's mma.sync n8 columns give each of the
     4 warps its own (16 x 16 at 4 warps computes every score twice: kernel_report's duplicated-work check)."""
     return max(prompt_block(ka), 32)
@@ -93,46 +97,53 @@ def _autotune_configs():
 
 
 @triton.jit
-def _decode_split_kernel(
-    Q, K, V, KV_LENS, O_PART, LSE_PART,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+def _group_tile(base, stride_b, stride_h, stride_m, stride_d, b, hk, offs_m, offs_d, GROUP, Nq):
+    """Pointers to the (BLOCK_M, D) tile of packed rows offs_m of a (B, Hq, Nq, D) tensor: row r = j * Nq + i is
+    query i of head hk * GROUP + j, so one tile holds every query of kv head hk's group."""
+    j = offs_m // Nq
+    i = offs_m % Nq
+    rows = base + b * stride_b + (hk * GROUP + j)[:, None] * stride_h + i[:, None] * stride_m
+    return rows + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def adapter_attention_decode_split_kernel(
+    Q, K, V, KVLens, OPart, LsePart,
+    stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
-    Hkv, G, Nq, Nk, chunk, n_splits, qk_scale,
+    Hkv, GROUP, Nq, Nk, chunk, n_splits, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
     b = pid_bh // Hkv
-    h = pid_bh % Hkv
+    hk = pid_bh % Hkv
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < G * Nq
-    g = rows // Nq
-    i = rows % Nq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows (`_group_tile`)
     offs_d = tl.arange(0, HEAD_DIM)
-    q_ptrs = Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    row_ok = offs_m < GROUP * Nq
+    q_ptrs = _group_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, b, hk, offs_m, offs_d, GROUP, Nq)
     q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
-    len_b = key_length(KV_LENS, b, Nk, HAS_LENS)
+    L = key_length(KVLens, b, Nk, HAS_KVLENS)
     start = split * chunk
-    stop = tl.minimum(tl.minimum(start + chunk, len_b), Nk)
-    last_key = i + len_b - Nq  # causal: the last key row i may see
+    stop = tl.minimum(start + chunk, L)  # L <= Nk: key_length clamps
+    last_key = offs_m % Nq + L - Nq  # causal: query i sees keys j <= i + L - Nq
 
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    k_base = K + b * stride_kb + hk * stride_kh
+    v_base = V + b * stride_vb + hk * stride_vh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for n0 in range(start, stop, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        key_ok = offs_n < stop
-        k = tl.load(K + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd, mask=key_ok[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-        visible = key_ok[None, :]
-        if IS_CAUSAL:
+    for start_n in range(start, stop, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, stop, True)  # (D, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        visible = offs_n[None, :] < stop
+        if CAUSAL:
             visible = visible & (offs_n[None, :] <= last_key[:, None])
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -141,52 +152,51 @@ def _decode_split_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd, mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, stop, True)  # (BLOCK_N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    seen = l_i > 0.0
-    o = acc / tl.where(seen, l_i, 1.0)[:, None]
-    lse = tl.where(seen, m_i + tl.math.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+    has_key = l_i > 0.0
+    l_safe = tl.where(has_key, l_i, 1.0)
+    o = acc / l_safe[:, None]
+    lse = tl.where(has_key, m_i + tl.math.log2(l_safe), float("-inf"))
     m_pad = tl.num_programs(2) * BLOCK_M
-    part = (pid_bh * n_splits + split) * m_pad + rows  # (BLOCK_M,) row index into the partial buffers
-    # splits past len_b write nothing: the merge reads only the splits that hold keys
-    store_ok = row_ok & (start + 0 * rows < stop)  # a row vector: the interpreter rejects scalar-bool masks
-    tl.store(LSE_PART + part, lse, mask=store_ok)
-    tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_ok[:, None])
+    part = (pid_bh * n_splits + split) * m_pad + offs_m  # (BLOCK_M,) row index into the partial buffers
+    # splits past L write nothing: the merge reads only the splits that hold keys
+    store_ok = row_ok & (start + 0 * offs_m < stop)  # a row vector: the interpreter rejects scalar-bool masks
+    tl.store(LsePart + part, lse, mask=store_ok)
+    tl.store(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=store_ok[:, None])
 
 
 @triton.jit
-def _decode_merge_kernel(
-    Q, AK, AV, GATE, KV_LENS, O_PART, LSE_PART, OUT,
-    stride_qb, stride_qh, stride_qn, stride_qd,
+def adapter_attention_decode_merge_kernel(
+    Q, AK, AV, Gate, KVLens, OPart, LsePart, Out,
+    stride_qb, stride_qh, stride_qm, stride_qd,
     stride_akb, stride_akh, stride_akn, stride_akd,
     stride_avb, stride_avh, stride_avn, stride_avd,
     stride_gb, stride_gh,
-    stride_ob, stride_oh, stride_on, stride_od,
-    Hkv, G, Nq, Nk, Ka, chunk, n_splits, m_pad, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_KA: tl.constexpr,
-    HAS_PROMPT: tl.constexpr, HAS_LENS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_ob, stride_oh, stride_om, stride_od,
+    Hkv, GROUP, Nq, Nk, Ka, chunk, n_splits, m_pad, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+    HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     b = pid_bh // Hkv
-    h = pid_bh % Hkv
+    hk = pid_bh % Hkv
 
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < G * Nq
-    g = rows // Nq
-    i = rows % Nq
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # packed rows (`_group_tile`)
     offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < GROUP * Nq
 
-    len_b = key_length(KV_LENS, b, Nk, HAS_LENS)
+    L = key_length(KVLens, b, Nk, HAS_KVLENS)
     m_w = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_w = tl.zeros([BLOCK_M], tl.float32)
     o_w = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for split in range(0, tl.cdiv(len_b, chunk)):
-        part = (pid_bh * n_splits + split) * m_pad + rows
-        lse = tl.load(LSE_PART + part, mask=row_ok, other=float("-inf"))
-        o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    for split in range(0, tl.cdiv(L, chunk)):
+        part = (pid_bh * n_splits + split) * m_pad + offs_m
+        lse = tl.load(LsePart + part, mask=row_ok, other=float("-inf"))
+        o_s = tl.load(OPart + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         m_new = tl.maximum(m_w, lse)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         w = tl.math.exp2(lse - m_safe)
@@ -197,46 +207,38 @@ def _decode_merge_kernel(
     o = o_w / tl.where(l_w > 0.0, l_w, 1.0)[:, None]
 
     if HAS_PROMPT:
-        q_ptrs = (
-            Q + b * stride_qb + (h * G + g)[:, None] * stride_qh + i[:, None] * stride_qn + offs_d[None, :] * stride_qd
-        )
+        q_ptrs = _group_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, b, hk, offs_m, offs_d, GROUP, Nq)
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
-        AK += b * stride_akb + h * stride_akh
-        AV += b * stride_avb + h * stride_avh
+        ak_base = AK + b * stride_akb + hk * stride_akh
+        av_base = AV + b * stride_avb + hk * stride_avh
         m_a = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_a = tl.zeros([BLOCK_M], tl.float32)
         o_a = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-        for n0 in range(0, Ka, BLOCK_KA):
-            offs_n = n0 + tl.arange(0, BLOCK_KA)
-            key_ok = offs_n < Ka
-            ak = tl.load(
-                AK + offs_n[None, :] * stride_akn + offs_d[:, None] * stride_akd, mask=key_ok[None, :], other=0.0
-            )
-            s = tl.dot(q, ak, input_precision=DOT_PRECISION) * qk_scale
-            s = tl.where(key_ok[None, :], s, float("-inf"))
+        for start_a in range(0, Ka, BLOCK_A):
+            offs_a = start_a + tl.arange(0, BLOCK_A)
+            ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
+            s = tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale
+            s = tl.where(offs_a[None, :] < Ka, s, float("-inf"))
             m_new = tl.maximum(m_a, tl.max(s, 1))  # finite: every block holds at least one prompt key
             p = tl.math.exp2(s - m_new[:, None])
             alpha = tl.math.exp2(m_a - m_new)
             l_a = l_a * alpha + tl.sum(p, 1)
-            av = tl.load(
-                AV + offs_n[:, None] * stride_avn + offs_d[None, :] * stride_avd, mask=key_ok[:, None], other=0.0
-            )
-            o_a = o_a * alpha[:, None] + tl.dot(p.to(av.dtype), av, input_precision=DOT_PRECISION)
+            av = load_tile(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)  # (BLOCK_A, D)
+            o_a = o_a * alpha[:, None] + tl.dot(p.to(av.dtype), av, input_precision=DOT_PREC)
             m_a = m_new
-        gate = tl.load(GATE + b * stride_gb + (h * G + g) * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
-        o += gate[:, None] * (o_a / l_a[:, None])
+        heads = hk * GROUP + offs_m // Nq
+        g = tl.load(Gate + b * stride_gb + heads * stride_gh, mask=row_ok, other=0.0).to(tl.float32)
+        o += g[:, None] * (o_a / l_a[:, None])
 
-    out_ptrs = (
-        OUT + b * stride_ob + (h * G + g)[:, None] * stride_oh + i[:, None] * stride_on + offs_d[None, :] * stride_od
-    )
-    tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+    out_ptrs = _group_tile(Out, stride_ob, stride_oh, stride_om, stride_od, b, hk, offs_m, offs_d, GROUP, Nq)
+    tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=row_ok[:, None])
 
 
-_decode_split_tuned = triton.autotune(
+_split_tuned = triton.autotune(
     configs=_autotune_configs(),
-    key=["HEAD_DIM", "BLOCK_M", "IS_CAUSAL"],
+    key=["HEAD_DIM", "BLOCK_M", "CAUSAL"],
     prune_configs_by={"early_config_prune": _prune},
-)(_decode_split_kernel)
+)(adapter_attention_decode_split_kernel)
 
 
 def _block_m(rows: int, head_dim: int) -> int:
@@ -256,7 +258,7 @@ def _sm_count(device: torch.device) -> int:
 
 def _split_granule() -> int:
     # chunks are whole blocks of every config the autotuner may pick, so the split count does not depend on it
-    return max(c.kwargs["BLOCK_N"] for c in _decode_split_tuned.configs)
+    return max(c.kwargs["BLOCK_N"] for c in _split_tuned.configs)
 
 
 def choose_splits(nk: int, programs: int, n_sms: int, granule: int, num_splits: int | None = None) -> tuple[int, int]:
@@ -298,7 +300,7 @@ def decode_attention(
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"decode_attention takes float16, bfloat16 or float32 q, got {q.dtype}")
     if out is None:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = _common.new_output(q.shape, q.dtype, q.device)
     elif out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
         raise ValueError(f"out must be a {q.dtype} tensor of shape {tuple(q.shape)} on {q.device}, got {out.shape}")
     has_prompt = adapter_k is not None
@@ -311,32 +313,32 @@ def decode_attention(
     scale = plan.default_scale if sm_scale is None else float(sm_scale)
     qk_scale = scale * LOG2E
 
-    o_part = torch.empty(plan.part_shape, device=q.device, dtype=torch.float32)
-    lse_part = torch.empty(plan.part_shape[:3], device=q.device, dtype=torch.float32)
-    has_lens = kv_lens is not None
-    if has_lens and kv_lens.dtype != torch.int32:
+    o_part = _common.new_output(plan.part_shape, torch.float32, q.device)
+    lse_part = _common.new_output(plan.part_shape[:3], torch.float32, q.device)
+    has_kvlens = kv_lens is not None
+    if has_kvlens and kv_lens.dtype != torch.int32:
         kv_lens = kv_lens.to(torch.int32)
-    lens = kv_lens if has_lens else o_part  # placeholder pointer, never read
+    lens = kv_lens if has_kvlens else o_part  # placeholder pointer, never read
     args = (
         q, k, v, lens, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
-        plan.Hkv, plan.G, plan.Nq, plan.Nk, plan.chunk, plan.splits, qk_scale,
+        plan.Hkv, plan.group, plan.Nq, plan.Nk, plan.chunk, plan.splits, qk_scale,
     )  # fmt: skip
-    consts = dict(HEAD_DIM=plan.D, BLOCK_M=plan.block_m, IS_CAUSAL=bool(causal), HAS_LENS=has_lens,
-                  DOT_PRECISION=precision)  # fmt: skip
+    consts = dict(HEAD_DIM=plan.D, BLOCK_M=plan.block_m, CAUSAL=bool(causal), HAS_KVLENS=has_kvlens,
+                  DOT_PREC=precision)  # fmt: skip
     if plan.config is None:
-        _decode_split_tuned[plan.split_grid](*args, **consts)
-        plan.config = _decode_split_tuned.best_config.all_kwargs()  # the autotuner's pick, reused from now on
+        _split_tuned[plan.split_grid](*args, **consts)
+        plan.config = _split_tuned.best_config.all_kwargs()  # the autotuner's pick, reused from now on
     else:
-        _decode_split_kernel[plan.split_grid](*args, **consts, **plan.config)
+        adapter_attention_decode_split_kernel[plan.split_grid](*args, **consts, **plan.config)
 
     placeholder = q  # pointers of an absent prompt and gate are never read
-    _decode_merge_kernel[plan.merge_grid](
+    adapter_attention_decode_merge_kernel[plan.merge_grid](
         q, adapter_k if has_prompt else placeholder, adapter_v if has_prompt else placeholder,
         gate if has_prompt else placeholder, lens, o_part, lse_part, out,
         *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *out.stride(),
-        plan.Hkv, plan.G, plan.Nq, plan.Nk, ka, plan.chunk, plan.splits, plan.part_shape[2], qk_scale,
-        HEAD_DIM=plan.D, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=plan.block_ka, HAS_PROMPT=has_prompt, HAS_LENS=has_lens,
-        DOT_PRECISION=precision, num_warps=4, num_stages=1,
+        plan.Hkv, plan.group, plan.Nq, plan.Nk, ka, plan.chunk, plan.splits, plan.part_shape[2], qk_scale,
+        HEAD_DIM=plan.D, BLOCK_M=MERGE_BLOCK_M, BLOCK_A=plan.block_a, HAS_PROMPT=has_prompt, HAS_KVLENS=has_kvlens,
+        DOT_PREC=precision, num_warps=4, num_stages=1,
     )  # fmt: skip
     return out
 
@@ -349,16 +351,16 @@ class _LaunchPlan:
     def __init__(self, q, k, ka, num_splits):
         B, Hq, self.Nq, self.D = q.shape
         self.Hkv, self.Nk = k.shape[1], k.shape[2]
-        self.G = Hq // self.Hkv
+        self.group = Hq // self.Hkv
         self.default_scale = 1.0 / math.sqrt(self.D)
-        self.block_m = _block_m(self.G * self.Nq, self.D)
-        m_blocks = cdiv(self.G * self.Nq, self.block_m)
+        self.block_m = _block_m(self.group * self.Nq, self.D)
+        m_blocks = cdiv(self.group * self.Nq, self.block_m)
         programs = B * self.Hkv * m_blocks
         self.splits, self.chunk = choose_splits(self.Nk, programs, _sm_count(q.device), _split_granule(), num_splits)
         self.part_shape = (B * self.Hkv, self.splits, m_blocks * self.block_m, self.D)
         self.split_grid = (B * self.Hkv, self.splits, m_blocks)
-        self.merge_grid = (B * self.Hkv, cdiv(self.G * self.Nq, MERGE_BLOCK_M))
-        self.block_ka = _merge_block_ka(ka)
+        self.merge_grid = (B * self.Hkv, cdiv(self.group * self.Nq, MERGE_BLOCK_M))
+        self.block_a = _merge_block_a(ka)
         self.config = None  # the split kernel's launch kwargs (BLOCK_N, num_warps, ...) once tuned
 
 
@@ -377,18 +379,19 @@ def compile_specs() -> list[dict]:
     specs = []
     for dtype, head_dim in [("fp16", 64), ("fp16", 128), ("fp16", 256), ("bf16", 128)]:
         ptr = "*" + dtype
-        pointers = dict(Q=ptr, K=ptr, V=ptr, KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32")
+        pointers = dict(Q=ptr, K=ptr, V=ptr, KVLens="*i32", OPart="*fp32", LsePart="*fp32")
         for block_m in sorted({_block_m(rows, head_dim) for rows in (1, 64)}):
             for block_n, warps, stages in split_configs(head_dim, block_m):
-                consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True, HAS_LENS=True,
-                              DOT_PRECISION="ieee")  # fmt: skip
+                consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, HAS_KVLENS=True,
+                              DOT_PREC="ieee")  # fmt: skip
                 name = f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]"
-                spec = compile_spec(name, _decode_split_kernel, pointers, ("qk_scale",), consts, warps, stages)
-                specs.append(dict(spec, sm90_mma="HGMMA" if block_m >= 64 else "HMMA"))
-        pointers = dict(Q=ptr, AK=ptr, AV=ptr, GATE="*fp32", KV_LENS="*i32", O_PART="*fp32", LSE_PART="*fp32", OUT=ptr)
-        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_KA=_merge_block_ka(10), HAS_PROMPT=True,
-                      HAS_LENS=True, DOT_PRECISION="ieee")  # fmt: skip
+                spec = compile_spec(name, adapter_attention_decode_split_kernel, pointers, ("qk_scale",), consts,
+                                    warps, stages)  # fmt: skip
+                specs.append(dict(spec, sm90_mma=sm90_mma(block_m)))
+        pointers = dict(Q=ptr, AK=ptr, AV=ptr, Gate="*fp32", KVLens="*i32", OPart="*fp32", LsePart="*fp32", Out=ptr)
+        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_A=_merge_block_a(10), HAS_PROMPT=True,
+                      HAS_KVLENS=True, DOT_PREC="ieee")  # fmt: skip
         name = f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]"
-        spec = compile_spec(name, _decode_merge_kernel, pointers, ("qk_scale",), consts, 4, 1)
-        specs.append(dict(spec, sm90_mma="HMMA"))
+        spec = compile_spec(name, adapter_attention_decode_merge_kernel, pointers, ("qk_scale",), consts, 4, 1)
+        specs.append(dict(spec, sm90_mma=sm90_mma(MERGE_BLOCK_M)))
     return specs

@@ -143,11 +143,11 @@ def sass_loops(sass: str) -> list[dict]:
 
 def score_tile(spec: dict) -> tuple[str, str] | None:
     """The two constexprs whose product is the score tile of the spec's main loop: its own "score_tile", else
-    BLOCK_M by the first of BLOCK_N (key blocks), BLOCK_A / BLOCK_KA (prompt blocks) it has; None if neither."""
+    BLOCK_M by the first of BLOCK_N (key blocks), BLOCK_A (prompt blocks) it has; None if neither."""
     if "score_tile" in spec:
         return tuple(spec["score_tile"])
     consts = spec["constexprs"]
-    cols = next((c for c in ("BLOCK_N", "BLOCK_A", "BLOCK_KA") if c in consts), None)
+    cols = next((c for c in ("BLOCK_N", "BLOCK_A") if c in consts), None)
     return ("BLOCK_M", cols) if "BLOCK_M" in consts and cols else None
 
 

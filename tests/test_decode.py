@@ -2,6 +2,8 @@
 
 The kernel's max error against the reference run on float64 copies must be at most twice the error of
 the reference itself run in the kernel's dtype. Runs under the interpreter on the CPU (conftest).
+Every launcher output (o and the split partials) starts as NaN here (`POISON_OUTPUTS`), so an element a kernel
+forgets to write, or the merge reads unwritten, shows up.
 """
 
 import math
@@ -10,6 +12,7 @@ import pytest
 import torch
 
 from llama_adapter.attention import check_inputs
+from llama_adapter.kernels import _common
 from llama_adapter.kernels.decode import _split_granule, choose_splits, decode_attention
 from llama_adapter.reference import adapter_attention as reference
 
@@ -24,6 +27,11 @@ CASES = {
     "no_prompt": (2, 4, 2, 5, 99, 32, None, False, [60, 99], True, 2),
     "rows_over_one_block": (1, 16, 1, 5, 40, 16, 10, True, None, True, None),
 }
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch):
+    monkeypatch.setattr(_common, "POISON_OUTPUTS", True)
 
 
 def make_inputs(case, dtype, *, seed=0):
@@ -132,3 +140,26 @@ def test_default_scale_is_inverse_sqrt_head_dim():
     low, _, kw = make_inputs(CASES["mha_nq1"], torch.float32)
     D = low[0].shape[-1]
     torch.testing.assert_close(decode_attention(*low, **kw), decode_attention(*low, sm_scale=1 / math.sqrt(D), **kw))
+
+
+def test_every_launcher_buffer_is_a_poisoned_output(monkeypatch):
+    # out (when not given) and both partial buffers come from _common.new_output, so the poisoning covers them;
+    # the merge then reads only split slots the split kernel wrote (a NaN read would reach o)
+    case = CASES["mqa_ragged_lens_per_sample"]
+    low, high, kw = make_inputs(case, torch.float32)
+    made = []
+
+    def recording(shape, dtype, device):
+        made.append((tuple(shape), dtype))
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(_common, "new_output", recording)
+    got = decode_attention(*low, num_splits=case[-1], **kw)
+    B, Hq, Hkv, Nq, Nk, D = case[:6]
+    splits, _ = choose_splits(Nk, B * Hkv, 1, _split_granule(), case[-1])
+    rows = 64  # Hq / Hkv * Nq = 20 packed rows: one 64-row tile (`_block_m`)
+    part = (B * Hkv, splits, rows)
+    assert made == [((B, Hq, Nq, D), torch.float32), ((*part, D), torch.float32), (part, torch.float32)]
+    assert torch.isfinite(got).all()
+    truth = reference(*high, **kw)
+    assert max_err(got, truth) <= 2 * max_err(reference(*low, **kw), truth)
