@@ -3,8 +3,9 @@
 For a few query tokens (Nq ~ 1..16) over a long KV cache the forward kernel has almost no parallelism
 (one query block per head), so the key axis is split instead. For batch b and kv head hk the queries of the
 GROUP = Hq/Hkv heads of the group are packed into the M dimension of one program, row r = j * Nq + i for
-query i of head hk * GROUP + j, so each K/V block is read once per group (GQA/MQA). Scores use exp2 with
-sm_scale * log2(e) folded in, so every log-sum-exp below is in base 2.
+query i of head hk * GROUP + j, so each K/V block is read once per group (GQA/MQA). Scores are kept in log2
+units as in the forward: the row max is taken on the raw scores q k^T and c = sm_scale * log2(e) enters once per
+score, in exp2(x c - max) (one FFMA), so every log-sum-exp below is in base 2.
 
 1. `adapter_attention_decode_split_kernel`, grid (B * Hkv, splits, M blocks): split s covers keys
    [s * chunk, min((s + 1) * chunk, L)) with L = kv_lens[b] (Nk without kv_lens) and writes the
@@ -43,6 +44,7 @@ from ._common import (
     prompt_strides,
     sm90_mma,
 )
+from .attention_fwd import NEG_BIG
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
 _MAX_BLOCK_M = 64
@@ -135,22 +137,20 @@ def adapter_attention_decode_split_kernel(
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    m_i = tl.full([BLOCK_M], NEG_BIG, tl.float32)  # finite: a row with no key yet gets p = 0, alpha = 1
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for start_n in range(start, stop, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k_t = load_tile_t(k_base, offs_n, offs_d, stride_kn, stride_kd, stop, True)  # (D, BLOCK_N)
-        s = tl.dot(q, k_t, input_precision=DOT_PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, k_t, input_precision=DOT_PREC)  # (BLOCK_M, BLOCK_N), unscaled
         visible = offs_n[None, :] < stop
         if CAUSAL:
             visible = visible & (offs_n[None, :] <= last_key[:, None])
         s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row that has seen no key yet keeps m = -inf; subtract 0 instead so exp2 gives 0, not NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = load_tile(v_base, offs_n, offs_d, stride_vn, stride_vd, stop, True)  # (BLOCK_N, D)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -217,10 +217,10 @@ def adapter_attention_decode_merge_kernel(
         for start_a in range(0, Ka, BLOCK_A):
             offs_a = start_a + tl.arange(0, BLOCK_A)
             ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
-            s = tl.dot(q, ak_t, input_precision=DOT_PREC) * qk_scale
+            s = tl.dot(q, ak_t, input_precision=DOT_PREC)  # unscaled
             s = tl.where(offs_a[None, :] < Ka, s, float("-inf"))
-            m_new = tl.maximum(m_a, tl.max(s, 1))  # finite: every block holds at least one prompt key
-            p = tl.math.exp2(s - m_new[:, None])
+            m_new = tl.maximum(m_a, tl.max(s, 1) * qk_scale)  # finite: every block holds at least one prompt key
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_a - m_new)
             l_a = l_a * alpha + tl.sum(p, 1)
             av = load_tile(av_base, offs_a, offs_d, stride_avn, stride_avd, Ka, True)  # (BLOCK_A, D)
