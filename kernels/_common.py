@@ -21,6 +21,8 @@ import triton.language as tl
 SMEM_BYTES = {80: 163 * 1024, 90: 227 * 1024}
 # Kernels keep scores in log2 units: sm_scale * LOG2E is folded into one multiply, then exp2 (docs/design.md §4).
 LOG2E = 1.4426950408889634
+# Finite "minus infinity" for the running max: exp2(-inf - this) = 0 and exp2(this - real max) = 0, never NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
 INTERPRETER_BLOCK = 16
 # Tests set this so every launcher output starts as NaN and an element a kernel forgets to write shows up.
 POISON_OUTPUTS = False

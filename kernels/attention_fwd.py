@@ -35,6 +35,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     LOG2E,
+    NEG_BIG,
     SPEC_DTYPES,
     SPEC_HEAD_DIMS,
     compile_spec,
@@ -54,9 +55,6 @@ from ._common import (
     sm90_mma,
     visible_key_range,
 )
-
-# Finite "minus infinity" for the running max: exp2(-inf - this) = 0 and exp2(this - real max) = 0, never NaN.
-NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit

@@ -31,6 +31,7 @@ import triton.language as tl
 from . import _common
 from ._common import (
     LOG2E,
+    NEG_BIG,
     SMEM_BYTES,
     cdiv,
     compile_spec,
@@ -44,7 +45,6 @@ from ._common import (
     prompt_strides,
     sm90_mma,
 )
-from .attention_fwd import NEG_BIG
 
 _MIN_BLOCK = 16  # tl.dot needs M, N, K >= 16 on the GPU
 _MAX_BLOCK_M = 64
