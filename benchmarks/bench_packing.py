@@ -57,7 +57,7 @@ def micro_batches(model, lengths: list[int], device) -> dict:
 
 def run(args: argparse.Namespace) -> Results:
     from llama_adapter import set_attention_backend
-    from llama_adapter.train import lm_loss_sum
+    from llama_adapter.recipe import lm_loss_sum
 
     device = torch.device("cuda" if HAS_CUDA else "cpu")
     set_attention_backend(args.backend)

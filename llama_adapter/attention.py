@@ -43,6 +43,19 @@ def resolve_backend(device: torch.device) -> str:
     return "reference"
 
 
+# Packed sequences (cu_seqlens) by backend: the fused kernels skip the blocks between sequences, so packing saves
+# the work padding costs; the reference builds a T x T mask (right, but slower than padding); the baselines
+# (what other implementations do) take no cu_seqlens.
+_PACKING = {"triton": "saves work", "reference": "costs work", "sdpa": None, "eager": None}
+
+
+def supports_packing(device: torch.device, *, saves_work: bool = False) -> bool:
+    """Whether a call on `device` takes packed sequences (cu_seqlens) on the backend it runs on now; with
+    `saves_work`, whether packing there also costs less than padding (a trainer's question)."""
+    packing = _PACKING[resolve_backend(device)]
+    return packing == "saves work" if saves_work else packing is not None
+
+
 def _shape(t) -> str:
     return "None" if t is None else str(tuple(t.shape))
 
@@ -255,7 +268,7 @@ def adapter_attention(
     backend = resolve_backend(q.device)
     packed = {}
     if cu_seqlens is not None:
-        if backend in ("sdpa", "eager"):
+        if _PACKING[backend] is None:
             raise NotImplementedError(f"the {backend!r} attention backend does not take cu_seqlens (packed sequences)")
         if max_seqlen is None:
             max_seqlen = packed_max_seqlen(cu_seqlens, q.shape[2])

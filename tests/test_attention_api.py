@@ -220,3 +220,22 @@ def test_triton_backend_refuses_float64():
     set_attention_backend("triton")
     with pytest.raises(TypeError, match="float64"):
         adapter_attention(**inputs())
+
+
+def test_supports_packing_answers_for_the_backend_a_call_runs_on(monkeypatch):
+    """Whether the op takes cu_seqlens, and whether packing saves work there, is the op's answer; a backend it
+    calls unable to pack is one whose call refuses cu_seqlens."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    set_attention_backend("auto")  # the reference on the CPU, the kernels on CUDA
+    assert attention.supports_packing(cpu) and not attention.supports_packing(cpu, saves_work=True)
+    assert attention.supports_packing(cuda, saves_work=True)
+    set_attention_backend("triton")
+    assert attention.supports_packing(cpu, saves_work=True)
+    x = inputs(B=1, Nq=7, Nk=7)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32)
+    for name in ("sdpa", "eager"):
+        set_attention_backend(name)
+        assert not attention.supports_packing(cpu) and not attention.supports_packing(cuda, saves_work=True)
+        with pytest.raises(NotImplementedError, match="does not take cu_seqlens"):
+            adapter_attention(**x, cu_seqlens=cu, max_seqlen=4)

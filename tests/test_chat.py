@@ -207,8 +207,7 @@ def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
     picked and a conversation's two answers are what its loss covers."""
     from llama_adapter import LLaMA, ModelArgs
     from llama_adapter.attention import get_attention_backend, set_attention_backend
-    from llama_adapter.demo import finetune_args
-    from llama_adapter.train import finetune
+    from llama_adapter.cli.finetune import finetune, finetune_args
 
     model_dir = tmp_path / "model"
     shutil.copytree(llama3["hf_dir"], model_dir)

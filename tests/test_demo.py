@@ -183,8 +183,10 @@ def test_bundled_demo_data_is_small_and_held_out():
 
 def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch):
     ran_with = []
-    real_finetune = demo.finetune
-    monkeypatch.setattr(demo, "finetune", lambda args: (ran_with.append(args), real_finetune(args))[1])
+    from llama_adapter.cli import demo as demo_command
+
+    real_finetune = demo_command.finetune
+    monkeypatch.setattr(demo_command, "finetune", lambda args: (ran_with.append(args), real_finetune(args))[1])
     argv = ["demo", "--out", str(tmp_path), "--dim", "64", "--layers", "1", "--pretrain-steps", "3",
             "--epochs", "1", "--vocab-size", "400", "--show", "2"]  # fmt: skip
     main(argv)  # too small to learn anything: only the plumbing is checked here

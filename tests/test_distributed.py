@@ -8,8 +8,10 @@ import torch
 from train_helpers import WordTokenizer, make_examples, single_thread, spawn_gloo, tiny_model
 
 from llama_adapter.data import InstructionDataset
+from llama_adapter.distributed import adapter_tensors
 from llama_adapter.generation import generate
-from llama_adapter.train import TrainConfig, Trainer, adapter_tensors
+from llama_adapter.recipe import TrainConfig
+from llama_adapter.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 

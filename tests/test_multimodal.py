@@ -174,7 +174,8 @@ def test_trainer_feeds_image_features_to_the_projector(tmp_path):
     from train_helpers import WordTokenizer, make_examples, tiny_model
 
     from llama_adapter.data import InstructionDataset
-    from llama_adapter.train import TrainConfig, Trainer
+    from llama_adapter.recipe import TrainConfig
+    from llama_adapter.trainer import Trainer
 
     examples = make_examples(4)
     for i, ex in enumerate(examples):

@@ -329,7 +329,9 @@ def _fsdp_train(out_dir, fsdp: bool, info=None):
     from train_helpers import WordTokenizer, make_examples
 
     from llama_adapter.data import InstructionDataset
-    from llama_adapter.train import TrainConfig, Trainer, adapter_tensors
+    from llama_adapter.distributed import adapter_tensors
+    from llama_adapter.recipe import TrainConfig
+    from llama_adapter.trainer import Trainer
 
     data = InstructionDataset(make_examples(16), WordTokenizer(), max_seq_len=64)
     cfg = TrainConfig(out_dir=str(out_dir), epochs=1, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2,
@@ -365,7 +367,7 @@ def test_fsdp2_shards_an_nf4_base_on_gloo_and_trains_as_one_process(tmp_path):
 
 
 def test_fsdp_refuses_an_int8_base():
-    from llama_adapter.train import DistInfo, wrap_model
+    from llama_adapter.distributed import DistInfo, wrap_model
 
     with pytest.raises(ValueError, match="FSDP cannot shard an int8 base"):
         wrap_model(_fsdp_model("int8"), DistInfo(), fsdp=True)
@@ -442,7 +444,8 @@ def test_resume_refuses_a_base_quantized_otherwise_than_the_checkpoints(tmp_path
     from train_helpers import WordTokenizer, make_examples
 
     from llama_adapter.data import InstructionDataset
-    from llama_adapter.train import TrainConfig, Trainer
+    from llama_adapter.recipe import TrainConfig
+    from llama_adapter.trainer import Trainer
 
     data = InstructionDataset(make_examples(8), WordTokenizer(), max_seq_len=64)
 

@@ -19,17 +19,9 @@ from llama_adapter import train_state
 from llama_adapter.attention import get_attention_backend, set_attention_backend
 from llama_adapter.data import InstructionDataset, collate, global_batches
 from llama_adapter.loading import CheckpointError
-from llama_adapter.train import (
-    RunDirectoryError,
-    TrainConfig,
-    Trainer,
-    check_run_dir,
-    fit_batch_to_data,
-    lm_loss_sum,
-    lr_factor,
-    make_optimizer,
-    read_metrics,
-)
+from llama_adapter.recipe import TrainConfig, fit_batch_to_data, lm_loss_sum, lr_factor, make_optimizer
+from llama_adapter.run_dir import RunDirectoryError, check_run_dir, read_metrics
+from llama_adapter.trainer import Trainer
 
 TOK = WordTokenizer()
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)

@@ -7,11 +7,12 @@ import pytest
 import torch
 from train_helpers import WordTokenizer, make_examples, single_thread, tiny_model
 
-import llama_adapter.train as train
+import llama_adapter.trainer as trainer_module
 from llama_adapter import set_attention_backend
 from llama_adapter.data import IGNORE_INDEX, InstructionDataset, collate
 from llama_adapter.layout import Layout
-from llama_adapter.train import TrainConfig, Trainer, lm_loss_sum
+from llama_adapter.recipe import TrainConfig, lm_loss_sum
+from llama_adapter.trainer import Trainer
 
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 TOK = WordTokenizer()
@@ -124,7 +125,7 @@ def test_trainer_packs_by_default_with_the_same_step(tmp_path, monkeypatch):
         calls.append(pack)
         return collate(items, pad_id, pack)
 
-    monkeypatch.setattr(train, "collate", recording_collate)
+    monkeypatch.setattr(trainer_module, "collate", recording_collate)
     trainer, (loss, tokens), adapter = _one_step(tmp_path / "packed", pack=True)
     assert trainer.packs() and calls == [True, True]
     _, (padded_loss, padded_tokens), padded_adapter = _one_step(tmp_path / "padded", pack=False)
@@ -139,6 +140,16 @@ def test_trainer_pads_on_backends_without_cu_seqlens(backend, tmp_path):
     set_attention_backend(backend)
     cfg = TrainConfig(out_dir=str(tmp_path), global_batch_size=4, micro_batch_size=2, progress=False)
     assert cfg.pack and not Trainer(tiny_model(), dataset(4), None, cfg).packs()
+
+
+def test_pack_true_packs_wherever_the_op_takes_cu_seqlens_and_auto_where_it_saves_work(tmp_path):
+    set_attention_backend("reference")  # takes cu_seqlens through a T x T mask: slower than padding
+    cfg = dict(out_dir=str(tmp_path), global_batch_size=4, micro_batch_size=2, progress=False)
+    assert Trainer(tiny_model(), dataset(4), None, TrainConfig(**cfg, pack=True)).packs()
+    assert not Trainer(tiny_model(), dataset(4), None, TrainConfig(**cfg, pack="auto")).packs()
+    set_attention_backend("triton")
+    assert Trainer(tiny_model(), dataset(4), None, TrainConfig(**cfg, pack="auto")).packs()
+    assert not Trainer(tiny_model(), dataset(4), None, TrainConfig(**cfg, pack=False)).packs()
 
 
 def test_packing_benchmark_smoke(tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ def _gloo_entry(rank: int, world: int, init_file: str, fn, args: tuple):
     import torch.distributed as dist
 
     from llama_adapter.attention import set_attention_backend
-    from llama_adapter.train import init_distributed
+    from llama_adapter.distributed import init_distributed
 
     torch.set_num_threads(1)
     set_attention_backend("reference")  # as conftest does for the parent process
