@@ -95,11 +95,13 @@ def generate_stream(
     compile_options: dict | None = None,
     stop_ids=None,
 ) -> Iterator[Step]:
-    """Yield a `Step` per decoding step until every row has produced a stop id or max_new_tokens tokens.
+    """Yield a `Step` per decoding step until every row has produced a stop id or max_new_tokens tokens. These
+    options are also `generate`'s (and `LLaMA.generate`'s).
 
-    stop_ids: ids that end a row (a tokenizer's `stop_ids`: eos and, for instruct models, end-of-turn), together
-    with eos_id when that is given.
-
+    temperature: 0 is greedy, else sampling, from the smallest set of tokens holding top_p of the probability
+    (`sample`); seed (or a torch generator) makes it repeatable. eos_id, stop_ids: ids that end a row (a
+    tokenizer's `stop_ids`: eos and, for instruct models, end-of-turn). prompt_offset (B, 1 or K, dim): added to
+    every adapted layer's prompt per row (image features, llama_adapter.multimodal).
     adapters: one choice per prompt (None for the base model, an adapter path, an `Adapter`, or a name in
     `adapter_bank`), so one batch serves several adapters (llama_adapter.multi_adapter); the model's own
     adapter is not used then. compile: decode steps run torch.compile'd (fullgraph, CUDA graphs on a GPU) over
@@ -107,21 +109,13 @@ def generate_stream(
     on CUDA, inductor's default elsewhere).
     """
     lengths = _check_request(model, prompts, max_new_tokens, temperature, top_p, eos_id, seed)
-    stops = _stop_set(eos_id, stop_ids)
-    outside = sorted(t for t in stops if not 0 <= t < model.params.vocab_size)  # eos_id was checked above
-    if outside:
-        raise ValueError(f"stop_ids {outside[:3]} are outside the vocabulary [0, {model.params.vocab_size})")
+    stops = _stop_set(eos_id, stop_ids, model.params.vocab_size)
     device = model.tok_embeddings.weight.device
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     B, longest = len(prompts), max(lengths)
     adapter_kv = _adapter_kv(model, B, prompt_offset, adapters, adapter_bank)
-    if compile:
-        step_fn = compiled_decode_step(device, compile_options)
-        cache = _take_static_cache(model, B, longest + max_new_tokens)
-    else:
-        step_fn = decode_step
-        cache = model.new_cache(B, max_len=longest + max_new_tokens)
+    step_fn, cache = _decoder(model, B, longest + max_new_tokens, compile, compile_options)
     try:
         padded = torch.zeros(B, longest, dtype=torch.long, device=device)
         for b, p in enumerate(prompts):
@@ -145,7 +139,7 @@ def generate_stream(
             _STATIC_CACHES[model] = cache
 
 
-def _stop_set(eos_id, stop_ids) -> frozenset:
+def _stop_set(eos_id, stop_ids, vocab_size: int) -> frozenset:
     if stop_ids is not None and not isinstance(stop_ids, (list, tuple, set, frozenset)):
         raise TypeError(f"stop_ids must be a list or set of token ids, got {type(stop_ids).__name__}")
     stops = set() if stop_ids is None else set(stop_ids)
@@ -154,6 +148,9 @@ def _stop_set(eos_id, stop_ids) -> frozenset:
     bad = [t for t in stops if isinstance(t, bool) or not isinstance(t, int)]
     if bad:
         raise TypeError(f"eos_id and stop_ids must be ints, got {bad[:3]}")
+    outside = sorted(t for t in stops if not 0 <= t < vocab_size)  # eos_id was checked with the request
+    if outside:
+        raise ValueError(f"stop_ids {outside[:3]} are outside the vocabulary [0, {vocab_size})")
     return frozenset(stops)
 
 
@@ -173,6 +170,15 @@ def _adapter_kv(model, batch: int, prompt_offset, adapters, adapter_bank) -> lis
     if bank.model is not model:
         raise ValueError("adapter_bank was built for another model")
     return bank.adapter_kv(adapters)
+
+
+def _decoder(model, batch: int, length: int, compile: bool, compile_options: dict | None):
+    """(decode step, KV cache for `length` positions): eager over a fresh cache, or compiled over the model's
+    static one (`_take_static_cache`; the caller puts it back when done)."""
+    if compile:
+        device = model.tok_embeddings.weight.device
+        return compiled_decode_step(device, compile_options), _take_static_cache(model, batch, length)
+    return decode_step, model.new_cache(batch, max_len=length)
 
 
 def decode_step(model, tokens, cache, input_pos, adapter_kv) -> torch.Tensor:
@@ -237,32 +243,14 @@ def _take_static_cache(model, batch: int, length: int):
 
 
 def generate(
-    model,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    eos_id: int | None = None,
-    *,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    prompt_offset: torch.Tensor | None = None,
-    callback: Callable[[Step], None] | None = None,
-    adapters: list | None = None,
-    adapter_bank=None,
-    compile: bool = False,
-    compile_options: dict | None = None,
-    stop_ids=None,
+    model, prompts: list[list[int]], max_new_tokens: int, *args, callback: Callable[[Step], None] | None = None,
+    **options,
 ) -> list[list[int]]:
-    """The new tokens of each prompt (the stop token itself not included). `callback(step)` sees every step as it
-    comes. adapters, adapter_bank, compile, compile_options, stop_ids: see `generate_stream`."""
+    """The new tokens of each prompt (the stop token itself not included); `callback(step)` sees every step as it
+    comes. The other arguments (temperature, top_p, eos_id, seed, adapters, compile, stop_ids, ...) are
+    `generate_stream`'s, documented there."""
     results: list[list[int]] = [[] for _ in prompts]
-    stream = generate_stream(
-        model, prompts, max_new_tokens, temperature, top_p, eos_id, seed=seed, generator=generator,
-        prompt_offset=prompt_offset, adapters=adapters, adapter_bank=adapter_bank, compile=compile,
-        compile_options=compile_options, stop_ids=stop_ids,
-    )  # fmt: skip
-    for step in stream:
+    for step in generate_stream(model, prompts, max_new_tokens, *args, **options):
         if callback is not None:
             callback(step)
         for row, t in zip(results, step.tokens):
