@@ -113,3 +113,25 @@ def test_no_flag_anywhere_parses_a_bare_int_or_float():
                     if keyword.arg == "type" and ast.unparse(keyword.value) in ("int", "float"):
                         bare.append(f"{path.relative_to(root)}:{node.lineno}")
     assert bare == []
+
+
+def test_command_line_code_lives_in_the_cli_package_only():
+    """Library modules parse no arguments and register no command: `llama_adapter/cli/` holds all of that."""
+    root = Path(__file__).resolve().parents[1] / "llama_adapter"
+    # validation's rules are argparse types as well as argument checks; kernel_report is a developer tool of its
+    # own (`python -m llama_adapter.kernel_report`), not a command of `llama-adapter`
+    allowed = {root / "validation.py", root / "kernel_report.py"}
+    found = []
+    for path in root.rglob("*.py"):
+        if path.parent == root / "cli" or path in allowed:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            imported = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                imported = [node.module or ""]
+            named = node.name if isinstance(node, ast.FunctionDef) else ""
+            if "argparse" in imported or named == "register_cli":
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert found == []
+    assert {p.stem for p in (root / "cli").glob("*.py")} >= {"__init__", "generate", "finetune", "demo"}
