@@ -6,11 +6,8 @@ llama_adapter.distributed.
 Recipe (the official training code): only prompts and gates train; AdamW betas (0.9, 0.95), weight decay 0.02
 on prompts and 0 on gates; lr = blr * global_batch / 256 (blr 9e-3); per optimizer step, linear warmup over
 `warmup_epochs`, then a half cosine to 0 at the end of the last epoch. Gradients accumulate to the global
-batch = micro_batch x accumulation x world_size.
-
-The loss of a global batch is the sum of token losses divided by its number of target tokens, counted in
-advance from the batch's example ids (every rank knows the whole batch), so the gradient is the same whatever
-the split into micro-batches and ranks; each rank scales by world_size because DDP averages.
+batch = micro_batch x accumulation x world_size, whose loss is its token losses' sum over its number of target
+tokens (llama_adapter.trainer).
 
 Precision: on CUDA the frozen base is bf16 (fp16 + GradScaler where bf16 is missing) under autocast, the
 adapter fp32; on the CPU everything is fp32. The layers below the first adapted one run without autograd by

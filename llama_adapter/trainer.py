@@ -155,7 +155,7 @@ class Trainer:
             loss_sum += micro_loss.detach().double()
         if cfg.fsdp and info.world_size > 1:
             sync_adapter_grads(self.model, info.world_size)
-        # From here until fit() has advanced the step counter the weights belong to no step: an exception
+        # From here until `_step_and_log` has advanced the step counter the weights belong to no step: an exception
         # raised in between must not be saved as a checkpoint (signals wait for the step boundary anyway).
         self._mid_update = True
         if self.scaler:

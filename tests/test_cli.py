@@ -135,3 +135,22 @@ def test_command_line_code_lives_in_the_cli_package_only():
                 found.append(f"{path.relative_to(root)}:{node.lineno}")
     assert found == []
     assert {p.stem for p in (root / "cli").glob("*.py")} >= {"__init__", "generate", "finetune", "demo"}
+
+
+def test_finetune_configs_are_built_from_the_arguments_by_field_name():
+    from llama_adapter.cli import config_from_args
+    from llama_adapter.cli.finetune import finetune_args
+    from llama_adapter.model import AdapterConfig
+    from llama_adapter.recipe import TrainConfig
+
+    recipe = dict(epochs=2, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2, blr=0.1, weight_decay=0.5)
+    steps = dict(seed=3, eval_every=4, save_every=5, max_steps=6, resume=True, fsdp=True)
+    switches = dict(no_progress=True, no_pack=True, adapter_len=7, bias_tuning=True, early_fusion=1)
+    args = finetune_args("m", "d", "o", **recipe, **steps, **switches)
+    expected = TrainConfig(out_dir="o", **recipe, **steps, progress=False, pack=False)
+    assert config_from_args(TrainConfig, args) == expected
+    # every default is the config's own, packing ("auto") and progress on
+    default = finetune_args("m", "d", "o", overwrite=True)
+    assert config_from_args(TrainConfig, default) == TrainConfig(out_dir="o", overwrite=True)
+    adapter = config_from_args(AdapterConfig, args, adapter_layers=2, visual_dim=12)
+    assert adapter == AdapterConfig(adapter_len=7, adapter_layers=2, bias_tuning=True, early_fusion=1, visual_dim=12)

@@ -1,5 +1,9 @@
-"""`llama-adapter finetune`: load a base, attach an adapter, train it with the official recipe
-(llama_adapter.recipe, llama_adapter.trainer), save it; on one device or many (torchrun: DDP or FSDP)."""
+"""Adapter fine-tuning with the official LLaMA-Adapter recipe, on one device or many (torchrun: DDP or FSDP).
+
+`llama-adapter finetune` loads a base, attaches an adapter, trains it (llama_adapter.recipe, llama_adapter.trainer)
+and saves it. Its flags' dests are the fields of TrainConfig and AdapterConfig they set: both are built from the
+arguments by name (`config_from_args`).
+"""
 
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def register(subparsers) -> None:
                               description=__doc__.splitlines()[0])  # fmt: skip
     p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory")
     p.add_argument("--data", required=True, help="JSON list or JSONL of Alpaca records or chat {messages} records")
-    # dests are TrainConfig's field names: the config is built from them by name (`config_from_args`)
+    # dest: TrainConfig's field (see the module's docstring)
     p.add_argument("--out", dest="out_dir", metavar="OUT", required=True,
                    help="output directory (checkpoint, metrics, adapter/)")  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: in --model or its parent)")
