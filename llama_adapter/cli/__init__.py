@@ -76,7 +76,3 @@ def main(argv=None) -> int:
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
         print(f"llama-adapter: error: {message} (--debug shows where)", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
