@@ -138,9 +138,9 @@ def test_command_line_code_lives_in_the_cli_package_only():
 
 
 def test_finetune_configs_are_built_from_the_arguments_by_field_name():
+    from llama_adapter import AdapterConfig
     from llama_adapter.cli import config_from_args
     from llama_adapter.cli.finetune import finetune_args
-    from llama_adapter.model import AdapterConfig
     from llama_adapter.recipe import TrainConfig
 
     recipe = dict(epochs=2, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2, blr=0.1, weight_decay=0.5)
