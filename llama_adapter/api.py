@@ -31,7 +31,8 @@ class LLaMA(Transformer):
         """Our adapter dir, a PEFT adaption-prompt dir or the official v1 .pth (kwargs: adapter_len=)."""
         return adapter_io.load_adapter(self, path, **kwargs)
 
-    def generate(self, prompts, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, **kwargs):
-        return generation.generate(
-            self, prompts, max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id, **kwargs
-        )
+    def generate(self, prompts, max_new_tokens, *args, **options):
+        """`generation.generate` on this model: the new tokens of each prompt. The options (temperature=0.0,
+        top_p=1.0, eos_id, seed, stop_ids, adapters, compile, ...) are documented once, in
+        `generation.generate_stream`."""
+        return generation.generate(self, prompts, max_new_tokens, *args, **options)
