@@ -27,6 +27,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
@@ -43,13 +44,13 @@ from benchmarks.common import (
     is_fatal,
     is_oom,
     log,
-    maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
     significant,
     str_list,
     time_ms,
 )
+from benchmarks.plot import maybe_plot
 from llama_adapter.validation import NON_NEGATIVE, NON_NEGATIVE_INT, POSITIVE_INT
 
 PROVIDERS = ("fused", "fused_noprompt", "sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
@@ -228,6 +229,97 @@ def fill_defaults(args: argparse.Namespace) -> None:
             setattr(args, key, value)
 
 
+@dataclass
+class Sweep:
+    """What one run carries from row to row: the providers made so far, the time each used, the sizes that ran
+    out of memory, and a CUDA error after which nothing more can run."""
+
+    budget: Budget
+    provider_budget: dict[str, float]  # provider -> seconds it may use
+    causal: bool
+    spent: defaultdict = field(default_factory=lambda: defaultdict(float))  # provider -> seconds used
+    oom_at: dict = field(default_factory=dict)  # (provider, mode, dtype, D) -> smallest N that ran out of memory
+    providers: dict = field(default_factory=dict)  # (provider, D) -> (fn, label), or why it cannot run
+    fatal: str | None = None
+
+    def provider(self, name: str, D: int):
+        """(fn, label) for `name` at head dim D (sm_scale depends on D), or the reason it cannot run."""
+        if (name, D) not in self.providers:
+            try:
+                self.providers[name, D] = make_provider(name, causal=self.causal, scale=D**-0.5)
+            except Exception as exc:  # Unavailable, or the fused ops not importable
+                self.providers[name, D] = str(exc) if isinstance(exc, Unavailable) else describe_error(exc)
+        return self.providers[name, D]
+
+    def skip_reason(self, row: dict) -> str | None:
+        """Why `row` is not measured, or None to measure it."""
+        provider, N = row["provider"], row["N"]
+        made = self.provider(provider, row["D"])
+        key = oom_key(row)
+        if self.fatal:
+            return f"skipped: CUDA context lost earlier ({self.fatal})"
+        if isinstance(made, str):
+            return made
+        if self.budget.expired():
+            return "skipped: time budget"
+        if self.spent[provider] > self.provider_budget.get(provider, math.inf):
+            return f"skipped: provider time budget ({self.provider_budget[provider]:.0f} s) used"
+        if key in self.oom_at and N > self.oom_at[key]:
+            return f"skipped: OOM at N={self.oom_at[key]}"
+        if row["dtype"] == "bf16" and not HAS_CUDA and provider.startswith("fused"):
+            return "skipped: the interpreter has no bf16 arithmetic"
+        return None
+
+    def record(self, row: dict, seconds: float) -> None:
+        self.spent[row["provider"]] += seconds
+        if is_oom(row["error"]):
+            key = oom_key(row)
+            self.oom_at[key] = min(row["N"], self.oom_at.get(key, row["N"]))
+        if is_fatal(row["error"]):
+            self.fatal = row["error"][:120]
+
+
+def oom_key(row: dict) -> tuple:
+    """Rows that share this key and have a larger N are skipped after an OOM."""
+    return row["provider"], row["mode"], row["dtype"], row["D"]
+
+
+def measure_row(row: dict, sweep: Sweep, args: argparse.Namespace, l2_bytes: int, device: str) -> None:
+    """Time one provider/mode/shape into `row`; an exception becomes the row's error."""
+    provider, mode, D = row["provider"], row["mode"], row["D"]
+    fn, row["backend"] = sweep.provider(provider, D)
+    started = time.monotonic()
+    shape = dict(B=row["B"], H=row["H"], Hkv=row["Hkv"], N=row["N"], D=D, Ka=args.ka, dtype=DTYPES[row["dtype"]],
+                 device=device)  # fmt: skip
+
+    def make_set(seed):
+        return make_inputs(seed, **shape, grad=mode != "fwd")
+
+    try:
+        if provider == "sdpa_adapter":
+            q, k, v = make_set(0)[:3]
+            row["backend"] = f"sdpa:{sdpa_choice(q, k, v, sweep.causal)}"
+            del q, k, v
+        reference = None if provider == "sdpa_adapter" else reference_for(provider, sweep.causal, D**-0.5)
+        row.update(measure(fn, mode, make_set, l2_bytes=l2_bytes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
+                           reference=reference))  # fmt: skip
+    except Exception as exc:
+        row["error"] = describe_error(exc)
+    free_memory()
+    sweep.record(row, time.monotonic() - started)
+
+
+def add_rates(row: dict, dev) -> None:
+    """TFLOP/s of a measured row, and its share of the device's datasheet and measured peaks."""
+    tflops = attention_flops(row["B"], row["H"], row["N"], row["N"], row["D"], causal=row["causal"],
+                             mode=row["mode"]) / (row["ms"] * 1e-3) / 1e12  # fmt: skip
+    row["tflops"] = significant(tflops)
+    if dev.peak_tflops:
+        row["pct_peak"] = round(100 * tflops / dev.peak_tflops, 1)
+    if dev.measured_tflops:
+        row["pct_measured"] = round(100 * tflops / dev.measured_tflops, 1)
+
+
 def run(args: argparse.Namespace) -> Results:
     fill_defaults(args)
     if getattr(args, "print_autotune", False):
@@ -235,13 +327,9 @@ def run(args: argparse.Namespace) -> Results:
     results = Results("attention", args.out, args)
     dev = results.device
     device = "cuda" if HAS_CUDA else "cpu"
-    budget = Budget(args.budget)
-    spent = defaultdict(float)  # provider -> seconds used
-    oom_at = {}  # (provider, mode, dtype, D) -> smallest N that ran out of memory
-    providers = {}  # (provider, D) -> (fn, label), or why it cannot run; sm_scale depends on D
-    fatal = None
     causal = not args.non_causal
     provider_budget = {name: float(s) for name, s in (item.split("=") for item in str_list(args.provider_budget))}
+    sweep = Sweep(Budget(args.budget), provider_budget, causal)
     log(f"attention on {dev.name}: torch {torch.__version__}, results -> {results.path}")
     for dtype_name, D, N in itertools.product(str_list(args.dtypes), int_list(args.head_dims), int_list(args.seqlens)):
         H = args.heads or max(1, args.hidden // D)
@@ -251,55 +339,11 @@ def run(args: argparse.Namespace) -> Results:
             Ka = 0 if provider == "fused_noprompt" else args.ka
             row = dict(provider=provider, mode=mode, dtype=dtype_name, B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=Ka)
             row.update(causal=causal, ms=None, tflops=None, peak_mem_mb=None, backend=None, error=None)
-            if (provider, D) not in providers:
-                try:
-                    providers[provider, D] = make_provider(provider, causal=causal, scale=D**-0.5)
-                except Exception as exc:  # Unavailable, or the fused ops not importable
-                    providers[provider, D] = str(exc) if isinstance(exc, Unavailable) else describe_error(exc)
-            key = (provider, mode, dtype_name, D)
-            if fatal:
-                row["error"] = f"skipped: CUDA context lost earlier ({fatal})"
-            elif isinstance(providers[provider, D], str):
-                row["error"] = providers[provider, D]
-            elif budget.expired():
-                row["error"] = "skipped: time budget"
-            elif spent[provider] > provider_budget.get(provider, math.inf):
-                row["error"] = f"skipped: provider time budget ({provider_budget[provider]:.0f} s) used"
-            elif key in oom_at and N > oom_at[key]:
-                row["error"] = f"skipped: OOM at N={oom_at[key]}"
-            elif dtype_name == "bf16" and not HAS_CUDA and provider.startswith("fused"):
-                row["error"] = "skipped: the interpreter has no bf16 arithmetic"
-            else:
-                fn, row["backend"] = providers[provider, D]
-                started = time.monotonic()
-                shape = dict(B=B, H=H, Hkv=Hkv, N=N, D=D, Ka=args.ka, dtype=DTYPES[dtype_name], device=device)
-
-                def make_set(seed, shape=shape, mode=mode):
-                    return make_inputs(seed, **shape, grad=mode != "fwd")
-
-                try:
-                    if provider == "sdpa_adapter":
-                        q, k, v = make_set(0)[:3]
-                        row["backend"] = f"sdpa:{sdpa_choice(q, k, v, causal)}"
-                        del q, k, v
-                    reference = None if provider == "sdpa_adapter" else reference_for(provider, causal, D**-0.5)
-                    row.update(measure(fn, mode, make_set, l2_bytes=dev.l2_bytes, warmup_ms=args.warmup_ms,
-                                       rep_ms=args.rep_ms, reference=reference))  # fmt: skip
-                except Exception as exc:
-                    row["error"] = describe_error(exc)
-                free_memory()
-                spent[provider] += time.monotonic() - started
-                if is_oom(row["error"]):
-                    oom_at[key] = min(N, oom_at.get(key, N))
-                if is_fatal(row["error"]):
-                    fatal = row["error"][:120]
+            row["error"] = sweep.skip_reason(row)
+            if row["error"] is None:
+                measure_row(row, sweep, args, dev.l2_bytes, device)
             if row["ms"]:
-                tflops = attention_flops(B, H, N, N, D, causal=causal, mode=mode) / (row["ms"] * 1e-3) / 1e12
-                row["tflops"] = significant(tflops)
-                if dev.peak_tflops:
-                    row["pct_peak"] = round(100 * tflops / dev.peak_tflops, 1)
-                if dev.measured_tflops:
-                    row["pct_measured"] = round(100 * tflops / dev.measured_tflops, 1)
+                add_rates(row, dev)
             results.add(row)
             log(format_row(row))
     maybe_plot(results, args)

@@ -39,13 +39,13 @@ from benchmarks.common import (
     is_fatal,
     is_oom,
     log,
-    maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
     significant,
     str_list,
     synchronize,
 )
+from benchmarks.plot import maybe_plot
 from llama_adapter.validation import NON_NEGATIVE_INT, POSITIVE_INT
 
 # attention backend -> provider name used across the benchmarks
@@ -152,34 +152,12 @@ def run_base(args, results: Results, budget: Budget, quantize: str, size: str, s
             log(f"{row['provider']:>14}: {results.add(row)['error']}")
             continue
         set_attention_backend(backend)
-        for B in batches:  # descending: the first that fits is the largest
-            tokens = torch.randint(0, p.vocab_size, (B, seq + 1), device=device, generator=gen)
-            reset_peak_memory()
-            error = try_step(model, optimizer, tokens)  # also the warm-up (autotuning, first allocations)
-            row["tried"].append({"B": B, "error": error})
-            if error is None or not is_oom(error) or budget.expired():
-                break
-            log(f"{row['provider']:>14}: B={B} does not fit")
+        B, tokens, error = largest_batch(model, optimizer, row, batches, seq, device, gen, budget)
         row["error"] = error
         if error is None:
             row["B"] = B
             row["peak_mem_mb"] = peak_memory_mb()
-            times = []
-            for _ in range(args.warmup + args.steps):
-                synchronize()
-                start = time.perf_counter()
-                train_step(model, optimizer, tokens)
-                synchronize()
-                times.append(time.perf_counter() - start)
-                if budget.expired() and len(times) > args.warmup:
-                    break
-            timed = times[args.warmup :] or times[-1:]
-            seconds = statistics.median(timed)
-            flops = step_flops(model, B, seq)
-            row.update(ms=significant(seconds * 1e3), tokens_per_s=significant(B * seq / seconds),
-                       steps_timed=len(timed), tflops=significant(flops / seconds / 1e12))  # fmt: skip
-            if dev.peak_tflops:
-                row["mfu_pct"] = round(100 * flops / seconds / 1e12 / dev.peak_tflops, 1)
+            row.update(time_steps(model, optimizer, tokens, args, budget, dev))
         del tokens
         free_memory()
         fatal = row["error"][:120] if is_fatal(row["error"]) else None
@@ -188,6 +166,42 @@ def run_base(args, results: Results, budget: Budget, quantize: str, size: str, s
     del model, optimizer
     free_memory()
     return fatal
+
+
+def largest_batch(model, optimizer, row: dict, batches: list[int], seq: int, device, gen, budget: Budget):
+    """(B, tokens, error) of the first of `batches` (descending) whose step does not run out of memory, each try
+    recorded in row["tried"]; error is the last try's (None: B fits)."""
+    for B in batches:
+        tokens = torch.randint(0, model.params.vocab_size, (B, seq + 1), device=device, generator=gen)
+        reset_peak_memory()
+        error = try_step(model, optimizer, tokens)  # also the warm-up (autotuning, first allocations)
+        row["tried"].append({"B": B, "error": error})
+        if error is None or not is_oom(error) or budget.expired():
+            break
+        log(f"{row['provider']:>14}: B={B} does not fit")
+    return B, tokens, error
+
+
+def time_steps(model, optimizer, tokens, args, budget: Budget, dev) -> dict:
+    """The row's timing columns: median step time of --steps after --warmup, tokens/s, TFLOP/s and MFU."""
+    B, seq = tokens.shape[0], tokens.shape[1] - 1
+    times = []
+    for _ in range(args.warmup + args.steps):
+        synchronize()
+        start = time.perf_counter()
+        train_step(model, optimizer, tokens)
+        synchronize()
+        times.append(time.perf_counter() - start)
+        if budget.expired() and len(times) > args.warmup:
+            break
+    timed = times[args.warmup :] or times[-1:]
+    seconds = statistics.median(timed)
+    flops = step_flops(model, B, seq)
+    columns = dict(ms=significant(seconds * 1e3), tokens_per_s=significant(B * seq / seconds), steps_timed=len(timed),
+                   tflops=significant(flops / seconds / 1e12))  # fmt: skip
+    if dev.peak_tflops:
+        columns["mfu_pct"] = round(100 * flops / seconds / 1e12 / dev.peak_tflops, 1)
+    return columns
 
 
 def format_row(row: dict) -> str:

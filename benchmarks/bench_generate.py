@@ -35,13 +35,13 @@ from benchmarks.common import (
     int_list,
     is_fatal,
     log,
-    maybe_plot,
     peak_memory_mb,
     reset_peak_memory,
     significant,
     str_list,
     synchronize,
 )
+from benchmarks.plot import maybe_plot
 from llama_adapter.validation import POSITIVE_INT
 
 

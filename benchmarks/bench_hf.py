@@ -188,6 +188,45 @@ def step_tokens(mode: str, inputs: dict, args) -> int:
     return args.batch * args.seq
 
 
+def set_up(args, device, dtype) -> tuple[dict, dict, dict]:
+    """The three providers' models, every mode's inputs, and the base's logits before any adapter."""
+    base = build_base(args, device, dtype)
+    inputs = make_inputs(args, base.config.vocab_size, device)
+    base_logits = adapterless_logits(base, inputs)
+    return build_models(base, args), inputs, base_logits
+
+
+def adapterless_logits(base, inputs: dict) -> dict:
+    """{padded?: logits} of the base before any adapter, real tokens only for the padded batch: each row's
+    `adapter_effect` is measured against them."""
+    with torch.inference_mode():
+        return {
+            False: base(input_ids=inputs["tokens"], use_cache=False).logits.float(),
+            True: base(
+                input_ids=inputs["padded"], attention_mask=inputs["padded_mask"], use_cache=False
+            ).logits.float()[inputs["padded_mask"].bool()],
+        }
+
+
+def time_mode(row: dict, model, mode: str, inputs: dict, args) -> float:
+    """Time `mode` on `model` into `row` (ms, tokens, tokens/s, peak and activation memory); returns the ms."""
+    reset_peak_memory()
+    resident = torch.cuda.memory_allocated() if HAS_CUDA else None
+
+    def step():
+        if mode.startswith("train"):
+            model.zero_grad(set_to_none=True)
+        run_mode(model, mode, inputs, args)
+
+    ms = time_ms(step, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+    peak = peak_memory_mb()
+    tokens = step_tokens(mode, inputs, args)
+    row.update(ms=significant(ms), tokens=tokens, tokens_per_s=significant(tokens / ms * 1e3), peak_mem_mb=peak)
+    if peak is not None:
+        row["act_mem_mb"] = round(peak - resident / 2**20, 1)
+    return ms
+
+
 def run(args: argparse.Namespace) -> Results:
     from llama_adapter.attention import get_attention_backend, resolve_backend, set_attention_backend
 
@@ -204,16 +243,7 @@ def run(args: argparse.Namespace) -> Results:
     log(f"bench_hf on {results.device.name}: {args.size} layers={args.layers} B={args.batch} N={args.seq} "
         f"{args.dtype} -> {results.path}")  # fmt: skip
     try:
-        base = build_base(args, device, dtype)
-        inputs = make_inputs(args, base.config.vocab_size, device)
-        with torch.inference_mode():
-            base_logits = {
-                False: base(input_ids=inputs["tokens"], use_cache=False).logits.float(),
-                True: base(
-                    input_ids=inputs["padded"], attention_mask=inputs["padded_mask"], use_cache=False
-                ).logits.float()[inputs["padded_mask"].bool()],
-            }
-        models = build_models(base, args)
+        models, inputs, base_logits = set_up(args, device, dtype)
     except Exception as exc:  # no models, no rows to measure: say why in each
         error = f"set-up failed: {describe_error(exc)}"
         for mode in modes:
@@ -241,21 +271,7 @@ def run(args: argparse.Namespace) -> Results:
                 row.update(parity(got, expected, base_logits[mode == "train_padded"]))
                 del got
                 free_memory()
-                reset_peak_memory()
-                resident = torch.cuda.memory_allocated() if HAS_CUDA else None
-
-                def step(model=model, mode=mode):
-                    if mode.startswith("train"):
-                        model.zero_grad(set_to_none=True)
-                    run_mode(model, mode, inputs, args)
-
-                ms = time_ms(step, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-                peak = peak_memory_mb()
-                tokens = step_tokens(mode, inputs, args)
-                row.update(ms=significant(ms), tokens=tokens, tokens_per_s=significant(tokens / ms * 1e3),
-                           peak_mem_mb=peak)  # fmt: skip
-                if peak is not None:
-                    row["act_mem_mb"] = round(peak - resident / 2**20, 1)
+                ms = time_mode(row, model, mode, inputs, args)
                 if provider == "peft":
                     peft_ms = ms
                 if peft_ms:

@@ -244,14 +244,3 @@ def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapt
                 p.fill_(0.1)
     return model
 
-
-def maybe_plot(results: Results, args: argparse.Namespace) -> None:
-    if args.no_plot:
-        return
-    try:
-        from benchmarks.plot import plot_file
-
-        for png in plot_file(results.path):
-            log(f"wrote {png}")
-    except Exception as exc:  # a missing matplotlib must not lose the measurements
-        log(f"plot skipped: {describe_error(exc)}")

@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import default_results_dir
+from benchmarks.common import Results, default_results_dir, describe_error, log
 
 ATTENTION_OTHERS = ("sdpa_adapter", "sdpa_flash_adapter", "eager", "flex")
 WRONG_REL_ERR = 2e-2
@@ -119,6 +119,17 @@ def plot_file(path, say=print) -> list[Path]:
         return plot_bars(data, path.parent, "tokens_per_s", "decoded tokens/s")
     say(f"{path.name}: no chart for bench {data['bench']!r}; its rows are in the summary table")
     return []
+
+
+def maybe_plot(results: Results, args: argparse.Namespace) -> None:
+    """A benchmark's PNGs after its last row, unless --no-plot."""
+    if args.no_plot:
+        return
+    try:
+        for png in plot_file(results.path):
+            log(f"wrote {png}")
+    except Exception as exc:  # a missing matplotlib must not lose the measurements
+        log(f"plot skipped: {describe_error(exc)}")
 
 
 def _cell(row, fmt="{:.2f}"):

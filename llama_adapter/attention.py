@@ -135,6 +135,32 @@ def check_inputs(
 
 
 def _check_layout(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens, max_seqlen):
+    B, Hq, Hkv, D = _check_words(q, k, v)
+    if (adapter_k is None) != (adapter_v is None):
+        raise ValueError("adapter_k and adapter_v must be given together (or both None)")
+    if adapter_k is not None:
+        _check_prompt(q, adapter_k, adapter_v, gate, Hkv)
+    if gate is not None:
+        _check_gate(q, gate, adapter_k)
+    if kv_lens is not None:
+        _check_kv_lens(q, kv_lens)
+    if cu_seqlens is not None:
+        _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen)
+    elif max_seqlen is not None:
+        raise ValueError("max_seqlen was given without cu_seqlens")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
+def _check_like_q(name, t, q):
+    if t.dtype != q.dtype:
+        raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def _check_words(q, k, v) -> tuple[int, int, int, int]:
+    """q, k, v's types, shapes, dtypes and devices; returns (B, Hq, Hkv, D)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -156,61 +182,56 @@ def _check_layout(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqle
     if D < 16 or D > 256 or D & (D - 1):
         raise ValueError(f"head dim D must be a power of two from 16 to 256, got D={D} (q {_shape(q)})")
     for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+        _check_like_q(name, t, q)
+    return B, Hq, Hkv, D
 
-    if (adapter_k is None) != (adapter_v is None):
-        raise ValueError("adapter_k and adapter_v must be given together (or both None)")
-    if adapter_k is not None:
-        if gate is None:
-            raise ValueError(f"gate of shape ({Hq},) or ({B}, {Hq}) is required with adapter_k / adapter_v")
-        for name, t in (("adapter_k", adapter_k), ("adapter_v", adapter_v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dim() == 3:
-                ok = t.shape[0] == Hkv and t.shape[2] == D
-            elif t.dim() == 4:
-                ok = t.shape[0] == B and t.shape[1] == Hkv and t.shape[3] == D
-            else:
-                ok = False
-            if not ok or t.shape[-2] < 1:
-                raise ValueError(
-                    f"{name} must have shape (Hkv={Hkv}, Ka, D={D}) or (B={B}, Hkv={Hkv}, Ka, D={D}), got {_shape(t)}"
-                )
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
-        if adapter_k.shape != adapter_v.shape:
-            raise ValueError(f"adapter_v must have the shape of adapter_k {_shape(adapter_k)}, got {_shape(adapter_v)}")
-    if gate is not None:
-        if adapter_k is None:
-            raise ValueError("gate was given without adapter_k / adapter_v")
-        if not isinstance(gate, torch.Tensor):
-            raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
-        if not gate.is_floating_point():
-            raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
-        if tuple(gate.shape) not in ((Hq,), (B, Hq)):
-            raise ValueError(f"gate must have shape (Hq={Hq},) or (B={B}, Hq={Hq}), got {_shape(gate)}")
-        if gate.device != q.device:
-            raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
-    if kv_lens is not None:
-        if not isinstance(kv_lens, torch.Tensor):
-            raise TypeError(f"kv_lens must be a torch.Tensor of shape ({B},), got {type(kv_lens).__name__}")
-        if kv_lens.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"kv_lens must be int32 (or int64) of shape ({B},), got {kv_lens.dtype}")
-        if tuple(kv_lens.shape) != (B,):
-            raise ValueError(f"kv_lens must have shape (B={B},), got {_shape(kv_lens)}")
-        if kv_lens.device != q.device:
-            raise ValueError(f"kv_lens must be on q's device {q.device}, got {kv_lens.device}")
-    if cu_seqlens is not None:
-        _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen)
-    elif max_seqlen is not None:
-        raise ValueError("max_seqlen was given without cu_seqlens")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+def _check_prompt(q, adapter_k, adapter_v, gate, Hkv):
+    B, Hq, _, D = q.shape
+    if gate is None:
+        raise ValueError(f"gate of shape ({Hq},) or ({B}, {Hq}) is required with adapter_k / adapter_v")
+    for name, t in (("adapter_k", adapter_k), ("adapter_v", adapter_v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() == 3:
+            ok = t.shape[0] == Hkv and t.shape[2] == D
+        elif t.dim() == 4:
+            ok = t.shape[0] == B and t.shape[1] == Hkv and t.shape[3] == D
+        else:
+            ok = False
+        if not ok or t.shape[-2] < 1:
+            raise ValueError(
+                f"{name} must have shape (Hkv={Hkv}, Ka, D={D}) or (B={B}, Hkv={Hkv}, Ka, D={D}), got {_shape(t)}"
+            )
+        _check_like_q(name, t, q)
+    if adapter_k.shape != adapter_v.shape:
+        raise ValueError(f"adapter_v must have the shape of adapter_k {_shape(adapter_k)}, got {_shape(adapter_v)}")
+
+
+def _check_gate(q, gate, adapter_k):
+    B, Hq = q.shape[:2]
+    if adapter_k is None:
+        raise ValueError("gate was given without adapter_k / adapter_v")
+    if not isinstance(gate, torch.Tensor):
+        raise TypeError(f"gate must be a torch.Tensor, got {type(gate).__name__}")
+    if not gate.is_floating_point():
+        raise TypeError(f"gate must be a floating point tensor, got {gate.dtype}")
+    if tuple(gate.shape) not in ((Hq,), (B, Hq)):
+        raise ValueError(f"gate must have shape (Hq={Hq},) or (B={B}, Hq={Hq}), got {_shape(gate)}")
+    if gate.device != q.device:
+        raise ValueError(f"gate must be on q's device {q.device}, got {gate.device}")
+
+
+def _check_kv_lens(q, kv_lens):
+    B = q.shape[0]
+    if not isinstance(kv_lens, torch.Tensor):
+        raise TypeError(f"kv_lens must be a torch.Tensor of shape ({B},), got {type(kv_lens).__name__}")
+    if kv_lens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"kv_lens must be int32 (or int64) of shape ({B},), got {kv_lens.dtype}")
+    if tuple(kv_lens.shape) != (B,):
+        raise ValueError(f"kv_lens must have shape (B={B},), got {_shape(kv_lens)}")
+    if kv_lens.device != q.device:
+        raise ValueError(f"kv_lens must be on q's device {q.device}, got {kv_lens.device}")
 
 
 def _check_packed(q, k, adapter_k, gate, kv_lens, cu_seqlens, max_seqlen):

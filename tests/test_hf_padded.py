@@ -24,6 +24,7 @@ from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 from llama_adapter import (  # noqa: E402
     AdapterConfig,  # noqa: E402
     hf,
+    hf_layout,
     ops,
 )
 from llama_adapter.attention import set_attention_backend  # noqa: E402
@@ -113,7 +114,7 @@ def test_packed_rows_equal_separate_sequences(monkeypatch):
     expected = torch.cat([logits(ours, s, use_cache=False) for s in seqs], dim=1)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-10)
     # FA2's padding-free keywords (DataCollatorWithFlattening; what torch.compile needs) pack on their own
-    monkeypatch.setattr(hf, "_packed_sequences", lambda *args: None)
+    monkeypatch.setattr(hf_layout, "_packed_sequences", lambda *args: None)
     assert (logits(ours, packed, position_ids=position_ids, use_cache=False) - expected).abs().max() > 1e-3
     cu = torch.tensor([0, 4, 6, 11], dtype=torch.int32)
     kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=5, max_length_k=5, position_ids=position_ids)
@@ -200,13 +201,13 @@ class KernelCounter:
 
         monkeypatch.setattr(hf, "adapter_attention", spy)
         self.plans = 0  # padding plans made: one per model forward, whatever the number of layers
-        plan = hf._PaddingPlan
+        plan = hf_layout._PaddingPlan
 
         def counted_plan(*args):
             self.plans += 1
             return plan(*args)
 
-        monkeypatch.setattr(hf, "_PaddingPlan", counted_plan)
+        monkeypatch.setattr(hf_layout, "_PaddingPlan", counted_plan)
 
 
 def test_padded_training_step_launches_only_our_kernels(monkeypatch):
