@@ -87,6 +87,16 @@ def test_missing_and_invalid_files(tmp_path):
         Tokenizer.from_dir(empty)
 
 
+def test_config_json_that_is_not_an_object_names_the_file(tmp_path):
+    (tmp_path / "tokenizer.model").write_text("IQ== 0\naGVsbG8= 1\n")
+    config = tmp_path / "tokenizer_config.json"
+    config.write_text('["<s>"]')
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: expected a JSON object, got list"):
+        Tokenizer.from_dir(tmp_path)
+    config.write_text('{"bos_token": "<|begin_of_text|>"}')
+    assert Tokenizer.from_dir(tmp_path).bos_id == 2  # the first special id after the two ranks
+
+
 def test_malformed_tiktoken_file_names_the_line(tmp_path):
     lines = [f"{base64.b64encode(bytes([b])).decode()} {b}" for b in range(3)] + ["aGVsbG8= x"]
     path = tmp_path / "tokenizer.model"
