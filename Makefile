@@ -30,9 +30,11 @@ venv: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 test: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --durations=15
 
 $(STAMP36): setup.py

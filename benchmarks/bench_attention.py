@@ -289,8 +289,9 @@ def measure_row(row: dict, sweep: Sweep, args: argparse.Namespace, l2_bytes: int
     provider, mode, D = row["provider"], row["mode"], row["D"]
     fn, row["backend"] = sweep.provider(provider, D)
     started = time.monotonic()
-    shape = dict(B=row["B"], H=row["H"], Hkv=row["Hkv"], N=row["N"], D=D, Ka=args.ka, dtype=DTYPES[row["dtype"]],
-                 device=device)  # fmt: skip
+    shape = dict(
+        B=row["B"], H=row["H"], Hkv=row["Hkv"], N=row["N"], D=D, Ka=args.ka, dtype=DTYPES[row["dtype"]], device=device
+    )
 
     def make_set(seed):
         return make_inputs(seed, **shape, grad=mode != "fwd")
@@ -301,8 +302,11 @@ def measure_row(row: dict, sweep: Sweep, args: argparse.Namespace, l2_bytes: int
             row["backend"] = f"sdpa:{sdpa_choice(q, k, v, sweep.causal)}"
             del q, k, v
         reference = None if provider == "sdpa_adapter" else reference_for(provider, sweep.causal, D**-0.5)
-        row.update(measure(fn, mode, make_set, l2_bytes=l2_bytes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms,
-                           reference=reference))  # fmt: skip
+        row.update(
+            measure(
+                fn, mode, make_set, l2_bytes=l2_bytes, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, reference=reference
+            )
+        )
     except Exception as exc:
         row["error"] = describe_error(exc)
     free_memory()
@@ -311,8 +315,11 @@ def measure_row(row: dict, sweep: Sweep, args: argparse.Namespace, l2_bytes: int
 
 def add_rates(row: dict, dev) -> None:
     """TFLOP/s of a measured row, and its share of the device's datasheet and measured peaks."""
-    tflops = attention_flops(row["B"], row["H"], row["N"], row["N"], row["D"], causal=row["causal"],
-                             mode=row["mode"]) / (row["ms"] * 1e-3) / 1e12  # fmt: skip
+    tflops = (
+        attention_flops(row["B"], row["H"], row["N"], row["N"], row["D"], causal=row["causal"], mode=row["mode"])
+        / (row["ms"] * 1e-3)
+        / 1e12
+    )
     row["tflops"] = significant(tflops)
     if dev.peak_tflops:
         row["pct_peak"] = round(100 * tflops / dev.peak_tflops, 1)

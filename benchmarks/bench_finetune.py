@@ -117,32 +117,60 @@ def run(args: argparse.Namespace) -> Results:
     return results
 
 
-def run_base(args, results: Results, budget: Budget, quantize: str, size: str, seq: int, batches: list[int], device,
-             dtype, fatal: str | None) -> str | None:  # fmt: skip
+def run_base(
+    args,
+    results: Results,
+    budget: Budget,
+    quantize: str,
+    size: str,
+    seq: int,
+    batches: list[int],
+    device,
+    dtype,
+    fatal: str | None,
+) -> str | None:
     """The rows of one base (full precision, nf4 or int8) for every backend; returns the CUDA-fatal error seen."""
     from llama_adapter.attention import set_attention_backend
     from llama_adapter.quantize import quantize_model, weight_bytes
 
     dev = results.device
-    base = dict(dtype=str(dtype).removeprefix("torch."), N=seq, model=size, B=None, ms=None, tokens_per_s=None,
-                quantize=quantize)  # fmt: skip
-    providers = [(PROVIDER.get(b, b) + ("" if quantize == "none" else f"+{quantize}"), b)
-                 for b in str_list(args.backends)]  # fmt: skip
+    base = dict(
+        dtype=str(dtype).removeprefix("torch."),
+        N=seq,
+        model=size,
+        B=None,
+        ms=None,
+        tokens_per_s=None,
+        quantize=quantize,
+    )
+    providers = [
+        (PROVIDER.get(b, b) + ("" if quantize == "none" else f"+{quantize}"), b) for b in str_list(args.backends)
+    ]
     try:
         model = build_model(size, layers=args.layers, seq=seq + 1, device=device, dtype=dtype, adapter_len=args.ka)
         if quantize != "none":
             quantize_model(model, quantize)
     except Exception as exc:
         for provider, backend in providers:
-            results.add({**base, "provider": provider, "backend": backend,
-                         "error": f"model build failed: {describe_error(exc)}"})  # fmt: skip
+            results.add(
+                {
+                    **base,
+                    "provider": provider,
+                    "backend": backend,
+                    "error": f"model build failed: {describe_error(exc)}",
+                }
+            )
         return fatal
     p = model.params
-    base.update(layers=p.n_layers, dim=p.dim, Ka=model.adapter_config.adapter_len,
-                adapter_layers=model.adapter_config.adapter_layers,
-                params=sum(w.numel() for w in model.parameters()),
-                trainable=sum(w.numel() for w in model.adapter_parameters()),
-                weight_mb=round(weight_bytes(model) / 2**20, 1))  # fmt: skip
+    base.update(
+        layers=p.n_layers,
+        dim=p.dim,
+        Ka=model.adapter_config.adapter_len,
+        adapter_layers=model.adapter_config.adapter_layers,
+        params=sum(w.numel() for w in model.parameters()),
+        trainable=sum(w.numel() for w in model.adapter_parameters()),
+        weight_mb=round(weight_bytes(model) / 2**20, 1),
+    )
     optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
     gen = torch.Generator(device=device).manual_seed(0)
     for provider, backend in providers:
@@ -197,8 +225,12 @@ def time_steps(model, optimizer, tokens, args, budget: Budget, dev) -> dict:
     timed = times[args.warmup :] or times[-1:]
     seconds = statistics.median(timed)
     flops = step_flops(model, B, seq)
-    columns = dict(ms=significant(seconds * 1e3), tokens_per_s=significant(B * seq / seconds), steps_timed=len(timed),
-                   tflops=significant(flops / seconds / 1e12))  # fmt: skip
+    columns = dict(
+        ms=significant(seconds * 1e3),
+        tokens_per_s=significant(B * seq / seconds),
+        steps_timed=len(timed),
+        tflops=significant(flops / seconds / 1e12),
+    )
     if dev.peak_tflops:
         columns["mfu_pct"] = round(100 * flops / seconds / 1e12 / dev.peak_tflops, 1)
     return columns
@@ -222,8 +254,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     p.add_argument("--ka", type=NON_NEGATIVE_INT, default=10, help="adapter prompt length")
     p.add_argument("--quantize", default="none", help="frozen bases to run, of none,nf4,int8 (torchao)")
-    p.add_argument("--warmup", type=NON_NEGATIVE_INT, default=1,
-                   help="untimed steps after the one that found the batch")  # fmt: skip
+    p.add_argument(
+        "--warmup", type=NON_NEGATIVE_INT, default=1, help="untimed steps after the one that found the batch"
+    )
     p.add_argument("--steps", type=POSITIVE_INT, default=3, help="timed steps")
     add_common_args(p, budget=0)
     return p.parse_args(argv)

@@ -92,15 +92,30 @@ def run(args: argparse.Namespace) -> Results:
     return results
 
 
-def run_base(args, results: Results, budget: Budget, quantize: str, size: str, prompt_len: int, new_tokens: int,
-             device, dtype, fatal: str | None) -> str | None:  # fmt: skip
+def run_base(
+    args,
+    results: Results,
+    budget: Budget,
+    quantize: str,
+    size: str,
+    prompt_len: int,
+    new_tokens: int,
+    device,
+    dtype,
+    fatal: str | None,
+) -> str | None:
     """The rows of one base (full precision, nf4 or int8) for every backend and batch; returns a CUDA-fatal error."""
     from llama_adapter.attention import set_attention_backend
     from llama_adapter.quantize import quantize_model, weight_bytes
 
     dev = results.device
-    base = dict(model=size, dtype=str(dtype).removeprefix("torch."), prompt_len=prompt_len, new_tokens=new_tokens,
-                quantize=quantize)  # fmt: skip
+    base = dict(
+        model=size,
+        dtype=str(dtype).removeprefix("torch."),
+        prompt_len=prompt_len,
+        new_tokens=new_tokens,
+        quantize=quantize,
+    )
     model = None
     try:
         model = build_model(size, layers=args.layers, seq=prompt_len + new_tokens, device=device, dtype=dtype)
@@ -113,8 +128,13 @@ def run_base(args, results: Results, budget: Budget, quantize: str, size: str, p
     suffix = "" if quantize == "none" else f"+{quantize}"
     for backend in str_list(args.backends):
         for B in int_list(args.batches or "1,16"):
-            row = {**base, "provider": PROVIDER.get(backend, backend) + suffix, "backend": backend, "B": B,
-                   "error": None}  # fmt: skip
+            row = {
+                **base,
+                "provider": PROVIDER.get(backend, backend) + suffix,
+                "backend": backend,
+                "B": B,
+                "error": None,
+            }
             row.update(ms_per_token=None, tokens_per_s=None)
             if model is None:
                 row["error"] = build_error
@@ -138,8 +158,12 @@ def run_base(args, results: Results, budget: Budget, quantize: str, size: str, p
                     step = statistics.median(steps)
                     context = prompt_len + new_tokens / 2
                     gbs = decode_bytes(model, B, context) / step / 1e9
-                    row.update(prefill_ms=significant(stamps[0] * 1e3), ms_per_token=significant(step * 1e3),
-                               tokens_per_s=significant(B / step), gb_per_s=significant(gbs))  # fmt: skip
+                    row.update(
+                        prefill_ms=significant(stamps[0] * 1e3),
+                        ms_per_token=significant(step * 1e3),
+                        tokens_per_s=significant(B / step),
+                        gb_per_s=significant(gbs),
+                    )
                     if dev.bandwidth_gbs:
                         row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
                 free_memory()
@@ -155,8 +179,10 @@ def format_row(row: dict) -> str:
     head = f"{row['provider']:>14} B={row['B']:>3}"
     if row["error"]:
         return f"{head}: {row['error']}"
-    return (f"{head}: prefill {row['prefill_ms']:.1f} ms, {row['ms_per_token']:.2f} ms/token, "
-            f"{row['tokens_per_s']:.1f} tokens/s, {row['gb_per_s']:.0f} GB/s")  # fmt: skip
+    return (
+        f"{head}: prefill {row['prefill_ms']:.1f} ms, {row['ms_per_token']:.2f} ms/token, "
+        f"{row['tokens_per_s']:.1f} tokens/s, {row['gb_per_s']:.0f} GB/s"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -75,8 +75,12 @@ def build_base(args, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     shape = SEVEN_B if args.size == "7B" else TINY
-    config = LlamaConfig(num_hidden_layers=args.layers, max_position_embeddings=max(args.seq + args.new_tokens, 64),
-                         pad_token_id=0, **shape)  # fmt: skip
+    config = LlamaConfig(
+        num_hidden_layers=args.layers,
+        max_position_embeddings=max(args.seq + args.new_tokens, 64),
+        pad_token_id=0,
+        **shape,
+    )
     torch.manual_seed(0)
     with torch.device(device):
         return LlamaForCausalLM(config).to(dtype).eval()
@@ -132,14 +136,24 @@ def run_mode(model, mode: str, inputs: dict, args):
     if mode == "train":
         return model(input_ids=inputs["tokens"], labels=inputs["tokens"], use_cache=False).loss.backward()
     if mode == "train_padded":
-        return model(input_ids=inputs["padded"], attention_mask=inputs["padded_mask"],
-                     labels=inputs["padded_labels"], use_cache=False).loss.backward()  # fmt: skip
+        return model(
+            input_ids=inputs["padded"],
+            attention_mask=inputs["padded_mask"],
+            labels=inputs["padded_labels"],
+            use_cache=False,
+        ).loss.backward()
     with torch.inference_mode():
         if mode == "prefill":
             return model(input_ids=inputs["tokens"], use_cache=True, logits_to_keep=1).logits
         n = args.new_tokens
-        return model.generate(input_ids=inputs["prompts"], attention_mask=inputs["prompt_mask"], do_sample=False,
-                              max_new_tokens=n, min_new_tokens=n, pad_token_id=0)  # fmt: skip
+        return model.generate(
+            input_ids=inputs["prompts"],
+            attention_mask=inputs["prompt_mask"],
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=0,
+        )
 
 
 def adapter_grads(model) -> dict[str, torch.Tensor]:
@@ -237,11 +251,24 @@ def run(args: argparse.Namespace) -> Results:
     previous_backend = get_attention_backend()
     set_attention_backend(args.backend)
     modes = str_list(args.modes)
-    base_row = dict(dtype=args.dtype, size=args.size, B=args.batch, N=args.seq, layers=args.layers, Ka=args.ka,
-                    adapter_layers=args.layers, ms=None, tokens=None, tokens_per_s=None, peak_mem_mb=None,
-                    speedup_vs_peft=None)  # fmt: skip
-    log(f"bench_hf on {results.device.name}: {args.size} layers={args.layers} B={args.batch} N={args.seq} "
-        f"{args.dtype} -> {results.path}")  # fmt: skip
+    base_row = dict(
+        dtype=args.dtype,
+        size=args.size,
+        B=args.batch,
+        N=args.seq,
+        layers=args.layers,
+        Ka=args.ka,
+        adapter_layers=args.layers,
+        ms=None,
+        tokens=None,
+        tokens_per_s=None,
+        peak_mem_mb=None,
+        speedup_vs_peft=None,
+    )
+    log(
+        f"bench_hf on {results.device.name}: {args.size} layers={args.layers} B={args.batch} N={args.seq} "
+        f"{args.dtype} -> {results.path}"
+    )
     try:
         models, inputs, base_logits = set_up(args, device, dtype)
     except Exception as exc:  # no models, no rows to measure: say why in each

@@ -86,10 +86,13 @@ def measure_load(directory: Path, dtype: torch.dtype, quantize: str | None) -> d
     peak[0] = max(peak[0], _status_kb("RssAnon"))
     end_anon = _status_kb("RssAnon")
     return dict(
-        quantize=quantize or "none", load_s=round(seconds, 2), peak_anon_mb=round((peak[0] - base_anon) / 1024, 1),
-        end_anon_mb=round((end_anon - base_anon) / 1024, 1), peak_rss_mb=round(_status_kb("VmHWM") / 1024, 1),
+        quantize=quantize or "none",
+        load_s=round(seconds, 2),
+        peak_anon_mb=round((peak[0] - base_anon) / 1024, 1),
+        end_anon_mb=round((end_anon - base_anon) / 1024, 1),
+        peak_rss_mb=round(_status_kb("VmHWM") / 1024, 1),
         weights_mb=round(weight_bytes(model) / 2**20, 1),
-    )  # fmt: skip
+    )
 
 
 def child(argv: list[str]) -> dict:
@@ -99,8 +102,13 @@ def child(argv: list[str]) -> dict:
     would keep every freed temporary of a small model's weights; a fixed 64 KB threshold makes freed blocks leave
     RSS, so the sampled peak is the memory the load holds at once (a 70B's weights are all above 32 MB anyway)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.bench_load", "--child", *argv], capture_output=True,
-                         text=True, check=False, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_load", "--child", *argv],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
     if out.returncode:
         raise RuntimeError(f"child {argv} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,11 +119,19 @@ def run(args: argparse.Namespace) -> Results:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         info = child(["write", str(ckpt), str(args.dim), str(args.layers), args.ckpt_dtype])
-        log(f"checkpoint dim {args.dim} x {args.layers} layers, {args.ckpt_dtype}: {info['file_mb']} MB; "
-            f"loading in {args.dtype}")  # fmt: skip
+        log(
+            f"checkpoint dim {args.dim} x {args.layers} layers, {args.ckpt_dtype}: {info['file_mb']} MB; "
+            f"loading in {args.dtype}"
+        )
         for quantize in str_list(args.quantize):
-            row = dict(dim=args.dim, layers=args.layers, ckpt_dtype=args.ckpt_dtype, dtype=args.dtype,
-                       file_mb=info["file_mb"], error=None)  # fmt: skip
+            row = dict(
+                dim=args.dim,
+                layers=args.layers,
+                ckpt_dtype=args.ckpt_dtype,
+                dtype=args.dtype,
+                file_mb=info["file_mb"],
+                error=None,
+            )
             try:
                 row.update(child(["load", str(ckpt), args.dtype, quantize]))
             except Exception as exc:
@@ -128,8 +144,10 @@ def run(args: argparse.Namespace) -> Results:
 def format_row(row: dict) -> str:
     if row["error"]:
         return f"{row['quantize']:>5}: {row['error']}"
-    return (f"{row['quantize']:>5}: weights {row['weights_mb']:.1f} MB, peak anonymous +{row['peak_anon_mb']:.1f} MB, "
-            f"peak RSS {row['peak_rss_mb']:.1f} MB (with mapped file pages), {row['load_s']:.1f} s")  # fmt: skip
+    return (
+        f"{row['quantize']:>5}: weights {row['weights_mb']:.1f} MB, peak anonymous +{row['peak_anon_mb']:.1f} MB, "
+        f"peak RSS {row['peak_rss_mb']:.1f} MB (with mapped file pages), {row['load_s']:.1f} s"
+    )
 
 
 def parse_args(argv=None) -> argparse.Namespace:

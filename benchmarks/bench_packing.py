@@ -72,16 +72,28 @@ def run(args: argparse.Namespace) -> Results:
             model.zero_grad(set_to_none=True)
             lm_loss_sum(model(tokens, **extra), labels).backward()
 
-        row = dict(mode=mode, backend=args.backend, dtype=args.dtype, size=args.size, layers=args.layers,
-                   batch=args.batch, tokens=sum(lengths), shape=list(tokens.shape))  # fmt: skip
+        row = dict(
+            mode=mode,
+            backend=args.backend,
+            dtype=args.dtype,
+            size=args.size,
+            layers=args.layers,
+            batch=args.batch,
+            tokens=sum(lengths),
+            shape=list(tokens.shape),
+        )
         if budget.expired():
             log(f"budget of {args.budget:.0f}s spent: {mode} skipped")
             break
         try:
             reset_peak_memory()
             ms = time_ms(step, warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-            row.update(step_ms=ms, tokens_per_s=sum(lengths) / ms * 1e3, pad_share=1 - sum(lengths) / tokens.numel(),
-                       peak_mb=peak_memory_mb())  # fmt: skip
+            row.update(
+                step_ms=ms,
+                tokens_per_s=sum(lengths) / ms * 1e3,
+                pad_share=1 - sum(lengths) / tokens.numel(),
+                peak_mb=peak_memory_mb(),
+            )
         except Exception as exc:  # a failing mode is a row, not the end of the run
             row["error"] = describe_error(exc)
         results.add(row)

@@ -35,6 +35,8 @@ CPU_RESULTS_DIR = Path(__file__).resolve().parent.parent / "runs" / "bench"
 
 def default_results_dir() -> Path:
     return RESULTS_DIR if HAS_CUDA else CPU_RESULTS_DIR
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -205,8 +207,9 @@ class Results:
 
 
 def add_common_args(parser: argparse.ArgumentParser, budget: float) -> None:
-    parser.add_argument("--out", default=None,
-                        help="results folder (default benchmarks/results on a GPU, runs/bench on a CPU)")
+    parser.add_argument(
+        "--out", default=None, help="results folder (default benchmarks/results on a GPU, runs/bench on a CPU)"
+    )
     parser.add_argument("--budget", type=BUDGET, default=budget, help="seconds before remaining rows are skipped")
     parser.add_argument("--no-plot", action="store_true", help="write the JSON only")
 
@@ -243,4 +246,3 @@ def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapt
             if name.endswith("adapter_gate"):
                 p.fill_(0.1)
     return model
-

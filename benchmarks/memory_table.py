@@ -33,12 +33,20 @@ DEQUANT_BYTES_PER_WEIGHT = {None: 0, "int8": 2, "nf4": 16}  # measured, see the 
 def layer_matrices(p: ModelArgs) -> list[tuple[int, int]]:
     """(out, in) of the 7 block linears of one layer."""
     kv = p.n_kv_heads * p.head_dim
-    return [(p.dim, p.dim), (kv, p.dim), (kv, p.dim), (p.dim, p.dim),
-            (p.hidden_dim, p.dim), (p.dim, p.hidden_dim), (p.hidden_dim, p.dim)]  # fmt: skip
+    return [
+        (p.dim, p.dim),
+        (kv, p.dim),
+        (kv, p.dim),
+        (p.dim, p.dim),
+        (p.hidden_dim, p.dim),
+        (p.dim, p.hidden_dim),
+        (p.hidden_dim, p.dim),
+    ]
 
 
-def finetune_memory(p: ModelArgs, quantize: str | None, seq: int = 512, adapter_layers: int = 30,
-                    adapter_len: int = 10) -> dict[str, float]:  # fmt: skip
+def finetune_memory(
+    p: ModelArgs, quantize: str | None, seq: int = 512, adapter_layers: int = 30, adapter_len: int = 10
+) -> dict[str, float]:
     """Bytes of each component (see the module docstring) for one base format."""
     adapted = min(adapter_layers, p.n_layers)
     kv = p.n_kv_heads * p.head_dim
@@ -66,8 +74,10 @@ def largest_batch(m: dict[str, float], budget_gb: float, checkpointing: bool) ->
 
 
 def table(models=("7B", "13B", "70B"), seq: int = 512, reserve_gb: float = 3.0) -> str:
-    head = ("| model | base | base GB | other GB | adapter+AdamW GB | acts GB/seq | acts GB/seq (ckpt) | "
-            "dequant GB | total B=1 | total B=8 | total B=8 (ckpt) | max B on 80 GB | max B on 141 GB |")  # fmt: skip
+    head = (
+        "| model | base | base GB | other GB | adapter+AdamW GB | acts GB/seq | acts GB/seq (ckpt) | "
+        "dequant GB | total B=1 | total B=8 | total B=8 (ckpt) | max B on 80 GB | max B on 141 GB |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name in models:
         p = ModelArgs.from_name(name)
@@ -78,9 +88,15 @@ def table(models=("7B", "13B", "70B"), seq: int = 512, reserve_gb: float = 3.0) 
                 plain, ckpt = largest_batch(m, gb - reserve_gb, False), largest_batch(m, gb - reserve_gb, True)
                 return f"{plain} ({ckpt} ckpt)"
 
-            cells = [name, fmt or "bf16", *(f"{m[k] / GB:.2f}" for k in ("base", "other", "adapter", "acts", "ckpt")),
-                     f"{m['transient'] / GB:.2f}", *(f"{total(m, b, c) / GB:.1f}" for b, c in ((1, 0), (8, 0), (8, 1))),
-                     fits(80), fits(141)]  # fmt: skip
+            cells = [
+                name,
+                fmt or "bf16",
+                *(f"{m[k] / GB:.2f}" for k in ("base", "other", "adapter", "acts", "ckpt")),
+                f"{m['transient'] / GB:.2f}",
+                *(f"{total(m, b, c) / GB:.1f}" for b, c in ((1, 0), (8, 0), (8, 1))),
+                fits(80),
+                fits(141),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

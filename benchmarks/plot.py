@@ -163,16 +163,23 @@ def summarize_attention(data: dict) -> list[str]:
                 cost = "–"
                 if ok and floor and not floor.get("error"):
                     cost = f"{100 * (fused['ms'] / floor['ms'] - 1):+.1f}%"
-                cells = [mode, str(N), f"{fused['ms']:.3f}" if ok else _cell(fused),
-                         f"{fused['tflops']:.0f}" if ok else "–",
-                         f"{fused['pct_peak']:.0f}" if ok and fused.get("pct_peak") else "–", cost]  # fmt: skip
+                cells = [
+                    mode,
+                    str(N),
+                    f"{fused['ms']:.3f}" if ok else _cell(fused),
+                    f"{fused['tflops']:.0f}" if ok else "–",
+                    f"{fused['pct_peak']:.0f}" if ok and fused.get("pct_peak") else "–",
+                    cost,
+                ]
                 cells += [_ratio(index.get((p, mode, dtype, D, N)), fused) for p in others]
                 lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     # bf16 implementations differ from each other by ~1e-3 relative; far more means a wrong output was timed
     wrong = [r for r in data["rows"] if r.get("rel_err", 0) > WRONG_REL_ERR]
-    lines += [f"WRONG OUTPUT: {r['provider']} {r['dtype']} D={r['D']} N={r['N']}: rel_err {r['rel_err']:.2e} vs SDPA"
-              for r in wrong] + ([""] if wrong else [])  # fmt: skip
+    lines += [
+        f"WRONG OUTPUT: {r['provider']} {r['dtype']} D={r['D']} N={r['N']}: rel_err {r['rel_err']:.2e} vs SDPA"
+        for r in wrong
+    ] + ([""] if wrong else [])
     return lines
 
 
@@ -198,8 +205,12 @@ def summarize_runs(data: dict, columns: dict, same_batch: bool) -> list[str]:
 
 
 FINETUNE_COLUMNS = {"tokens_per_s": "tokens/s", "ms": "step ms", "mfu_pct": "MFU %", "peak_mem_mb": "peak MiB"}
-GENERATE_COLUMNS = {"tokens_per_s": "tokens/s", "ms_per_token": "ms/token", "gb_per_s": "GB/s",
-                    "pct_bandwidth": "% bandwidth"}  # fmt: skip
+GENERATE_COLUMNS = {
+    "tokens_per_s": "tokens/s",
+    "ms_per_token": "ms/token",
+    "gb_per_s": "GB/s",
+    "pct_bandwidth": "% bandwidth",
+}
 
 
 def summarize_table(data: dict) -> list[str]:
@@ -234,8 +245,11 @@ def summary_markdown(paths) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("files", nargs="*",
-                   help="result JSONs (default: every *.json in benchmarks/results on a GPU, runs/bench on a CPU)")
+    p.add_argument(
+        "files",
+        nargs="*",
+        help="result JSONs (default: every *.json in benchmarks/results on a GPU, runs/bench on a CPU)",
+    )
     p.add_argument("--summary-only", action="store_true", help="print the markdown summary, make no PNG")
     args = p.parse_args(argv)
     files = [Path(f) for f in args.files] or sorted(default_results_dir().glob("*.json"))

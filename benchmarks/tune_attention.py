@@ -80,8 +80,15 @@ def make_problem(N: int, B: int, H: int, D: int, Ka: int, dtype, device, seed: i
     def rand(*shape):
         return torch.randn(*shape, generator=gen, device=device).to(dtype)
 
-    p = dict(q=rand(B, H, N, D), k=rand(B, H, N, D), v=rand(B, H, N, D), adapter_k=rand(H, Ka, D),
-             adapter_v=rand(H, Ka, D), gate=torch.full((H,), 0.5, device=device), do=rand(B, H, N, D))  # fmt: skip
+    p = dict(
+        q=rand(B, H, N, D),
+        k=rand(B, H, N, D),
+        v=rand(B, H, N, D),
+        adapter_k=rand(H, Ka, D),
+        adapter_v=rand(H, Ka, D),
+        gate=torch.full((H,), 0.5, device=device),
+        do=rand(B, H, N, D),
+    )
     p["sm_scale"] = D**-0.5
     config = None if fwd_config is None else dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), fwd_config))
     o, p["lse_w"], p["lse_a"] = adapter_attention_fwd(
@@ -108,13 +115,37 @@ def launcher(kernel: str, p: dict, cfg: tuple):
         return lambda: adapter_attention_fwd(q, k, v, ak, av, g, causal=True, sm_scale=scale, config=config)
     if kernel == "dkdv":
         return lambda: bwd_dkdv(
-            q, k, v, p["do"], p["lse_w"], p["delta_w"], adapter_k=ak, adapter_v=av, gate=g, lse_a=p["lse_a"],
-            delta_a=p["delta_a"], causal=True, sm_scale=scale, config=config,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            p["do"],
+            p["lse_w"],
+            p["delta_w"],
+            adapter_k=ak,
+            adapter_v=av,
+            gate=g,
+            lse_a=p["lse_a"],
+            delta_a=p["delta_a"],
+            causal=True,
+            sm_scale=scale,
+            config=config,
+        )
     return lambda: bwd_dq(
-        q, k, v, ak, av, g, p["do"], p["lse_w"], p["lse_a"], p["delta_w"], p["delta_a"],
-        causal=True, sm_scale=scale, config=config,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        ak,
+        av,
+        g,
+        p["do"],
+        p["lse_w"],
+        p["lse_a"],
+        p["delta_w"],
+        p["delta_a"],
+        causal=True,
+        sm_scale=scale,
+        config=config,
+    )
 
 
 def kernel_flops(kernel: str, B: int, H: int, N: int, D: int) -> float:
@@ -128,8 +159,11 @@ def best_configs(rows: list[dict], kernel: str, top: int = 3) -> list[tuple[tupl
     for r in rows:
         if r["kernel"] == kernel and r["tflops"]:
             by_cfg.setdefault(tuple(r["config"]), {})[r["N"]] = r["tflops"]
-    full = [(cfg, math.exp(sum(math.log(t) for t in per_n.values()) / len(per_n)))
-            for cfg, per_n in by_cfg.items() if set(per_n) == ns]  # fmt: skip
+    full = [
+        (cfg, math.exp(sum(math.log(t) for t in per_n.values()) / len(per_n)))
+        for cfg, per_n in by_cfg.items()
+        if set(per_n) == ns
+    ]
     return sorted(full, key=lambda x: -x[1])[:top]
 
 
@@ -173,10 +207,22 @@ def run(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     import triton
 
-    result = dict(device=dev.slug, device_name=dev.name, torch=torch.__version__, triton=triton.__version__,
-                  arch=arch, dtype=str(dtype).removeprefix("torch."), D=args.head_dim, H=args.heads, Ka=args.ka,
-                  tokens=args.tokens, causal=True, candidates={k: [list(c) for c in v] for k, v in lists.items()},
-                  rows=[], recommendation="")  # fmt: skip
+    result = dict(
+        device=dev.slug,
+        device_name=dev.name,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        arch=arch,
+        dtype=str(dtype).removeprefix("torch."),
+        D=args.head_dim,
+        H=args.heads,
+        Ka=args.ka,
+        tokens=args.tokens,
+        causal=True,
+        candidates={k: [list(c) for c in v] for k, v in lists.items()},
+        rows=[],
+        recommendation="",
+    )
 
     def write():
         out.write_text(json.dumps(result, indent=1) + "\n")

@@ -64,17 +64,48 @@ PROMPT_BLOCK_M = 64  # query rows per step of the dK/dV kernel's prompt programs
 
 @triton.jit
 def adapter_attention_bwd_preprocess_kernel(
-    Q, AK, AV, Gate, Out, DO, LseA, DeltaW, DeltaA,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_akb, stride_akh, stride_akn, stride_akd,
-    stride_avb, stride_avh, stride_avn, stride_avd,
-    stride_gb, stride_gh,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    Hq, GROUP, Nq, Ka, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-    HAS_PROMPT: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    Q,
+    AK,
+    AV,
+    Gate,
+    Out,
+    DO,
+    LseA,
+    DeltaW,
+    DeltaA,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_akb,
+    stride_akh,
+    stride_akn,
+    stride_akd,
+    stride_avb,
+    stride_avh,
+    stride_avn,
+    stride_avd,
+    stride_gb,
+    stride_gh,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    Hq,
+    GROUP,
+    Nq,
+    Ka,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    HAS_PROMPT: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // Hq
@@ -109,10 +140,35 @@ def adapter_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_blocks(
-    dk, dv, k, v, q_base, do_base, lse_base, dw_base, stride_qm, stride_qd, stride_dom, stride_dod,
-    keys, offs_d, start, end, jump_at, jump, n_q, L, shift, gain, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, GAINED: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    dk,
+    dv,
+    k,
+    v,
+    q_base,
+    do_base,
+    lse_base,
+    dw_base,
+    stride_qm,
+    stride_qd,
+    stride_dom,
+    stride_dod,
+    keys,
+    offs_d,
+    start,
+    end,
+    jump_at,
+    jump,
+    n_q,
+    L,
+    shift,
+    gain,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    GAINED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Accumulate one key tile's dk (unscaled), dv over query blocks start .. end of one query head; MASKED blocks at
     or past `jump_at` are moved on by `jump` (the masked blocks are the diagonal ones and the partial last one).
     Only MASKED blocks mask anything: rows >= n_q read as zero (q = do = 0, so they add nothing), keys past L or
@@ -149,12 +205,42 @@ def _dkdv_blocks(
 
 @triton.jit
 def _dkdv_key_tile(
-    k, v, keys, lo, mid, Q, DO, Lse, Delta, Gate, b, hk, row0, n_q, L, shift,
-    stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod, stride_gb, stride_gh,
-    Hq, GROUP, Nq, qk_scale,
-    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, GAINED: tl.constexpr, BLOCK_M: tl.constexpr,
+    k,
+    v,
+    keys,
+    lo,
+    mid,
+    Q,
+    DO,
+    Lse,
+    Delta,
+    Gate,
+    b,
+    hk,
+    row0,
+    n_q,
+    L,
+    shift,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_gb,
+    stride_gh,
+    Hq,
+    GROUP,
+    Nq,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    GAINED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     DOT_PREC: tl.constexpr,
-):  # fmt: skip
+):
     """(dk unscaled, dv) of one key tile, summed over the GQA group's query heads. Query blocks [lo, mid) need the
     key mask (diagonal, keys past L), so does the partial last block; the ones between run unmasked."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -172,36 +258,142 @@ def _dkdv_key_tile(
         if GAINED:
             gain = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + rows, Delta + rows, stride_qm, stride_qd, stride_dom, stride_dod,
-            keys, offs_d, lo, masked_end, mid, tail - mid, n_q, L, shift, gain, qk_scale,
-            True, CAUSAL, GAINED, BLOCK_M, DOT_PREC,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            Lse + rows,
+            Delta + rows,
+            stride_qm,
+            stride_qd,
+            stride_dom,
+            stride_dod,
+            keys,
+            offs_d,
+            lo,
+            masked_end,
+            mid,
+            tail - mid,
+            n_q,
+            L,
+            shift,
+            gain,
+            qk_scale,
+            True,
+            CAUSAL,
+            GAINED,
+            BLOCK_M,
+            DOT_PREC,
+        )
         dk, dv = _dkdv_blocks(
-            dk, dv, k, v, q_base, do_base, Lse + rows, Delta + rows, stride_qm, stride_qd, stride_dom, stride_dod,
-            keys, offs_d, mid, tail, 0, 0, n_q, L, shift, gain, qk_scale,
-            False, CAUSAL, GAINED, BLOCK_M, DOT_PREC,
-        )  # fmt: skip
+            dk,
+            dv,
+            k,
+            v,
+            q_base,
+            do_base,
+            Lse + rows,
+            Delta + rows,
+            stride_qm,
+            stride_qd,
+            stride_dom,
+            stride_dod,
+            keys,
+            offs_d,
+            mid,
+            tail,
+            0,
+            0,
+            n_q,
+            L,
+            shift,
+            gain,
+            qk_scale,
+            False,
+            CAUSAL,
+            GAINED,
+            BLOCK_M,
+            DOT_PREC,
+        )
     return dk, dv
 
 
 @triton.jit
 def adapter_attention_bwd_dkdv_kernel(
-    Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, CuSeqlens, DK, DV, DAK, DAV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_akb, stride_akh, stride_akn, stride_akd,
-    stride_avb, stride_avh, stride_avn, stride_avd,
-    stride_gb, stride_gh,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    Hq, Hkv, GROUP, Nq, Nk, Ka, qk_scale, sm_scale,
-    NQ_KEY, NK_KEY,  # autotune buckets only
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    PROMPT_BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    AK,
+    AV,
+    Gate,
+    DO,
+    LseW,
+    LseA,
+    DeltaW,
+    DeltaA,
+    KVLens,
+    CuSeqlens,
+    DK,
+    DV,
+    DAK,
+    DAV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_akb,
+    stride_akh,
+    stride_akn,
+    stride_akd,
+    stride_avb,
+    stride_avh,
+    stride_avn,
+    stride_avd,
+    stride_gb,
+    stride_gh,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    Hq,
+    Hkv,
+    GROUP,
+    Nq,
+    Nk,
+    Ka,
+    qk_scale,
+    sm_scale,
+    NQ_KEY,
+    NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    PROMPT_BLOCK_M: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PROMPT: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     hk = pid_bh % Hkv
@@ -217,10 +409,42 @@ def adapter_attention_bwd_dkdv_kernel(
         ak = load_tile(AK + b * stride_akb + hk * stride_akh, offs_a, offs_d, stride_akn, stride_akd, Ka, True)
         av = load_tile(AV + b * stride_avb + hk * stride_avh, offs_a, offs_d, stride_avn, stride_avd, Ka, True)
         dak, dav = _dkdv_key_tile(
-            ak, av, tl.arange(0, BLOCK_A), 0, 0, Q, DO, LseA, DeltaA, Gate, b, hk, row0, n_q, Ka - pid_n * BLOCK_A, 0,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
-            stride_gb, stride_gh, Hq, GROUP, Nq, qk_scale, HEAD_DIM, False, True, PROMPT_BLOCK_M, DOT_PREC,
-        )  # fmt: skip
+            ak,
+            av,
+            tl.arange(0, BLOCK_A),
+            0,
+            0,
+            Q,
+            DO,
+            LseA,
+            DeltaA,
+            Gate,
+            b,
+            hk,
+            row0,
+            n_q,
+            Ka - pid_n * BLOCK_A,
+            0,
+            stride_qb,
+            stride_qh,
+            stride_qm,
+            stride_qd,
+            stride_dob,
+            stride_doh,
+            stride_dom,
+            stride_dod,
+            stride_gb,
+            stride_gh,
+            Hq,
+            GROUP,
+            Nq,
+            qk_scale,
+            HEAD_DIM,
+            False,
+            True,
+            PROMPT_BLOCK_M,
+            DOT_PREC,
+        )
         part = pid_bh * Ka * HEAD_DIM + offs_a[:, None] * HEAD_DIM + offs_d[None, :]
         tl.store(DAK + part, dak * sm_scale, mask=offs_a[:, None] < Ka)
         tl.store(DAV + part, dav, mask=offs_a[:, None] < Ka)
@@ -230,10 +454,12 @@ def adapter_attention_bwd_dkdv_kernel(
         keys = tl.arange(0, BLOCK_N)
         first = row0 + start_n
         n_keys = n_k - start_n
-        k = load_tile(K + b * stride_kb + hk * stride_kh + first * stride_kn, keys, offs_d, stride_kn, stride_kd,
-                      n_keys, True)  # fmt: skip
-        v = load_tile(V + b * stride_vb + hk * stride_vh + first * stride_vn, keys, offs_d, stride_vn, stride_vd,
-                      n_keys, True)  # fmt: skip
+        k = load_tile(
+            K + b * stride_kb + hk * stride_kh + first * stride_kn, keys, offs_d, stride_kn, stride_kd, n_keys, True
+        )
+        v = load_tile(
+            V + b * stride_vb + hk * stride_vh + first * stride_vn, keys, offs_d, stride_vn, stride_vd, n_keys, True
+        )
         L = key_length(KVLens, b, n_k, HAS_KVLENS)
         shift = L - n_q
         # Query blocks [lo, mid) need the key mask; every later one sees all keys of this tile.
@@ -248,11 +474,42 @@ def adapter_attention_bwd_dkdv_kernel(
         lo = tl.where(start_n >= L, n_rows, lo)  # no valid key at all: dk = dv = 0 (or nothing to store)
         mid = tl.maximum(mid, lo)
         dk, dv = _dkdv_key_tile(
-            k, v, keys, lo, mid, Q, DO, LseW, DeltaW, Gate, b, hk, row0, n_q, L - start_n,
+            k,
+            v,
+            keys,
+            lo,
+            mid,
+            Q,
+            DO,
+            LseW,
+            DeltaW,
+            Gate,
+            b,
+            hk,
+            row0,
+            n_q,
+            L - start_n,
             shift - start_n,
-            stride_qb, stride_qh, stride_qm, stride_qd, stride_dob, stride_doh, stride_dom, stride_dod,
-            stride_gb, stride_gh, Hq, GROUP, Nq, qk_scale, HEAD_DIM, CAUSAL, False, BLOCK_M, DOT_PREC,
-        )  # fmt: skip
+            stride_qb,
+            stride_qh,
+            stride_qm,
+            stride_qd,
+            stride_dob,
+            stride_doh,
+            stride_dom,
+            stride_dod,
+            stride_gb,
+            stride_gh,
+            Hq,
+            GROUP,
+            Nq,
+            qk_scale,
+            HEAD_DIM,
+            CAUSAL,
+            False,
+            BLOCK_M,
+            DOT_PREC,
+        )
         dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + first * stride_dkn
         dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + first * stride_dvn
         dk_ptrs += keys[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
@@ -263,10 +520,29 @@ def adapter_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-    offs_m, offs_d, lo, hi, L, shift, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    dq,
+    q,
+    do,
+    lse,
+    dw,
+    k_base,
+    v_base,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    L,
+    shift,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Accumulate dS k (unscaled) of one query block over key blocks lo .. hi."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -285,9 +561,26 @@ def _dq_blocks(
 
 @triton.jit
 def _dq_prompt(
-    dq, q, do, gate_ptr, lse_a_base, delta_a_base, ak_base, av_base, stride_akn, stride_akd, stride_avn, stride_avd,
-    offs_m, offs_d, row_ok, Ka, qk_scale, BLOCK_A: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    dq,
+    q,
+    do,
+    gate_ptr,
+    lse_a_base,
+    delta_a_base,
+    ak_base,
+    av_base,
+    stride_akn,
+    stride_akd,
+    stride_avn,
+    stride_avd,
+    offs_m,
+    offs_d,
+    row_ok,
+    Ka,
+    qk_scale,
+    BLOCK_A: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """Add dA ak (unscaled, like the word part) to dq. The prompt's own gradients come from the dK/dV kernel."""
     g = tl.load(gate_ptr).to(tl.float32)
     lse_a = tl.load(lse_a_base + offs_m, mask=row_ok, other=0.0)
@@ -305,21 +598,70 @@ def _dq_prompt(
 
 @triton.jit
 def adapter_attention_bwd_dq_kernel(
-    Q, K, V, AK, AV, Gate, DO, LseW, LseA, DeltaW, DeltaA, KVLens, CuSeqlens, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_akb, stride_akh, stride_akn, stride_akd,
-    stride_avb, stride_avh, stride_avn, stride_avd,
-    stride_gb, stride_gh,
-    stride_dob, stride_doh, stride_dom, stride_dod,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    Hq, GROUP, Nq, Nk, Ka, qk_scale, sm_scale,
-    NQ_KEY, NK_KEY,  # autotune buckets only
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, VARLEN: tl.constexpr,
-    DOT_PREC: tl.constexpr, PROMPT_FIRST: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    AK,
+    AV,
+    Gate,
+    DO,
+    LseW,
+    LseA,
+    DeltaW,
+    DeltaA,
+    KVLens,
+    CuSeqlens,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_akb,
+    stride_akh,
+    stride_akn,
+    stride_akd,
+    stride_avb,
+    stride_avh,
+    stride_avn,
+    stride_avd,
+    stride_gb,
+    stride_gh,
+    stride_dob,
+    stride_doh,
+    stride_dom,
+    stride_dod,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    Hq,
+    GROUP,
+    Nq,
+    Nk,
+    Ka,
+    qk_scale,
+    sm_scale,
+    NQ_KEY,
+    NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PROMPT: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PROMPT_FIRST: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     h = pid_bh % Hq
@@ -348,24 +690,96 @@ def adapter_attention_bwd_dq_kernel(
     # the prompt's part goes before the word loop or after it, whichever compiles without spills (PROMPT_FIRST)
     if HAS_PROMPT and PROMPT_FIRST:
         dq = _dq_prompt(
-            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + row_base, DeltaA + row_base,
-            AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
-            stride_akn, stride_akd, stride_avn, stride_avd, offs_m, offs_d, row_ok, Ka, qk_scale, BLOCK_A, DOT_PREC,
-        )  # fmt: skip
+            dq,
+            q,
+            do,
+            Gate + b * stride_gb + h * stride_gh,
+            LseA + row_base,
+            DeltaA + row_base,
+            AK + b * stride_akb + hk * stride_akh,
+            AV + b * stride_avb + hk * stride_avh,
+            stride_akn,
+            stride_akd,
+            stride_avn,
+            stride_avd,
+            offs_m,
+            offs_d,
+            row_ok,
+            Ka,
+            qk_scale,
+            BLOCK_A,
+            DOT_PREC,
+        )
     dq = _dq_blocks(
-        dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        dw,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        offs_m,
+        offs_d,
+        0,
+        full,
+        L,
+        shift,
+        qk_scale,
+        False,
+        CAUSAL,
+        BLOCK_N,
+        DOT_PREC,
+    )
     dq = _dq_blocks(
-        dq, q, do, lse, dw, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, DOT_PREC,
-    )  # fmt: skip
+        dq,
+        q,
+        do,
+        lse,
+        dw,
+        k_base,
+        v_base,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        offs_m,
+        offs_d,
+        full,
+        hi,
+        L,
+        shift,
+        qk_scale,
+        True,
+        CAUSAL,
+        BLOCK_N,
+        DOT_PREC,
+    )
     if HAS_PROMPT and not PROMPT_FIRST:
         dq = _dq_prompt(
-            dq, q, do, Gate + b * stride_gb + h * stride_gh, LseA + row_base, DeltaA + row_base,
-            AK + b * stride_akb + hk * stride_akh, AV + b * stride_avb + hk * stride_avh,
-            stride_akn, stride_akd, stride_avn, stride_avd, offs_m, offs_d, row_ok, Ka, qk_scale, BLOCK_A, DOT_PREC,
-        )  # fmt: skip
+            dq,
+            q,
+            do,
+            Gate + b * stride_gb + h * stride_gh,
+            LseA + row_base,
+            DeltaA + row_base,
+            AK + b * stride_akb + hk * stride_akh,
+            AV + b * stride_avb + hk * stride_avh,
+            stride_akn,
+            stride_akd,
+            stride_avn,
+            stride_avd,
+            offs_m,
+            offs_d,
+            row_ok,
+            Ka,
+            qk_scale,
+            BLOCK_A,
+            DOT_PREC,
+        )
     dq = dq * sm_scale  # word and prompt parts alike: dq = s (dS k + dA ak)
 
     rows_m = row0 + offs_m[:, None]
@@ -438,9 +852,24 @@ def _launch(which, kernel, args, consts, grid_of, config, head_dim, device):
 
 
 def adapter_attention_bwd(
-    do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a, *, causal, sm_scale, kv_lens=None, cu_seqlens=None,
-    max_seqlen=None, config=None
-):  # fmt: skip
+    do,
+    q,
+    k,
+    v,
+    adapter_k,
+    adapter_v,
+    gate,
+    o,
+    lse_w,
+    lse_a,
+    *,
+    causal,
+    sm_scale,
+    kv_lens=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    config=None,
+):
     """Gradients (dq, dk, dv, dadapter_k, dadapter_v, dgate) of `adapter_attention_fwd`'s output (packed
     sequences: cu_seqlens and max_seqlen as there; the preprocess is row-wise and needs neither).
 
@@ -449,12 +878,23 @@ def adapter_attention_bwd(
     "num_stages"} bypasses autotuning for both the dK/dV and the dQ kernel.
     """
     delta_w, delta_a = bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, sm_scale=sm_scale)
-    common = dict(causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-                  config=config)  # fmt: skip
+    common = dict(
+        causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, config=config
+    )
     dk, dv, dak, dav = bwd_dkdv(
-        q, k, v, do, lse_w, delta_w, adapter_k=adapter_k, adapter_v=adapter_v, gate=gate, lse_a=lse_a,
-        delta_a=delta_a, **common,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        do,
+        lse_w,
+        delta_w,
+        adapter_k=adapter_k,
+        adapter_v=adapter_v,
+        gate=gate,
+        lse_a=lse_a,
+        delta_a=delta_a,
+        **common,
+    )
     dq = bwd_dq(q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a, **common)
     if adapter_k is None:
         return dq, dk, dv, None, None, None
@@ -473,20 +913,55 @@ def bwd_preprocess(do, q, adapter_k, adapter_v, gate, o, lse_a, *, sm_scale):
     delta_a = _common.new_output((B, Hq, Nq), torch.float32, q.device) if has_prompt else delta_w
     block = 16 if interpreting() else PREPROCESS_BLOCK_M
     adapter_attention_bwd_preprocess_kernel[(-(-Nq // block), B * Hq)](
-        q, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, o, do,
-        lse_a if has_prompt else delta_w, delta_w, delta_a,
-        *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *o.stride(),
-        *do.stride(), Hq, group, Nq, Ka, sm_scale * LOG2E,
-        HEAD_DIM=D, BLOCK_M=block, BLOCK_A=prompt_block(Ka) if has_prompt else 16, HAS_PROMPT=has_prompt,
+        q,
+        adapter_k if has_prompt else q,
+        adapter_v if has_prompt else q,
+        gate if has_prompt else q,
+        o,
+        do,
+        lse_a if has_prompt else delta_w,
+        delta_w,
+        delta_a,
+        *q.stride(),
+        *prompt_strides(adapter_k),
+        *prompt_strides(adapter_v),
+        *gate_strides(gate),
+        *o.stride(),
+        *do.stride(),
+        Hq,
+        group,
+        Nq,
+        Ka,
+        sm_scale * LOG2E,
+        HEAD_DIM=D,
+        BLOCK_M=block,
+        BLOCK_A=prompt_block(Ka) if has_prompt else 16,
+        HAS_PROMPT=has_prompt,
         DOT_PREC=dot_precision(q.dtype),
-    )  # fmt: skip
+    )
     return delta_w, delta_a
 
 
 def bwd_dkdv(
-    q, k, v, do, lse_w, delta_w, *, adapter_k=None, adapter_v=None, gate=None, lse_a=None, delta_a=None, causal,
-    sm_scale, kv_lens=None, cu_seqlens=None, max_seqlen=None, config=None,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    do,
+    lse_w,
+    delta_w,
+    *,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    lse_a=None,
+    delta_a=None,
+    causal,
+    sm_scale,
+    kv_lens=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    config=None,
+):
     """(dk, dv, dadapter_k, dadapter_v): the word keys' and values' gradients and, given a prompt (adapter_k,
     adapter_v, gate, lse_a and delta_a together), the prompt's in their dtypes (else None). `config` as in
     `adapter_attention_bwd` (None: autotune)."""
@@ -504,20 +979,54 @@ def bwd_dkdv(
     dak = _common.new_output(part_shape, torch.float32, q.device)
     dav = _common.new_output(part_shape, torch.float32, q.device)
     args = (
-        q, k, v, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, do,
-        lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a if has_prompt else delta_w,
-        kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, dk, dv, dak, dav,
-        *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
-        *gate_strides(gate), *do.stride(), *dk.stride(), *dv.stride(),
-        Hq, Hkv, Hq // Hkv, Nq, Nk, Ka, sm_scale * LOG2E, sm_scale,
-        size_bucket(max_seqlen if varlen else Nq), size_bucket(rows),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        adapter_k if has_prompt else q,
+        adapter_v if has_prompt else q,
+        gate if has_prompt else q,
+        do,
+        lse_w,
+        lse_a if has_prompt else lse_w,
+        delta_w,
+        delta_a if has_prompt else delta_w,
+        kv_lens if kv_lens is not None else q,
+        cu_seqlens if varlen else q,
+        dk,
+        dv,
+        dak,
+        dav,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *prompt_strides(adapter_k),
+        *prompt_strides(adapter_v),
+        *gate_strides(gate),
+        *do.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        Hq,
+        Hkv,
+        Hq // Hkv,
+        Nq,
+        Nk,
+        Ka,
+        sm_scale * LOG2E,
+        sm_scale,
+        size_bucket(max_seqlen if varlen else Nq),
+        size_bucket(rows),
+    )
     block_a = prompt_block(Ka) if has_prompt else 16
     consts = dict(
-        HEAD_DIM=D, BLOCK_A=block_a, PROMPT_BLOCK_M=INTERPRETER_BLOCK if interpreting() else PROMPT_BLOCK_M,
-        CAUSAL=causal, HAS_PROMPT=has_prompt, HAS_KVLENS=kv_lens is not None, VARLEN=varlen,
+        HEAD_DIM=D,
+        BLOCK_A=block_a,
+        PROMPT_BLOCK_M=INTERPRETER_BLOCK if interpreting() else PROMPT_BLOCK_M,
+        CAUSAL=causal,
+        HAS_PROMPT=has_prompt,
+        HAS_KVLENS=kv_lens is not None,
+        VARLEN=varlen,
         DOT_PREC=dot_precision(q.dtype),
-    )  # fmt: skip
+    )
     prompt_tiles = -(-Ka // block_a)
     grid_of = lambda meta: (prompt_tiles + -(-rows // meta["BLOCK_N"]), batches * Hkv)  # noqa: E731
     _launch("dkdv", adapter_attention_bwd_dkdv_kernel, args, consts, grid_of, config, D, q.device)
@@ -529,9 +1038,26 @@ def bwd_dkdv(
 
 
 def bwd_dq(
-    q, k, v, adapter_k, adapter_v, gate, do, lse_w, lse_a, delta_w, delta_a, *, causal, sm_scale, kv_lens=None,
-    cu_seqlens=None, max_seqlen=None, config=None, prompt_first=None,
-):  # fmt: skip
+    q,
+    k,
+    v,
+    adapter_k,
+    adapter_v,
+    gate,
+    do,
+    lse_w,
+    lse_a,
+    delta_w,
+    delta_a,
+    *,
+    causal,
+    sm_scale,
+    kv_lens=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    config=None,
+    prompt_first=None,
+):
     """dq, word and prompt parts. `config` as in `adapter_attention_bwd` (None: autotune).
 
     prompt_first: the prompt's part before the word loop (True) or after it; None picks what compiled without
@@ -547,18 +1073,48 @@ def bwd_dq(
     rows, batches = (max_seqlen, cu_seqlens.shape[0] - 1) if varlen else (Nq, B)
     dq = _common.new_output(q.shape, q.dtype, q.device)
     args = (
-        q, k, v, adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q, do,
-        lse_w, lse_a if has_prompt else lse_w, delta_w, delta_a, kv_lens if kv_lens is not None else q,
-        cu_seqlens if varlen else q, dq,
-        *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
-        *gate_strides(gate), *do.stride(), *dq.stride(),
-        Hq, Hq // Hkv, Nq, Nk, Ka, sm_scale * LOG2E, sm_scale,
-        size_bucket(rows), size_bucket(max_seqlen if varlen else Nk),
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        adapter_k if has_prompt else q,
+        adapter_v if has_prompt else q,
+        gate if has_prompt else q,
+        do,
+        lse_w,
+        lse_a if has_prompt else lse_w,
+        delta_w,
+        delta_a,
+        kv_lens if kv_lens is not None else q,
+        cu_seqlens if varlen else q,
+        dq,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *prompt_strides(adapter_k),
+        *prompt_strides(adapter_v),
+        *gate_strides(gate),
+        *do.stride(),
+        *dq.stride(),
+        Hq,
+        Hq // Hkv,
+        Nq,
+        Nk,
+        Ka,
+        sm_scale * LOG2E,
+        sm_scale,
+        size_bucket(rows),
+        size_bucket(max_seqlen if varlen else Nk),
+    )
     consts = dict(
-        HEAD_DIM=D, BLOCK_A=prompt_block(Ka) if has_prompt else 16, CAUSAL=causal, HAS_PROMPT=has_prompt,
-        HAS_KVLENS=kv_lens is not None, VARLEN=varlen, DOT_PREC=dot_precision(q.dtype), PROMPT_FIRST=prompt_first,
-    )  # fmt: skip
+        HEAD_DIM=D,
+        BLOCK_A=prompt_block(Ka) if has_prompt else 16,
+        CAUSAL=causal,
+        HAS_PROMPT=has_prompt,
+        HAS_KVLENS=kv_lens is not None,
+        VARLEN=varlen,
+        DOT_PREC=dot_precision(q.dtype),
+        PROMPT_FIRST=prompt_first,
+    )
     grid_of = lambda meta: (-(-rows // meta["BLOCK_M"]), batches * Hq)  # noqa: E731
     _launch("dq", adapter_attention_bwd_dq_kernel, args, consts, grid_of, config, D, q.device)
     return dq
@@ -574,11 +1130,23 @@ def compile_spec_for(kind: str, arch: int, dname: str, head_dim: int, config: tu
     }
     switches = {
         "pre": dict(BLOCK_A=prompt_block(10), HAS_PROMPT=True),
-        "dkdv": dict(BLOCK_A=prompt_block(10), PROMPT_BLOCK_M=PROMPT_BLOCK_M, CAUSAL=True, HAS_PROMPT=True,
-                     HAS_KVLENS=False, VARLEN=False),
-        "dq": dict(BLOCK_A=prompt_block(10), CAUSAL=True, HAS_PROMPT=True, HAS_KVLENS=False, VARLEN=False,
-                   PROMPT_FIRST=arch >= 90),
-    }  # fmt: skip
+        "dkdv": dict(
+            BLOCK_A=prompt_block(10),
+            PROMPT_BLOCK_M=PROMPT_BLOCK_M,
+            CAUSAL=True,
+            HAS_PROMPT=True,
+            HAS_KVLENS=False,
+            VARLEN=False,
+        ),
+        "dq": dict(
+            BLOCK_A=prompt_block(10),
+            CAUSAL=True,
+            HAS_PROMPT=True,
+            HAS_KVLENS=False,
+            VARLEN=False,
+            PROMPT_FIRST=arch >= 90,
+        ),
+    }
     fn = fns[kind]
     elem = "*" + dname
     types = dict.fromkeys(("Q", "K", "V", "AK", "AV", "DO", "Out", "DQ", "DK", "DV"), elem)

@@ -58,9 +58,26 @@ from ._common import (
 
 
 @triton.jit
-def _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n, offs_d, L,
-              MASKED: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr, BLOCK_N: tl.constexpr,
-              HEAD_DIM: tl.constexpr):  # fmt: skip
+def _kv_tiles(
+    k_src,
+    v_src,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    b,
+    hk,
+    row0,
+    start_n,
+    offs_n,
+    offs_d,
+    L,
+    MASKED: tl.constexpr,
+    KV_TMA: tl.constexpr,
+    ZERO_V_PAST_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
     """(k^T (D, BLOCK_N), v (BLOCK_N, D)) for keys start_n .. start_n + BLOCK_N of one head.
 
     Pointer path: k_src / v_src point at the head's first key; MASKED tiles read keys >= L as zero.
@@ -82,11 +99,35 @@ def _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, r
 
 @triton.jit
 def _attend_blocks(
-    acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0,
-    offs_m, offs_d, lo, hi, L, shift, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DOT_PREC: tl.constexpr, PIPELINE_DIAGONAL: tl.constexpr, KV_TMA: tl.constexpr, ZERO_V_PAST_L: tl.constexpr,
-):  # fmt: skip
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_src,
+    v_src,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    b,
+    hk,
+    row0,
+    offs_m,
+    offs_d,
+    lo,
+    hi,
+    L,
+    shift,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PIPELINE_DIAGONAL: tl.constexpr,
+    KV_TMA: tl.constexpr,
+    ZERO_V_PAST_L: tl.constexpr,
+):
     """Online softmax of q against keys lo .. hi (step BLOCK_N); MASKED blocks hide keys >= L and, if CAUSAL,
     keys past the row's diagonal (j > i + shift). The row max is taken on the raw scores (qk_scale > 0), so the
     scale costs one FFMA per score inside the exp2 argument instead of a multiply per score before the max.
@@ -94,8 +135,26 @@ def _attend_blocks(
     with pointer loads its prologue's registers next to the unmasked loop's brought spills (sm80), so not there."""
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED and not PIPELINE_DIAGONAL else None):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k_t, v = _kv_tiles(k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b, hk, row0, start_n, offs_n,
-                           offs_d, L, MASKED, KV_TMA, ZERO_V_PAST_L, BLOCK_N, HEAD_DIM)  # fmt: skip
+        k_t, v = _kv_tiles(
+            k_src,
+            v_src,
+            stride_kn,
+            stride_kd,
+            stride_vn,
+            stride_vd,
+            b,
+            hk,
+            row0,
+            start_n,
+            offs_n,
+            offs_d,
+            L,
+            MASKED,
+            KV_TMA,
+            ZERO_V_PAST_L,
+            BLOCK_N,
+            HEAD_DIM,
+        )
         s = tl.dot(q, k_t, input_precision=DOT_PREC)
         if MASKED:
             visible = offs_n[None, :] < L
@@ -112,8 +171,9 @@ def _attend_blocks(
 
 
 @triton.jit
-def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A: tl.constexpr,
-                   DOT_PREC: tl.constexpr):  # fmt: skip
+def _prompt_scores(
+    q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOCK_A: tl.constexpr, DOT_PREC: tl.constexpr
+):
     """Raw (unscaled) scores of q against prompt keys start_a .. start_a + BLOCK_A; -inf past Ka."""
     offs_a = start_a + tl.arange(0, BLOCK_A)
     ak_t = load_tile_t(ak_base, offs_a, offs_d, stride_akn, stride_akd, Ka, True)  # (D, BLOCK_A)
@@ -122,8 +182,20 @@ def _prompt_scores(q, ak_base, stride_akn, stride_akd, start_a, offs_d, Ka, BLOC
 
 
 @triton.jit
-def _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M: tl.constexpr,
-                    BLOCK_A: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, DOT_PREC: tl.constexpr):  # fmt: skip
+def _prompt_softmax(
+    q,
+    ak_base,
+    stride_akn,
+    stride_akd,
+    offs_d,
+    Ka,
+    g,
+    qk_scale,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    ONE_PROMPT_TILE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     """The prompt's own softmax: (g A / l_a in q's dtype, lse_a) when Ka fits one tile (Ka = 10, the paper:
     exact, one pass, so g O_a is one more dot with the av tile); for longer prompts (q, lse_a) from an online
     pass over the tiles, g A av then taking a second pass after the key loop."""
@@ -146,21 +218,65 @@ def _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale,
 
 @triton.jit
 def adapter_attention_fwd_kernel(
-    Q, K, V, AK, AV, Gate, KVLens, CuSeqlens, Out, LseW, LseA,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_akb, stride_akh, stride_akn, stride_akd,
-    stride_avb, stride_avh, stride_avn, stride_avd,
-    stride_gb, stride_gh,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Hq, GROUP, Nq, Nk, Ka, qk_scale,
-    NQ_KEY, NK_KEY,  # autotune buckets only
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_PROMPT: tl.constexpr, ONE_PROMPT_TILE: tl.constexpr, HAS_KVLENS: tl.constexpr,
-    VARLEN: tl.constexpr, DOT_PREC: tl.constexpr, PIPELINE_DIAGONAL: tl.constexpr = False,
-    KV_TMA: tl.constexpr = False, PROMPT_FIRST: tl.constexpr = False,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    AK,
+    AV,
+    Gate,
+    KVLens,
+    CuSeqlens,
+    Out,
+    LseW,
+    LseA,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_akb,
+    stride_akh,
+    stride_akn,
+    stride_akd,
+    stride_avb,
+    stride_avh,
+    stride_avn,
+    stride_avd,
+    stride_gb,
+    stride_gh,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    Hq,
+    GROUP,
+    Nq,
+    Nk,
+    Ka,
+    qk_scale,
+    NQ_KEY,
+    NK_KEY,  # autotune buckets only
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_PROMPT: tl.constexpr,
+    ONE_PROMPT_TILE: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    VARLEN: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    PIPELINE_DIAGONAL: tl.constexpr = False,
+    KV_TMA: tl.constexpr = False,
+    PROMPT_FIRST: tl.constexpr = False,
+):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     h = pid_bh % Hq
@@ -181,8 +297,9 @@ def adapter_attention_fwd_kernel(
         av_base = AV + b * stride_avb + hk * stride_avh
         g = tl.load(Gate + b * stride_gb + h * stride_gh).to(tl.float32)
         if PROMPT_FIRST:
-            p_a, lse_a = _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M,
-                                         BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)  # fmt: skip
+            p_a, lse_a = _prompt_softmax(
+                q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC
+            )
             tl.store(LseA + lse_offs, lse_a, mask=row_ok)
 
     L = key_length(KVLens, b, n_k, HAS_KVLENS)
@@ -202,15 +319,65 @@ def adapter_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
-        offs_m, offs_d, 0, full, L, shift, qk_scale, False, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, PIPELINE_DIAGONAL,
-        KV_TMA, zero_v,
-    )  # fmt: skip
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_src,
+        v_src,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        b32,
+        hk32,
+        row32,
+        offs_m,
+        offs_d,
+        0,
+        full,
+        L,
+        shift,
+        qk_scale,
+        False,
+        CAUSAL,
+        BLOCK_N,
+        HEAD_DIM,
+        DOT_PREC,
+        PIPELINE_DIAGONAL,
+        KV_TMA,
+        zero_v,
+    )
     acc, m_i, l_i = _attend_blocks(
-        acc, m_i, l_i, q, k_src, v_src, stride_kn, stride_kd, stride_vn, stride_vd, b32, hk32, row32,
-        offs_m, offs_d, full, hi, L, shift, qk_scale, True, CAUSAL, BLOCK_N, HEAD_DIM, DOT_PREC, PIPELINE_DIAGONAL,
-        KV_TMA, zero_v,
-    )  # fmt: skip
+        acc,
+        m_i,
+        l_i,
+        q,
+        k_src,
+        v_src,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        b32,
+        hk32,
+        row32,
+        offs_m,
+        offs_d,
+        full,
+        hi,
+        L,
+        shift,
+        qk_scale,
+        True,
+        CAUSAL,
+        BLOCK_N,
+        HEAD_DIM,
+        DOT_PREC,
+        PIPELINE_DIAGONAL,
+        KV_TMA,
+        zero_v,
+    )
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
     o = acc / l_safe[:, None]
@@ -218,8 +385,9 @@ def adapter_attention_fwd_kernel(
 
     if HAS_PROMPT:
         if not PROMPT_FIRST:
-            p_a, lse_a = _prompt_softmax(q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M,
-                                         BLOCK_A, ONE_PROMPT_TILE, DOT_PREC)  # fmt: skip
+            p_a, lse_a = _prompt_softmax(
+                q, ak_base, stride_akn, stride_akd, offs_d, Ka, g, qk_scale, BLOCK_M, BLOCK_A, ONE_PROMPT_TILE, DOT_PREC
+            )
             tl.store(LseA + lse_offs, lse_a, mask=row_ok)
         if ONE_PROMPT_TILE:
             av = load_tile(av_base, tl.arange(0, BLOCK_A), offs_d, stride_avn, stride_avd, Ka, True)
@@ -303,9 +471,21 @@ def _kv_descriptors(k, v, block_n: int):
 
 
 def adapter_attention_fwd(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, cu_seqlens=None,
-    max_seqlen=None, out=None, config=None
-):  # fmt: skip
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale,
+    kv_lens=None,
+    cu_seqlens=None,
+    max_seqlen=None,
+    out=None,
+    config=None,
+):
     """Launch the forward. Inputs as `llama_adapter.adapter_attention` (checked by the caller; with cu_seqlens,
     max_seqlen is required: the grid covers max_seqlen rows per sequence).
 
@@ -335,14 +515,33 @@ def adapter_attention_fwd(
         prompt_first = config.pop("PROMPT_FIRST", prompt_first)
     k_arg, v_arg = _kv_descriptors(k, v, config["BLOCK_N"] if config else 16) if kv_tma else (k, v)
     args = (
-        q, k_arg, v_arg,
-        adapter_k if has_prompt else q, adapter_v if has_prompt else q, gate if has_prompt else q,
-        kv_lens if kv_lens is not None else q, cu_seqlens if varlen else q, out, lse_w, lse_a if has_prompt else lse_w,
-        *q.stride(), *k.stride(), *v.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v),
-        *gate_strides(gate), *out.stride(),
-        Hq, Hq // Hkv, Nq, Nk, n_prompt, sm_scale * LOG2E,
-        size_bucket(rows), size_bucket(rows if varlen else Nk),
-    )  # fmt: skip
+        q,
+        k_arg,
+        v_arg,
+        adapter_k if has_prompt else q,
+        adapter_v if has_prompt else q,
+        gate if has_prompt else q,
+        kv_lens if kv_lens is not None else q,
+        cu_seqlens if varlen else q,
+        out,
+        lse_w,
+        lse_a if has_prompt else lse_w,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *prompt_strides(adapter_k),
+        *prompt_strides(adapter_v),
+        *gate_strides(gate),
+        *out.stride(),
+        Hq,
+        Hq // Hkv,
+        Nq,
+        Nk,
+        n_prompt,
+        sm_scale * LOG2E,
+        size_bucket(rows),
+        size_bucket(rows if varlen else Nk),
+    )
     consts = dict(
         HEAD_DIM=D,
         BLOCK_A=block_a,
@@ -380,14 +579,37 @@ def compile_specs(kv_tma: bool = True, prompt_first: bool | None = None) -> list
             for D in SPEC_HEAD_DIMS:
                 for bm, bn, warps, stages in fitting_configs(FWD_CONFIGS, D, arch, fwd_smem_bytes):
                     kv = f"tensordesc<{dname}[1, 1, {bn}, {D}]>" if tma else elem
-                    pointers = dict(Q=elem, K=kv, V=kv, AK=elem, AV=elem, Gate="*fp32", KVLens="*i32",
-                                    CuSeqlens="*i32", Out=elem, LseW="*fp32", LseA="*fp32")  # fmt: skip
-                    consts = dict(HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_A=prompt_block(10), CAUSAL=True,
-                                  HAS_PROMPT=True, ONE_PROMPT_TILE=True, HAS_KVLENS=False, VARLEN=False,
-                                  DOT_PREC="ieee", PIPELINE_DIAGONAL=tma, KV_TMA=tma,
-                                  PROMPT_FIRST=first)  # fmt: skip
+                    pointers = dict(
+                        Q=elem,
+                        K=kv,
+                        V=kv,
+                        AK=elem,
+                        AV=elem,
+                        Gate="*fp32",
+                        KVLens="*i32",
+                        CuSeqlens="*i32",
+                        Out=elem,
+                        LseW="*fp32",
+                        LseA="*fp32",
+                    )
+                    consts = dict(
+                        HEAD_DIM=D,
+                        BLOCK_M=bm,
+                        BLOCK_N=bn,
+                        BLOCK_A=prompt_block(10),
+                        CAUSAL=True,
+                        HAS_PROMPT=True,
+                        ONE_PROMPT_TILE=True,
+                        HAS_KVLENS=False,
+                        VARLEN=False,
+                        DOT_PREC="ieee",
+                        PIPELINE_DIAGONAL=tma,
+                        KV_TMA=tma,
+                        PROMPT_FIRST=first,
+                    )
                     name = f"fwd_sm{arch}_{dname}_d{D}_m{bm}_n{bn}_w{warps}_s{stages}"
-                    spec = compile_spec(name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps,
-                                        stages)  # fmt: skip
+                    spec = compile_spec(
+                        name, adapter_attention_fwd_kernel, pointers, ("qk_scale",), consts, warps, stages
+                    )
                     specs.append(dict(spec, arch=arch, sm90_mma=sm90_mma(bm)))
     return specs

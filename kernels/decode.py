@@ -110,14 +110,38 @@ def _group_tile(base, stride_b, stride_h, stride_m, stride_d, b, hk, offs_m, off
 
 @triton.jit
 def adapter_attention_decode_split_kernel(
-    Q, K, V, KVLens, OPart, LsePart,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    Hkv, GROUP, Nq, Nk, chunk, n_splits, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    KVLens,
+    OPart,
+    LsePart,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    Hkv,
+    GROUP,
+    Nq,
+    Nk,
+    chunk,
+    n_splits,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -170,16 +194,48 @@ def adapter_attention_decode_split_kernel(
 
 @triton.jit
 def adapter_attention_decode_merge_kernel(
-    Q, AK, AV, Gate, KVLens, OPart, LsePart, Out,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_akb, stride_akh, stride_akn, stride_akd,
-    stride_avb, stride_avh, stride_avn, stride_avd,
-    stride_gb, stride_gh,
-    stride_ob, stride_oh, stride_om, stride_od,
-    Hkv, GROUP, Nq, Nk, Ka, chunk, n_splits, m_pad, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-    HAS_PROMPT: tl.constexpr, HAS_KVLENS: tl.constexpr, DOT_PREC: tl.constexpr,
-):  # fmt: skip
+    Q,
+    AK,
+    AV,
+    Gate,
+    KVLens,
+    OPart,
+    LsePart,
+    Out,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_akb,
+    stride_akh,
+    stride_akn,
+    stride_akd,
+    stride_avb,
+    stride_avh,
+    stride_avn,
+    stride_avd,
+    stride_gb,
+    stride_gh,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    Hkv,
+    GROUP,
+    Nq,
+    Nk,
+    Ka,
+    chunk,
+    n_splits,
+    m_pad,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_A: tl.constexpr,
+    HAS_PROMPT: tl.constexpr,
+    HAS_KVLENS: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_m = tl.program_id(1)
     b = pid_bh // Hkv
@@ -320,11 +376,24 @@ def decode_attention(
         kv_lens = kv_lens.to(torch.int32)
     lens = kv_lens if has_kvlens else o_part  # placeholder pointer, never read
     args = (
-        q, k, v, lens, o_part, lse_part, *q.stride(), *k.stride(), *v.stride(),
-        plan.Hkv, plan.group, plan.Nq, plan.Nk, plan.chunk, plan.splits, qk_scale,
-    )  # fmt: skip
-    consts = dict(HEAD_DIM=plan.D, BLOCK_M=plan.block_m, CAUSAL=bool(causal), HAS_KVLENS=has_kvlens,
-                  DOT_PREC=precision)  # fmt: skip
+        q,
+        k,
+        v,
+        lens,
+        o_part,
+        lse_part,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        plan.Hkv,
+        plan.group,
+        plan.Nq,
+        plan.Nk,
+        plan.chunk,
+        plan.splits,
+        qk_scale,
+    )
+    consts = dict(HEAD_DIM=plan.D, BLOCK_M=plan.block_m, CAUSAL=bool(causal), HAS_KVLENS=has_kvlens, DOT_PREC=precision)
     if plan.config is None:
         _split_tuned[plan.split_grid](*args, **consts)
         plan.config = _split_tuned.best_config.all_kwargs()  # the autotuner's pick, reused from now on
@@ -333,13 +402,37 @@ def decode_attention(
 
     placeholder = q  # pointers of an absent prompt and gate are never read
     adapter_attention_decode_merge_kernel[plan.merge_grid](
-        q, adapter_k if has_prompt else placeholder, adapter_v if has_prompt else placeholder,
-        gate if has_prompt else placeholder, lens, o_part, lse_part, out,
-        *q.stride(), *prompt_strides(adapter_k), *prompt_strides(adapter_v), *gate_strides(gate), *out.stride(),
-        plan.Hkv, plan.group, plan.Nq, plan.Nk, ka, plan.chunk, plan.splits, plan.part_shape[2], qk_scale,
-        HEAD_DIM=plan.D, BLOCK_M=MERGE_BLOCK_M, BLOCK_A=plan.block_a, HAS_PROMPT=has_prompt, HAS_KVLENS=has_kvlens,
-        DOT_PREC=precision, num_warps=4, num_stages=1,
-    )  # fmt: skip
+        q,
+        adapter_k if has_prompt else placeholder,
+        adapter_v if has_prompt else placeholder,
+        gate if has_prompt else placeholder,
+        lens,
+        o_part,
+        lse_part,
+        out,
+        *q.stride(),
+        *prompt_strides(adapter_k),
+        *prompt_strides(adapter_v),
+        *gate_strides(gate),
+        *out.stride(),
+        plan.Hkv,
+        plan.group,
+        plan.Nq,
+        plan.Nk,
+        ka,
+        plan.chunk,
+        plan.splits,
+        plan.part_shape[2],
+        qk_scale,
+        HEAD_DIM=plan.D,
+        BLOCK_M=MERGE_BLOCK_M,
+        BLOCK_A=plan.block_a,
+        HAS_PROMPT=has_prompt,
+        HAS_KVLENS=has_kvlens,
+        DOT_PREC=precision,
+        num_warps=4,
+        num_stages=1,
+    )
     return out
 
 
@@ -382,15 +475,23 @@ def compile_specs() -> list[dict]:
         pointers = dict(Q=ptr, K=ptr, V=ptr, KVLens="*i32", OPart="*fp32", LsePart="*fp32")
         for block_m in sorted({_block_m(rows, head_dim) for rows in (1, 64)}):
             for block_n, warps, stages in split_configs(head_dim, block_m):
-                consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, HAS_KVLENS=True,
-                              DOT_PREC="ieee")  # fmt: skip
+                consts = dict(
+                    HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=True, HAS_KVLENS=True, DOT_PREC="ieee"
+                )
                 name = f"decode_split[{dtype},D{head_dim},M{block_m},N{block_n},w{warps},s{stages}]"
-                spec = compile_spec(name, adapter_attention_decode_split_kernel, pointers, ("qk_scale",), consts,
-                                    warps, stages)  # fmt: skip
+                spec = compile_spec(
+                    name, adapter_attention_decode_split_kernel, pointers, ("qk_scale",), consts, warps, stages
+                )
                 specs.append(dict(spec, sm90_mma=sm90_mma(block_m)))
         pointers = dict(Q=ptr, AK=ptr, AV=ptr, Gate="*fp32", KVLens="*i32", OPart="*fp32", LsePart="*fp32", Out=ptr)
-        consts = dict(HEAD_DIM=head_dim, BLOCK_M=MERGE_BLOCK_M, BLOCK_A=_merge_block_a(10), HAS_PROMPT=True,
-                      HAS_KVLENS=True, DOT_PREC="ieee")  # fmt: skip
+        consts = dict(
+            HEAD_DIM=head_dim,
+            BLOCK_M=MERGE_BLOCK_M,
+            BLOCK_A=_merge_block_a(10),
+            HAS_PROMPT=True,
+            HAS_KVLENS=True,
+            DOT_PREC="ieee",
+        )
         name = f"decode_merge[{dtype},D{head_dim},M{MERGE_BLOCK_M}]"
         spec = compile_spec(name, adapter_attention_decode_merge_kernel, pointers, ("qk_scale",), consts, 4, 1)
         specs.append(dict(spec, sm90_mma=sm90_mma(MERGE_BLOCK_M)))

@@ -51,10 +51,16 @@ class AdapterConfig:
     early_fusion: int = 0  # V2: image offsets go only to the first N layers (own prompts); static prompts above
 
     RULES: ClassVar[dict] = dict(
-        adapter_len=POSITIVE_INT, adapter_layers=POSITIVE_INT, gate=Choice(("head", "scalar")),
-        gate_act=Choice(("tanh", "none")), bias_tuning=Flag(), norm_tuning=Flag(),
-        visual_dim=Number(int, min=1, optional=True), visual_hidden=POSITIVE_INT, early_fusion=NON_NEGATIVE_INT,
-    )  # fmt: skip
+        adapter_len=POSITIVE_INT,
+        adapter_layers=POSITIVE_INT,
+        gate=Choice(("head", "scalar")),
+        gate_act=Choice(("tanh", "none")),
+        bias_tuning=Flag(),
+        norm_tuning=Flag(),
+        visual_dim=Number(int, min=1, optional=True),
+        visual_hidden=POSITIVE_INT,
+        early_fusion=NON_NEGATIVE_INT,
+    )
 
     def __post_init__(self):
         check_fields(self, self.RULES)

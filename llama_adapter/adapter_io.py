@@ -150,8 +150,10 @@ def _read_ours(model, path: str, config: dict):
     config_path = os.path.join(path, CONFIG_FILE)
     version = config.get("format_version", FORMAT_VERSION)
     if type(version) is not int or version != FORMAT_VERSION:  # a newer layout would be misread silently
-        raise CheckpointError(f"{config_path}: format_version must be {FORMAT_VERSION}, got {version!r} (written by a "
-                              "newer llama-adapter?)")  # fmt: skip
+        raise CheckpointError(
+            f"{config_path}: format_version must be {FORMAT_VERSION}, got {version!r} (written by a "
+            "newer llama-adapter?)"
+        )
     made_for = config.get("base_model", {})
     if not isinstance(made_for, dict):
         raise CheckpointError(f"{config_path}: 'base_model' must be an object (the base model's shape)")

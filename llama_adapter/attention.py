@@ -80,9 +80,17 @@ def _layout_key(q, k, v, adapter_k, adapter_v, gate, causal, kv_lens, cu_seqlens
         return None
     try:
         return (
-            _layout(q), _layout(k), _layout(v), _layout(adapter_k), _layout(adapter_v), _layout(gate),
-            _layout(kv_lens), _layout(cu_seqlens), type(causal), max_seqlen is None,
-        )  # fmt: skip
+            _layout(q),
+            _layout(k),
+            _layout(v),
+            _layout(adapter_k),
+            _layout(adapter_v),
+            _layout(gate),
+            _layout(kv_lens),
+            _layout(cu_seqlens),
+            type(causal),
+            max_seqlen is None,
+        )
     except AttributeError:
         return None
 
@@ -95,9 +103,19 @@ def _values_readable(t) -> bool:
 
 
 def check_inputs(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale=None,
+    kv_lens=None,
+    cu_seqlens=None,
     max_seqlen=None,
-):  # fmt: skip
+):
     """Validate the op's inputs (docs/design.md §3) and return sm_scale as a float. Raises TypeError / ValueError.
 
     Types, shapes, dtypes and devices always; the values of the index-like inputs where they are readable on
@@ -267,9 +285,19 @@ def packed_max_seqlen(cu_seqlens: torch.Tensor, total: int) -> int:
 
 
 def adapter_attention(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale=None,
+    kv_lens=None,
+    cu_seqlens=None,
     max_seqlen=None,
-):  # fmt: skip
+):
     """Causal softmax attention over words plus a separately softmaxed, gated prompt attention.
 
     q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D); adapter_k, adapter_v (Hkv, Ka, D) or (B, Hkv, Ka, D);
@@ -283,9 +311,18 @@ def adapter_attention(
     the kernels' grid; None computes it from cu_seqlens (a device sync) and checks cu_seqlens on the way.
     """
     scale = check_inputs(
-        q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
-        cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        adapter_k,
+        adapter_v,
+        gate,
+        causal=causal,
+        sm_scale=sm_scale,
+        kv_lens=kv_lens,
+        cu_seqlens=cu_seqlens,
+        max_seqlen=max_seqlen,
+    )
     backend = resolve_backend(q.device)
     packed = {}
     if cu_seqlens is not None:

@@ -155,15 +155,18 @@ class TextChatFormat:
     def _content_spans(self, tokenizer, messages, add_generation_prompt: bool, text: str) -> list[tuple[int, int]]:
         """Where the message contents lie in `text`: the format rendered with a marker in place of each content
         gives the text around them; each content may appear stripped of its outer whitespace (trim, strip)."""
-        marked = self.render(tokenizer, [{**m, "content": _marker(i)} for i, m in enumerate(messages)],
-                             add_generation_prompt)  # fmt: skip
+        marked = self.render(
+            tokenizer, [{**m, "content": _marker(i)} for i, m in enumerate(messages)], add_generation_prompt
+        )
         pattern, pos = [], 0
         for found in _MARKER.finditer(marked):
             content = messages[int(found.group(1))]["content"]
             core = content.strip()
             lead, trail = content[: len(content) - len(content.lstrip())], content[len(content.rstrip()) :]
-            pattern += [re.escape(marked[pos : found.start()]),
-                        f"(?:{re.escape(lead)})?({re.escape(core)})(?:{re.escape(trail)})?"]  # fmt: skip
+            pattern += [
+                re.escape(marked[pos : found.start()]),
+                f"(?:{re.escape(lead)})?({re.escape(core)})(?:{re.escape(trail)})?",
+            ]
             pos = found.end()
         pattern.append(re.escape(marked[pos:]))
         match = re.fullmatch("".join(pattern), text, flags=re.DOTALL)
@@ -267,9 +270,12 @@ class TemplateFormat(TextChatFormat):
             special["pad_token"] = tokenizer._token_text(tokenizer.pad_id)
         try:
             return _compile_template(self.source).render(
-                messages=messages, add_generation_prompt=add_generation_prompt, tools=None, documents=None,
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=None,
+                documents=None,
                 **{k: v for k, v in special.items() if v is not None},
-            )  # fmt: skip
+            )
         except jinja2.exceptions.TemplateError as err:
             raise ChatError(f"the chat template cannot be rendered: {err}") from None
 

@@ -38,10 +38,18 @@ def train_tokenizer(texts: list[str], path, vocab_size: int = 512) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=str(path.with_suffix("")), vocab_size=vocab_size,
-        model_type="bpe", character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        num_threads=1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(texts),
+        model_prefix=str(path.with_suffix("")),
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        num_threads=1,
+        minloglevel=2,
+    )
     return path.with_suffix(".model")
 
 
@@ -51,8 +59,16 @@ def corpus_stream(tokenizer, paragraphs: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def pretrain(model, stream: torch.Tensor, steps: int, batch: int = 16, seq_len: int = 64, lr: float = 1e-2,
-             seed: int = 0, log=print) -> list[float]:  # fmt: skip
+def pretrain(
+    model,
+    stream: torch.Tensor,
+    steps: int,
+    batch: int = 16,
+    seq_len: int = 64,
+    lr: float = 1e-2,
+    seed: int = 0,
+    log=print,
+) -> list[float]:
     """Plain language-model pretraining of every weight on random windows of `stream` (AdamW, cosine lr)."""
     gen = torch.Generator().manual_seed(seed)
     params = [p for p in model.parameters()]

@@ -92,9 +92,10 @@ def check_fsdp_quantize(fsdp: bool, quantize: str | None) -> None:
     """FSDP2 shards an NF4 base but not an int8 one: torchao's Int8Tensor has no aten.split. Checked in
     `finetune` before the base is read (quantizing a 70B base takes minutes) and in `wrap_model` for the API."""
     if fsdp and quantize == "int8":
-        raise ValueError("FSDP cannot shard an int8 base (--fsdp with --quantize int8); use --quantize nf4 "
-                         "(which FSDP2 shards) or DDP")  # fmt: skip
-
+        raise ValueError(
+            "FSDP cannot shard an int8 base (--fsdp with --quantize int8); use --quantize nf4 "
+            "(which FSDP2 shards) or DDP"
+        )
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:

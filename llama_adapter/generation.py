@@ -206,8 +206,12 @@ def compiled_decode_step(device: torch.device, options: dict | None = None) -> C
             if not first[0]:
                 return compiled(*args).clone()
             # the first call compiles: seconds to minutes with nothing else on screen, so say what is happening
-            print(f"generate: compiling the decode step (torch.compile fullgraph, {options or 'default options'}); "
-                  "once per process", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"generate: compiling the decode step (torch.compile fullgraph, {options or 'default options'}); "
+                "once per process",
+                file=sys.stderr,
+                flush=True,
+            )
             start = time.perf_counter()
             out = compiled(*args).clone()
             first[0] = False
@@ -243,7 +247,11 @@ def _take_static_cache(model, batch: int, length: int):
 
 
 def generate(
-    model, prompts: list[list[int]], max_new_tokens: int, *args, callback: Callable[[Step], None] | None = None,
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    *args,
+    callback: Callable[[Step], None] | None = None,
     **options,
 ) -> list[list[int]]:
     """The new tokens of each prompt (the stop token itself not included); `callback(step)` sees every step as it

@@ -44,9 +44,19 @@ def is_adapter_param(name: str) -> bool:
 
 
 def adapter_attention_forward(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None,
-    cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, **kwargs,
-):  # fmt: skip
+    module,
+    query,
+    key,
+    value,
+    attention_mask,
+    scaling=None,
+    dropout=0.0,
+    sliding_window=None,
+    cu_seq_lens_q=None,
+    cu_seq_lens_k=None,
+    max_length_q=None,
+    **kwargs,
+):
     """transformers attention function: query (B, Hq, N, D), key/value (B, Hkv, Nk, D) -> ((B, N, Hq, D), None)."""
     if dropout:
         raise ValueError(f"attention dropout is not supported by the llama_adapter attention, got dropout={dropout}")
@@ -75,8 +85,10 @@ def adapter_attention_forward(
     if mask is None:
         return attend(query, key, value).transpose(1, 2), None
     if isinstance(mask, PackedSequences):
-        flat = [t.transpose(1, 2).reshape(1, B * t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
-                for t in (query, key, value)]  # fmt: skip  # (1, H, B*N, D): rows laid end to end
+        flat = [
+            t.transpose(1, 2).reshape(1, B * t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2)
+            for t in (query, key, value)
+        ]  # (1, H, B*N, D): rows laid end to end
         out = attend(*flat, cu_seqlens=mask.cu_seqlens, max_seqlen=mask.max_seqlen)  # (1, Hq, B*N, D)
         return out.transpose(1, 2).reshape(B, Nq, out.shape[1], out.shape[3]), None
     if mask.dim() == 1:  # a static cache's valid lengths; the queries are the last Nq of them
@@ -236,8 +248,9 @@ def accelerate_peft(peft_model):
     from peft.tuners.adaption_prompt.layer import AdaptedAttention
 
     tuner = getattr(peft_model, "base_model", None)
-    peft_type = getattr(getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None)),
-                        "peft_type", None)  # fmt: skip
+    peft_type = getattr(
+        getattr(peft_model, "peft_config", {}).get(getattr(peft_model, "active_adapter", None)), "peft_type", None
+    )
     if not hasattr(tuner, "_cached_adapters") or str(getattr(peft_type, "value", peft_type)) != "ADAPTION_PROMPT":
         raise TypeError(
             f"peft_model must be a PeftModel with an AdaptionPromptConfig adapter (peft.get_peft_model), "

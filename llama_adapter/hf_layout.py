@@ -194,8 +194,11 @@ def attend_padded(attend, query, key, value, mask, has_prompt):
 
     out = query.new_zeros(B * L, Hq, D)
     if plan.tokens.numel():
-        o = attend(*(packed(t, plan.tokens) for t in (query, key, value)), cu_seqlens=plan.cu_seqlens,
-                   max_seqlen=plan.max_seqlen)  # fmt: skip
+        o = attend(
+            *(packed(t, plan.tokens) for t in (query, key, value)),
+            cu_seqlens=plan.cu_seqlens,
+            max_seqlen=plan.max_seqlen,
+        )
         out = out.index_copy(0, plan.tokens, o[0].transpose(0, 1))
     if has_prompt and plan.leading.numel():
         no_words = key.new_zeros(1, key.shape[1], 1, D)  # kv_lens = 0: the op's word output is 0

@@ -52,11 +52,21 @@ _HF_LAYER_NAMES = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
 }
-_HF_TOP_NAMES = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
-                 "lm_head.weight": "output.weight"}  # fmt: skip
-_HF_KEYS = dict(dim="hidden_size", n_layers="num_hidden_layers", n_heads="num_attention_heads",
-                n_kv_heads="num_key_value_heads", hidden_dim="intermediate_size", norm_eps="rms_norm_eps",
-                max_seq_len="max_position_embeddings", rope_scaling="rope_scaling / rope_parameters")  # fmt: skip
+_HF_TOP_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
+_HF_KEYS = dict(
+    dim="hidden_size",
+    n_layers="num_hidden_layers",
+    n_heads="num_attention_heads",
+    n_kv_heads="num_key_value_heads",
+    hidden_dim="intermediate_size",
+    norm_eps="rms_norm_eps",
+    max_seq_len="max_position_embeddings",
+    rope_scaling="rope_scaling / rope_parameters",
+)
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.weight$")
 
 
@@ -179,8 +189,11 @@ def hf_model_args(config: dict, path: str = HF_CONFIG) -> dict:
     for flag in ("attention_bias", "mlp_bias"):
         if config.get(flag):
             raise CheckpointError(f"{path}: {flag}=true is not supported (LLaMA has no biases)")
-    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-               if k not in config]  # fmt: skip
+    missing = [
+        k
+        for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        if k not in config
+    ]
     if missing:
         raise CheckpointError(f"{path} lacks {missing}")
     if config.get("hidden_act", "silu") != "silu":

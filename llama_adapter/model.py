@@ -41,6 +41,7 @@ from llama_adapter.model_args import ModelArgs
 
 NO_PROMPT = (None, None, None)  # an `adapter_kv` entry for a layer that runs without its prompt
 
+
 def _upcast(dtype: torch.dtype) -> torch.dtype:
     """float32, or the dtype itself when wider (float64): norms, RoPE and softmax never round down."""
     return torch.promote_types(dtype, torch.float32)
@@ -79,8 +80,15 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-_TUNED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                  "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+_TUNED_LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 
 
 class Attention(nn.Module):
@@ -204,8 +212,14 @@ class Transformer(nn.Module):
         self.visual_proj = None
         if cfg.visual_dim is not None:
             w = self.tok_embeddings.weight
-            self.visual_proj = VisualProjector(cfg.visual_dim, self.params.dim, cfg.adapter_len, cfg.visual_hidden,
-                                               device=w.device, dtype=param_dtype(w.dtype))  # fmt: skip
+            self.visual_proj = VisualProjector(
+                cfg.visual_dim,
+                self.params.dim,
+                cfg.adapter_len,
+                cfg.visual_hidden,
+                device=w.device,
+                dtype=param_dtype(w.dtype),
+            )
         self.adapter_config = cfg
         for name, p in self.named_parameters():
             p.requires_grad_(is_adapter_param(name, cfg))

@@ -32,12 +32,19 @@ class ModelArgs:
     # Every field's type and range (llama_adapter.validation); the checkpoint loaders check params.json and
     # config.json against the same rules, naming the file and key.
     RULES: ClassVar[dict] = dict(
-        dim=POSITIVE_INT, n_layers=POSITIVE_INT, n_heads=POSITIVE_INT, n_kv_heads=Number(int, min=1, optional=True),
-        vocab_size=POSITIVE_INT, multiple_of=POSITIVE_INT, ffn_dim_multiplier=Number(float, min=0, min_open=True,
-        optional=True), norm_eps=POSITIVE, rope_theta=POSITIVE, max_seq_len=POSITIVE_INT,
+        dim=POSITIVE_INT,
+        n_layers=POSITIVE_INT,
+        n_heads=POSITIVE_INT,
+        n_kv_heads=Number(int, min=1, optional=True),
+        vocab_size=POSITIVE_INT,
+        multiple_of=POSITIVE_INT,
+        ffn_dim_multiplier=Number(float, min=0, min_open=True, optional=True),
+        norm_eps=POSITIVE,
+        rope_theta=POSITIVE,
+        max_seq_len=POSITIVE_INT,
         rope_scaling=Table(tuple((k, POSITIVE) for k in _ROPE_SCALING_KEYS), optional=True),
         hidden_dim=Number(int, min=1, optional=True),
-    )  # fmt: skip
+    )
 
     def __post_init__(self):
         check_fields(self, self.RULES)
@@ -67,9 +74,16 @@ class ModelArgs:
 
 
 _LLAMA3_8B = dict(
-    dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, vocab_size=128256, multiple_of=1024, ffn_dim_multiplier=1.3,
-    rope_theta=500000.0, max_seq_len=8192,
-)  # fmt: skip
+    dim=4096,
+    n_layers=32,
+    n_heads=32,
+    n_kv_heads=8,
+    vocab_size=128256,
+    multiple_of=1024,
+    ffn_dim_multiplier=1.3,
+    rope_theta=500000.0,
+    max_seq_len=8192,
+)
 _LLAMA31_SCALING = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
 CONFIGS = {
     "7B": dict(dim=4096, n_layers=32, n_heads=32),

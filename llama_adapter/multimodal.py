@@ -215,8 +215,17 @@ def image_id(path: Path, naming: str) -> str:
     return {"stem": path.stem, "parent": path.parent.name, "path": str(path)}[naming]
 
 
-def extract_features(clip_dir, images, out, *, layers=None, batch_size: int = 16, naming: str = "stem",
-                     device=None, progress: bool = True) -> torch.Tensor:  # fmt: skip
+def extract_features(
+    clip_dir,
+    images,
+    out,
+    *,
+    layers=None,
+    batch_size: int = 16,
+    naming: str = "stem",
+    device=None,
+    progress: bool = True,
+) -> torch.Tensor:
     """Encode `images` with a local CLIP and write (N, M, C) features to `out` (.pt with ids, or .npy + ids)."""
     from PIL import Image
     from tqdm import tqdm

@@ -45,9 +45,18 @@ def _fwd_op(
 def _forward(q, k, v, adapter_k, adapter_v, gate, kv_lens, causal, sm_scale, cu_seqlens, max_seqlen):
     with zeroed_outputs(_unchecked_packing(cu_seqlens)):
         return adapter_attention_fwd(
-            q, k, v, adapter_k, adapter_v, gate, causal=causal, sm_scale=sm_scale, kv_lens=kv_lens,
-            cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )  # fmt: skip
+            q,
+            k,
+            v,
+            adapter_k,
+            adapter_v,
+            gate,
+            causal=causal,
+            sm_scale=sm_scale,
+            kv_lens=kv_lens,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+        )
 
 
 def _unchecked_packing(cu_seqlens) -> bool:
@@ -83,9 +92,22 @@ def _bwd_op(
     has_prompt = adapter_k is not None
     with zeroed_outputs(_unchecked_packing(cu_seqlens)):
         grads = adapter_attention_bwd(
-            do, q, k, v, adapter_k, adapter_v, gate, o, lse_w, lse_a if has_prompt else None,
-            causal=causal, sm_scale=sm_scale, kv_lens=kv_lens, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
-        )  # fmt: skip
+            do,
+            q,
+            k,
+            v,
+            adapter_k,
+            adapter_v,
+            gate,
+            o,
+            lse_w,
+            lse_a if has_prompt else None,
+            causal=causal,
+            sm_scale=sm_scale,
+            kv_lens=kv_lens,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+        )
     if has_prompt:
         return grads
     empty = q.new_empty(0)
@@ -93,8 +115,9 @@ def _bwd_op(
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal, sm_scale, cu_seqlens=None,
-      max_seqlen=0):  # fmt: skip
+def _(
+    do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, causal, sm_scale, cu_seqlens=None, max_seqlen=0
+):
     def like(t):  # real grads are fresh contiguous tensors
         return q.new_empty(0) if t is None else t.new_empty(t.shape)
 
@@ -113,9 +136,22 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, do, _dlse_w, _dlse_a):
     q, k, v, adapter_k, adapter_v, gate, kv_lens, cu_seqlens, o, lse_w, lse_a = ctx.saved_tensors
     dq, dk, dv, dak, dav, dgate = _bwd_op(
-        do, q, k, v, adapter_k, adapter_v, gate, kv_lens, o, lse_w, lse_a, ctx.causal, ctx.sm_scale,
-        cu_seqlens, ctx.max_seqlen,
-    )  # fmt: skip
+        do,
+        q,
+        k,
+        v,
+        adapter_k,
+        adapter_v,
+        gate,
+        kv_lens,
+        o,
+        lse_w,
+        lse_a,
+        ctx.causal,
+        ctx.sm_scale,
+        cu_seqlens,
+        ctx.max_seqlen,
+    )
     if adapter_k is None:
         dak = dav = dgate = None
     return dq, dk, dv, dak, dav, dgate, None, None, None, None, None
@@ -155,9 +191,19 @@ def _needs_grad(*tensors) -> bool:
 
 
 def fused_adapter_attention(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale, kv_lens=None, cu_seqlens=None,
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale,
+    kv_lens=None,
+    cu_seqlens=None,
     max_seqlen=None,
-) -> Tensor:  # fmt: skip
+) -> Tensor:
     """Fused gated prompt attention on the Triton kernels (inputs checked by `attention.check_inputs`).
 
     Few queries without autograd (decode) go to the split-KV decode kernel when it is installed; everything

@@ -24,8 +24,15 @@ from torch import nn
 
 QUANTIZATIONS = ("nf4", "int8")
 # The block linears that are stored quantized (`LLaMA`'s names; model._TUNED_LINEARS lists the same layers).
-QUANTIZED_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                     "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")  # fmt: skip
+QUANTIZED_LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA)
 NF4_SCALER_BLOCK = 256  # scales per double-quantization group (QLoRA); smaller where a tensor has fewer blocks
 INSTALL_HINT = "pip install torchao  (or: pip install 'llama-adapter[quant]')"

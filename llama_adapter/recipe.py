@@ -116,18 +116,30 @@ class TrainConfig:
     overwrite: bool = False  # replace a run already in out_dir (else it is refused unless resume)
 
     RULES: ClassVar[dict] = dict(
-        epochs=POSITIVE, warmup_epochs=NON_NEGATIVE, global_batch_size=POSITIVE_INT, micro_batch_size=POSITIVE_INT,
-        blr=NON_NEGATIVE, weight_decay=NON_NEGATIVE, seed=ANY_INT, eval_every=NON_NEGATIVE_INT,
-        save_every=NON_NEGATIVE_INT, max_steps=Number(int, min=1, optional=True),
+        epochs=POSITIVE,
+        warmup_epochs=NON_NEGATIVE,
+        global_batch_size=POSITIVE_INT,
+        micro_batch_size=POSITIVE_INT,
+        blr=NON_NEGATIVE,
+        weight_decay=NON_NEGATIVE,
+        seed=ANY_INT,
+        eval_every=NON_NEGATIVE_INT,
+        save_every=NON_NEGATIVE_INT,
+        max_steps=Number(int, min=1, optional=True),
         sample_max_new_tokens=NON_NEGATIVE_INT,
-        progress=Flag(), resume=Flag(), fsdp=Flag(), pack=Choice((True, False, "auto")), overwrite=Flag(),
-    )  # fmt: skip
+        progress=Flag(),
+        resume=Flag(),
+        fsdp=Flag(),
+        pack=Choice((True, False, "auto")),
+        overwrite=Flag(),
+    )
 
     def __post_init__(self):
         check_fields(self, self.RULES)
         if self.resume and self.overwrite:
-            raise ValueError("resume and overwrite exclude each other (--resume continues a run, --overwrite "
-                             "replaces it)")  # fmt: skip
+            raise ValueError(
+                "resume and overwrite exclude each other (--resume continues a run, --overwrite replaces it)"
+            )
 
     @property
     def lr(self) -> float:
@@ -152,14 +164,17 @@ def fit_batch_to_data(cfg: TrainConfig, n_examples: int, world_size: int = 1, sa
     micro = min(cfg.micro_batch_size, n_examples // world_size)
     global_batch = micro * world_size * (n_examples // (micro * world_size))
     fitted = dataclasses.replace(cfg, global_batch_size=global_batch, micro_batch_size=micro)
-    say(f"note: {n_examples} training examples are fewer than one global batch ({cfg.global_batch_size}); "
-        f"using --global-batch-size {global_batch} --micro-batch-size {micro} (lr {fitted.lr:.3g})")  # fmt: skip
+    say(
+        f"note: {n_examples} training examples are fewer than one global batch ({cfg.global_batch_size}); "
+        f"using --global-batch-size {global_batch} --micro-batch-size {micro} (lr {fitted.lr:.3g})"
+    )
     return fitted
 
 
 @torch.no_grad()
-def evaluate_loss(model, dataset: InstructionDataset, batch_size: int, pad_id: int, device, autocast=None,
-                  shard: bool = False) -> float:  # fmt: skip
+def evaluate_loss(
+    model, dataset: InstructionDataset, batch_size: int, pad_id: int, device, autocast=None, shard: bool = False
+) -> float:
     """Token-mean loss over `dataset`; with `shard`, each rank takes every world_size-th batch and the sums
     are all-reduced."""
     order = sorted(range(len(dataset)), key=lambda i: dataset.lengths[i])  # little padding

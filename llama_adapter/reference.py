@@ -23,8 +23,9 @@ def word_mask(Nq: int, Nk: int, device, causal: bool = True, kv_lens=None, cu_se
     i = torch.arange(Nq, device=device)[:, None]
     j = torch.arange(Nk, device=device)[None, :]
     if cu_seqlens is not None:
-        seq = torch.searchsorted(cu_seqlens[1:].to(device=device, dtype=torch.long), torch.arange(Nq, device=device),
-                                 right=True)  # (T,) sequence id of each token  # fmt: skip
+        seq = torch.searchsorted(
+            cu_seqlens[1:].to(device=device, dtype=torch.long), torch.arange(Nq, device=device), right=True
+        )  # (T,) sequence id of each token
         same = seq[:, None] == seq[None, :]
         return same & (j <= i) if causal else same
     if kv_lens is None:
@@ -37,9 +38,19 @@ def word_mask(Nq: int, Nk: int, device, causal: bool = True, kv_lens=None, cu_se
 
 
 def adapter_attention(
-    q, k, v, adapter_k=None, adapter_v=None, gate=None, *, causal=True, sm_scale=None, kv_lens=None, cu_seqlens=None,
+    q,
+    k,
+    v,
+    adapter_k=None,
+    adapter_v=None,
+    gate=None,
+    *,
+    causal=True,
+    sm_scale=None,
+    kv_lens=None,
+    cu_seqlens=None,
     max_seqlen=None,
-):  # fmt: skip
+):
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv

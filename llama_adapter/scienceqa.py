@@ -85,8 +85,10 @@ def load_problems(path, split: str | None = None) -> list[Problem]:
     if isinstance(data, dict) and "question" not in data:  # (a one-line JSONL file parses as one record)
         problems = [_problem(str(qid), rec, f"{path}: problem {qid}", True) for qid, rec in data.items()]
     elif isinstance(data, list):
-        problems = [_problem(str(rec.get("id", i)) if isinstance(rec, dict) else str(i), rec, f"{path}: record {i}",
-                             False) for i, rec in enumerate(data)]  # fmt: skip
+        problems = [
+            _problem(str(rec.get("id", i)) if isinstance(rec, dict) else str(i), rec, f"{path}: record {i}", False)
+            for i, rec in enumerate(data)
+        ]
     else:
         problems = []
         for lineno, line in enumerate(text.splitlines(), 1):

@@ -147,9 +147,11 @@ class _Tiktoken:
         ranks = read_ranks(path)
         self.special = llama3_special_tokens(len(ranks))
         self.enc = tiktoken.Encoding(
-            name=os.path.basename(path), pat_str=LLAMA3_SPLIT_PATTERN, mergeable_ranks=ranks,
+            name=os.path.basename(path),
+            pat_str=LLAMA3_SPLIT_PATTERN,
+            mergeable_ranks=ranks,
             special_tokens=self.special,
-        )  # fmt: skip
+        )
         self.n_words = self.enc.n_vocab
         self.bos_id, self.eos_id, self.pad_id = self.special["<|begin_of_text|>"], self.special["<|end_of_text|>"], -1
 

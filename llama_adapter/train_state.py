@@ -80,8 +80,13 @@ def capture_rng() -> dict:
         import numpy as np
 
         kind, keys, pos, has_gauss, cached = np.random.get_state()
-        state["numpy"] = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}  # fmt: skip
+        state["numpy"] = {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        }
     except ImportError:  # numpy is optional for the trainer
         pass
     return state
@@ -116,8 +121,10 @@ def _check_plain(value, where: str) -> None:
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
     elif not isinstance(value, _PLAIN):
-        raise TypeError(f"checkpoint entry {where} is a {type(value).__name__}: only tensors, numbers, strings, "
-                        "lists and dicts are stored")  # fmt: skip
+        raise TypeError(
+            f"checkpoint entry {where} is a {type(value).__name__}: only tensors, numbers, strings, "
+            "lists and dicts are stored"
+        )
 
 
 def save_checkpoint(
@@ -180,8 +187,15 @@ def load_checkpoint(directory_or_file) -> dict:
 
 
 # What save_checkpoint writes, by entry: a file that unpickles safely can still lack one or hold another type.
-_ENTRIES = {"adapter": dict, "optimizer": dict, "scheduler": dict, "step": int, "rng": dict, "meta": dict,
-            "scaler": (dict, type(None))}  # fmt: skip
+_ENTRIES = {
+    "adapter": dict,
+    "optimizer": dict,
+    "scheduler": dict,
+    "step": int,
+    "rng": dict,
+    "meta": dict,
+    "scaler": (dict, type(None)),
+}
 
 
 def _check_entries(state: dict, path) -> None:

@@ -60,13 +60,23 @@ from llama_adapter.run_dir import (
 class Trainer:
     """Runs the recipe on `model` (with an adapter attached); `fit()` returns the per-step metrics."""
 
-    def __init__(self, model, train_set: InstructionDataset, val_set: InstructionDataset | None, cfg: TrainConfig,
-                 *, pad_id: int = 0, tokenizer=None, dist_info: DistInfo | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        train_set: InstructionDataset,
+        val_set: InstructionDataset | None,
+        cfg: TrainConfig,
+        *,
+        pad_id: int = 0,
+        tokenizer=None,
+        dist_info: DistInfo | None = None,
+    ):
         self.cfg, self.train_set, self.val_set, self.pad_id, self.tokenizer = cfg, train_set, val_set, pad_id, tokenizer
         self.info = dist_info or DistInfo(device=next(model.parameters()).device)
         self.model = model
-        cfg = self.cfg = fit_batch_to_data(cfg, len(train_set), self.info.world_size,
-                                           print if self.info.is_main else (lambda *a: None))  # fmt: skip
+        cfg = self.cfg = fit_batch_to_data(
+            cfg, len(train_set), self.info.world_size, print if self.info.is_main else (lambda *a: None)
+        )
         per_step = cfg.micro_batch_size * self.info.world_size
         if cfg.global_batch_size % per_step:
             raise ValueError(
@@ -123,8 +133,10 @@ class Trainer:
             path = self.out_dir / train_state.CHECKPOINT_NAME
             raise CheckpointError(f"{path} cannot be restored ({type(e).__name__}: {e})") from e
         if state["step"] > self.total_steps:
-            raise CheckpointError(f"{self.out_dir / train_state.CHECKPOINT_NAME} is at step {state['step']}, past "
-                                  f"this run's {self.total_steps} steps")  # fmt: skip
+            raise CheckpointError(
+                f"{self.out_dir / train_state.CHECKPOINT_NAME} is at step {state['step']}, past "
+                f"this run's {self.total_steps} steps"
+            )
         self.step = state["step"]
         self.rng = state["rng"]
         self.history = [m for m in read_metrics(self.out_dir, say=self._warn) if m["step"] <= self.step]
@@ -179,22 +191,29 @@ class Trainer:
     def evaluate(self, dataset: InstructionDataset) -> float:
         # FSDP's forward is collective, so there every rank runs every batch (validation sets are small)
         shard = not self.cfg.fsdp and self.info.world_size > 1
-        return evaluate_loss(self.wrapped, dataset, self.cfg.micro_batch_size, self.pad_id, self.info.device,
-                             self.autocast, shard=shard)  # fmt: skip
+        return evaluate_loss(
+            self.wrapped, dataset, self.cfg.micro_batch_size, self.pad_id, self.info.device, self.autocast, shard=shard
+        )
 
     def sample(self) -> str | None:
         """Greedy answer to one validation (else training) instruction, or None without a tokenizer."""
         if self.tokenizer is None:
             return None
         from llama_adapter.generation import generate
+
         tokens, prompt_len = (self.val_set or self.train_set)[0][:2]  # the conversation up to its first answer
         room = min(self.cfg.sample_max_new_tokens, self.model.params.max_seq_len - prompt_len)
         if room < 1:
             return None
         with torch.no_grad(), self.autocast:
             eos_id = self.tokenizer.eos_id if self.tokenizer.eos_id >= 0 else None  # -1: the tokenizer has none
-            out = generate(unwrap(self.model), [tokens[:prompt_len]], room, eos_id=eos_id,
-                           stop_ids=getattr(self.tokenizer, "stop_ids", None))  # fmt: skip
+            out = generate(
+                unwrap(self.model),
+                [tokens[:prompt_len]],
+                room,
+                eos_id=eos_id,
+                stop_ids=getattr(self.tokenizer, "stop_ids", None),
+            )
         return self.tokenizer.decode(out[0])
 
     # -- the loop
@@ -300,8 +319,13 @@ class Trainer:
         self.rng = train_state.capture_rng()
         self._mid_update = False
         seconds = time.perf_counter() - t0
-        record = {"step": self.step, "epoch": self.step / self.steps_per_epoch, "loss": loss, "lr": lr,
-                  "tokens_per_s": tokens / seconds}  # fmt: skip
+        record = {
+            "step": self.step,
+            "epoch": self.step / self.steps_per_epoch,
+            "loss": loss,
+            "lr": lr,
+            "tokens_per_s": tokens / seconds,
+        }
         eval_every = self.cfg.eval_every or self.steps_per_epoch
         if self.val_set is not None and len(self.val_set) and (self.step % eval_every == 0 or self.step == last):
             record["val_loss"] = self.evaluate(self.val_set)

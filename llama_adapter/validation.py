@@ -156,8 +156,10 @@ def require_device(device, what: str = "device") -> None:
         if torch.version.cuda is None:
             raise ValueError(f"{what} {str(device)!r} needs CUDA, but torch {torch.__version__} is a CPU-only build")
         if not torch.cuda.is_available():
-            raise ValueError(f"{what} {str(device)!r} needs a CUDA GPU, but torch sees none (check the driver and "
-                             "CUDA_VISIBLE_DEVICES)")  # fmt: skip
+            raise ValueError(
+                f"{what} {str(device)!r} needs a CUDA GPU, but torch sees none (check the driver and "
+                "CUDA_VISIBLE_DEVICES)"
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise ValueError(f"{what} {str(device)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
 
@@ -167,5 +169,7 @@ def require_triton_device(device, what: str = "--backend triton") -> None:
     import torch
 
     if torch.device(device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"{what} needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter), but the "
-                         f"model runs on {str(device)!r}")  # fmt: skip
+        raise ValueError(
+            f"{what} needs a CUDA device (or TRITON_INTERPRET=1 for the CPU interpreter), but the "
+            f"model runs on {str(device)!r}"
+        )

@@ -59,8 +59,14 @@ def tiny_hf_config(**overrides):
 
     rope = {"rope_type": "default", "rope_theta": 500000.0}
     if overrides.pop("rope_scaling", None) == "llama3":
-        rope = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                    original_max_position_embeddings=8192)  # fmt: skip
+        rope = dict(
+            rope_type="llama3",
+            rope_theta=500000.0,
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        )
     kwargs = dict(
         hidden_size=64,
         intermediate_size=192,
@@ -128,8 +134,16 @@ def _shard_dim(name: str, vocab_parallel_embedding: bool) -> int | None:
     return None
 
 
-def write_meta_dir(hf_model, path, n_shards: int = 1, *, multiple_of: int = 32, vocab_size: int | None = None,
-                   vocab_parallel_embedding: bool = False, dtype: torch.dtype | None = None) -> str:  # fmt: skip
+def write_meta_dir(
+    hf_model,
+    path,
+    n_shards: int = 1,
+    *,
+    multiple_of: int = 32,
+    vocab_size: int | None = None,
+    vocab_parallel_embedding: bool = False,
+    dtype: torch.dtype | None = None,
+) -> str:
     """Write the HF model's weights as Meta's params.json + consolidated.NN.pth (n_shards model-parallel files).
 
     Embeddings split by model dim (LLaMA-1/2) or by vocab (LLaMA-3, vocab_parallel_embedding=True);

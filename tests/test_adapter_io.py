@@ -149,16 +149,34 @@ def test_peft_bin_weights(tmp_path):
 @pytest.mark.parametrize(
     "prompts, gates, K, L, config, message",
     [
-        ({i: torch.randn(1, 4, 64) for i in (2, 3)}, {i: torch.ones(1) for i in (2, 3)}, 4, 2, {},
-         r"adapted_layers.*\[2\]..\[3\].*this model has dim=64, n_layers=3"),
-        ({i: torch.randn(1, 4, 32) for i in (1, 2)}, {i: torch.ones(1) for i in (1, 2)}, 4, 2, {},
-         r"made for a model with \{'dim': 32"),
-        ({i: torch.randn(1, 4, 64) for i in (1, 2)}, {1: torch.ones(1)}, 4, 2, {},
-         "layer 2 has .'prompt'., needs both"),
+        (
+            {i: torch.randn(1, 4, 64) for i in (2, 3)},
+            {i: torch.ones(1) for i in (2, 3)},
+            4,
+            2,
+            {},
+            r"adapted_layers.*\[2\]..\[3\].*this model has dim=64, n_layers=3",
+        ),
+        (
+            {i: torch.randn(1, 4, 32) for i in (1, 2)},
+            {i: torch.ones(1) for i in (1, 2)},
+            4,
+            2,
+            {},
+            r"made for a model with \{'dim': 32",
+        ),
+        (
+            {i: torch.randn(1, 4, 64) for i in (1, 2)},
+            {1: torch.ones(1)},
+            4,
+            2,
+            {},
+            "layer 2 has .'prompt'., needs both",
+        ),
         ({2: torch.randn(1, 4, 64)}, {2: torch.ones(2)}, 4, 1, {}, r"adaption_gate \(2,\), expected .* / \(1,\)"),
         ({2: torch.randn(1, 4, 64)}, {2: torch.ones(1)}, 4, 1, {"target_modules": "attn"}, "target_modules 'attn'"),
     ],
-)  # fmt: skip
+)
 def test_peft_refusals(tmp_path, prompts, gates, K, L, config, message):
     with pytest.raises(CheckpointError, match=message):
         load_adapter(tiny_model(), write_peft_dir(tmp_path / "peft", prompts, gates, K, L, **config))
@@ -271,24 +289,38 @@ def test_official_first_release_scalar_gates_load_as_scalar_gates(tmp_path, gate
         (["format", "llama_adapter"], r"adapter_config\.json holds a JSON list, expected an object"),
         ("not an object", r"adapter_config\.json holds a JSON str"),
         ({"format": "llama_adapter", "base_model": BASE, "adapter": ["adapter_len", 5]}, "has no 'adapter' section"),
-        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": "5", "adapter_layers": 2}},
-         r"adapter_config\.json: 'adapter': adapter_len must be an int >= 1, got '5'"),
-        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "adapter_layers": 2.0}},
-         r"adapter_layers must be an int >= 1, got 2\.0"),
-        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "gate": 1}},
-         r"'adapter': gate must be one of 'head', 'scalar', got 1"),
-        ({"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "bias_tuning": "yes"}},
-         r"bias_tuning must be true or false"),
+        (
+            {"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": "5", "adapter_layers": 2}},
+            r"adapter_config\.json: 'adapter': adapter_len must be an int >= 1, got '5'",
+        ),
+        (
+            {"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "adapter_layers": 2.0}},
+            r"adapter_layers must be an int >= 1, got 2\.0",
+        ),
+        (
+            {"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "gate": 1}},
+            r"'adapter': gate must be one of 'head', 'scalar', got 1",
+        ),
+        (
+            {"format": "llama_adapter", "base_model": BASE, "adapter": {"adapter_len": 5, "bias_tuning": "yes"}},
+            r"bias_tuning must be true or false",
+        ),
         ({"format": "llama_adapter", "base_model": "3 layers", "adapter": {}}, r"'base_model' must be an object"),
-        ({"format": "llama_adapter", "format_version": 2, "base_model": BASE, "adapter": {"adapter_len": 5}},
-         r"adapter_config\.json: format_version must be 1, got 2"),
-        ({"format": "llama_adapter", "format_version": "1", "base_model": BASE, "adapter": {"adapter_len": 5}},
-         r"format_version must be 1, got '1'"),
-        ({"peft_type": "ADAPTION_PROMPT", "adapter_len": 0, "adapter_layers": 2},
-         r"adapter_config\.json: adapter_len must be an int >= 1, got 0"),
+        (
+            {"format": "llama_adapter", "format_version": 2, "base_model": BASE, "adapter": {"adapter_len": 5}},
+            r"adapter_config\.json: format_version must be 1, got 2",
+        ),
+        (
+            {"format": "llama_adapter", "format_version": "1", "base_model": BASE, "adapter": {"adapter_len": 5}},
+            r"format_version must be 1, got '1'",
+        ),
+        (
+            {"peft_type": "ADAPTION_PROMPT", "adapter_len": 0, "adapter_layers": 2},
+            r"adapter_config\.json: adapter_len must be an int >= 1, got 0",
+        ),
         ({"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": "2"}, r"adapter_layers must be an int"),
     ],
-)  # fmt: skip
+)
 def test_adapter_config_json_with_wrong_types_names_file_and_key(tmp_path, config, message):
     (tmp_path / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=message):

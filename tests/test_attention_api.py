@@ -130,20 +130,37 @@ BAD = [
     _bad("gate without prompt", lambda x: dict(adapter_k=None, adapter_v=None), ValueError, "gate was given"),
     _bad("adapter_v missing", lambda x: dict(adapter_v=None), ValueError, "adapter_k and adapter_v"),
     _bad("adapter_k not a tensor", lambda x: dict(adapter_k=1.0), TypeError, "adapter_k must be a torch.Tensor"),
-    _bad("adapter_k heads", lambda x: dict(adapter_k=x["adapter_k"][:1]), ValueError,
-         r"adapter_k must have shape \(Hkv=2, Ka, D=16\)"),
-    _bad("adapter_v batch", lambda x: dict(adapter_v=x["adapter_v"].expand(3, -1, -1, -1)), ValueError,
-         r"adapter_v must have shape .* or \(B=2, Hkv=2, Ka, D=16\)"),
-    _bad("adapter_v length", lambda x: dict(adapter_v=x["adapter_v"][:, :2]), ValueError,
-         "adapter_v must have the shape of adapter_k"),
-    _bad("adapter_k dtype", lambda x: dict(adapter_k=x["adapter_k"].float()), TypeError,
-         "adapter_k must have q's dtype"),
-    _bad("adapter_v device", lambda x: dict(adapter_v=x["adapter_v"].to("meta")), ValueError,
-         "adapter_v must be on q's device"),
+    _bad(
+        "adapter_k heads",
+        lambda x: dict(adapter_k=x["adapter_k"][:1]),
+        ValueError,
+        r"adapter_k must have shape \(Hkv=2, Ka, D=16\)",
+    ),
+    _bad(
+        "adapter_v batch",
+        lambda x: dict(adapter_v=x["adapter_v"].expand(3, -1, -1, -1)),
+        ValueError,
+        r"adapter_v must have shape .* or \(B=2, Hkv=2, Ka, D=16\)",
+    ),
+    _bad(
+        "adapter_v length",
+        lambda x: dict(adapter_v=x["adapter_v"][:, :2]),
+        ValueError,
+        "adapter_v must have the shape of adapter_k",
+    ),
+    _bad(
+        "adapter_k dtype", lambda x: dict(adapter_k=x["adapter_k"].float()), TypeError, "adapter_k must have q's dtype"
+    ),
+    _bad(
+        "adapter_v device",
+        lambda x: dict(adapter_v=x["adapter_v"].to("meta")),
+        ValueError,
+        "adapter_v must be on q's device",
+    ),
     _bad("gate shape", lambda x: dict(gate=x["gate"][:2]), ValueError, r"gate must have shape \(Hq=4,\)"),
     _bad("gate integer", lambda x: dict(gate=x["gate"].long()), TypeError, "gate must be a floating"),
     _bad("gate device", lambda x: dict(gate=x["gate"].to("meta")), ValueError, "gate must be on q's device"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("change,error,match", BAD)
@@ -196,10 +213,12 @@ def test_backend_names_and_auto_resolution(monkeypatch):
 
 @pytest.mark.parametrize(
     "backend,module,name",
-    [("reference", "llama_adapter.reference", "adapter_attention"),
-     ("sdpa", "llama_adapter.baselines", "sdpa_adapter_attention"),
-     ("eager", "llama_adapter.baselines", "eager_adapter_attention")],
-)  # fmt: skip
+    [
+        ("reference", "llama_adapter.reference", "adapter_attention"),
+        ("sdpa", "llama_adapter.baselines", "sdpa_adapter_attention"),
+        ("eager", "llama_adapter.baselines", "eager_adapter_attention"),
+    ],
+)
 def test_dispatch_reaches_the_chosen_backend(monkeypatch, backend, module, name):
     import importlib
 

@@ -19,11 +19,40 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed; the scripts run a
 from benchmarks import bench_hf, common  # noqa: E402
 from llama_adapter.attention import get_attention_backend  # noqa: E402
 
-ROW_KEYS = {"provider", "mode", "dtype", "B", "N", "layers", "Ka", "adapter_layers", "backend", "ms", "tokens",
-            "tokens_per_s", "peak_mem_mb", "speedup_vs_peft", "error"}  # fmt: skip
+ROW_KEYS = {
+    "provider",
+    "mode",
+    "dtype",
+    "B",
+    "N",
+    "layers",
+    "Ka",
+    "adapter_layers",
+    "backend",
+    "ms",
+    "tokens",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "speedup_vs_peft",
+    "error",
+}
 ROUNDING = 3 * common.RELATIVE_ROUNDING  # stored to fixed significant digits: see test_benchmarks.py
-TINY = ["--layers", "1", "--batch", "2", "--seq", "8", "--new-tokens", "2", "--warmup-ms", "0", "--rep-ms", "0",
-        "--dtype", "fp32"]  # fmt: skip
+TINY = [
+    "--layers",
+    "1",
+    "--batch",
+    "2",
+    "--seq",
+    "8",
+    "--new-tokens",
+    "2",
+    "--warmup-ms",
+    "0",
+    "--rep-ms",
+    "0",
+    "--dtype",
+    "fp32",
+]
 
 
 def test_alpaca_lengths_mix_long_and_short_rows():

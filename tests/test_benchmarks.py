@@ -19,13 +19,39 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not installed; the scripts run a
 from benchmarks import bench_attention, bench_finetune, bench_generate, common, plot  # noqa: E402
 from llama_adapter.attention import get_attention_backend  # noqa: E402
 
-ATTENTION_KEYS = {"provider", "mode", "dtype", "B", "H", "N", "D", "Ka", "causal", "ms", "tflops", "peak_mem_mb",
-                  "backend", "error"}  # fmt: skip
+ATTENTION_KEYS = {
+    "provider",
+    "mode",
+    "dtype",
+    "B",
+    "H",
+    "N",
+    "D",
+    "Ka",
+    "causal",
+    "ms",
+    "tflops",
+    "peak_mem_mb",
+    "backend",
+    "error",
+}
 # Rows store timings and rates to a fixed number of significant digits, so a rate recomputed from a stored time
 # agrees with the stored rate to within two roundings, on any machine at any load.
 ROUNDING = 3 * common.RELATIVE_ROUNDING
-TINY_ATTENTION = ["--dtypes", "fp32", "--head-dims", "16", "--tokens", "32", "--hidden", "32", "--rep-ms", "1",
-                  "--provider-budget", "flex=1e9,eager=1e9"]  # no row may depend on how busy the machine is
+TINY_ATTENTION = [
+    "--dtypes",
+    "fp32",
+    "--head-dims",
+    "16",
+    "--tokens",
+    "32",
+    "--hidden",
+    "32",
+    "--rep-ms",
+    "1",
+    "--provider-budget",
+    "flex=1e9,eager=1e9",
+]  # no row may depend on how busy the machine is
 
 
 def read(path) -> dict:
@@ -68,8 +94,20 @@ def test_attention_failures_become_rows(tmp_path, monkeypatch):
         return real(name, **kw)
 
     monkeypatch.setattr(bench_attention, "make_provider", fake)
-    args = bench_attention.parse_args(["--out", str(tmp_path), "--seqlens", "16,32", "--modes", "fwd", "--no-plot",
-                                       "--providers", "fused,eager,sdpa_adapter", *TINY_ATTENTION])  # fmt: skip
+    args = bench_attention.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--seqlens",
+            "16,32",
+            "--modes",
+            "fwd",
+            "--no-plot",
+            "--providers",
+            "fused,eager,sdpa_adapter",
+            *TINY_ATTENTION,
+        ]
+    )
     bench_attention.run(args)
     rows = {(r["provider"], r["N"]): r for r in read(tmp_path / "attention-cpu.json")["rows"]}
     assert rows["fused", 16]["error"] == rows["fused", 32]["error"] == "RuntimeError: boom"
@@ -79,15 +117,28 @@ def test_attention_failures_become_rows(tmp_path, monkeypatch):
 
 
 def test_attention_budget_skips_rows(tmp_path):
-    args = bench_attention.parse_args(["--out", str(tmp_path), "--seqlens", "32", "--budget", "1e-9", "--no-plot",
-                                       "--providers", "sdpa_adapter", *TINY_ATTENTION])  # fmt: skip
+    args = bench_attention.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--seqlens",
+            "32",
+            "--budget",
+            "1e-9",
+            "--no-plot",
+            "--providers",
+            "sdpa_adapter",
+            *TINY_ATTENTION,
+        ]
+    )
     rows = bench_attention.run(args).rows
     assert len(rows) == 3 and all(r["error"] == "skipped: time budget" for r in rows)
 
 
 def test_finetune_smoke_and_plot(tmp_path):
-    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1",
-                                      "--warmup", "0"])  # fmt: skip
+    args = bench_finetune.parse_args(
+        ["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1", "--warmup", "0"]
+    )
     bench_finetune.run(args)
     assert get_attention_backend() == "reference"  # conftest's choice is given back
     data = read(tmp_path / "finetune-cpu.json")
@@ -108,8 +159,23 @@ def test_finetune_takes_largest_batch_that_fits(tmp_path, monkeypatch):
         return real(model, optimizer, tokens)
 
     monkeypatch.setattr(bench_finetune, "train_step", small_memory)
-    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "4", "--batches", "8,4,2,1", "--steps", "1",
-                                      "--warmup", "0", "--backends", "sdpa", "--no-plot"])  # fmt: skip
+    args = bench_finetune.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--seq",
+            "4",
+            "--batches",
+            "8,4,2,1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--backends",
+            "sdpa",
+            "--no-plot",
+        ]
+    )
     (row,) = bench_finetune.run(args).rows
     assert row["error"] is None and row["B"] == 2
     assert [t["B"] for t in row["tried"]] == [8, 4, 2]
@@ -131,8 +197,9 @@ def test_finetune_flops_formula():
 
 
 def test_generate_smoke(tmp_path):
-    args = bench_generate.parse_args(["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "2",
-                                      "--no-plot"])  # fmt: skip
+    args = bench_generate.parse_args(
+        ["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "2", "--no-plot"]
+    )
     bench_generate.run(args)
     rows = read(tmp_path / "generate-cpu.json")["rows"]
     assert [(r["provider"], r["B"]) for r in rows] == [("fused", 2), ("sdpa_adapter", 2)]
@@ -145,18 +212,51 @@ def test_generate_smoke(tmp_path):
 def test_quantized_bases_smoke(tmp_path):
     """--quantize adds rows per base (provider suffixed); the packed weights are what GB/s counts."""
     pytest.importorskip("torchao")
-    args = bench_finetune.parse_args(["--out", str(tmp_path), "--seq", "8", "--batches", "2", "--steps", "1",
-                                      "--warmup", "0", "--backends", "sdpa", "--quantize", "none,nf4,int8",
-                                      "--no-plot"])  # fmt: skip
+    args = bench_finetune.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--seq",
+            "8",
+            "--batches",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--backends",
+            "sdpa",
+            "--quantize",
+            "none,nf4,int8",
+            "--no-plot",
+        ]
+    )
     rows = {r["provider"]: r for r in bench_finetune.run(args).rows}
     assert list(rows) == ["sdpa_adapter", "sdpa_adapter+nf4", "sdpa_adapter+int8"]
     for row in rows.values():
         assert row["error"] is None and row["tokens_per_s"] > 0, row
-    assert rows["sdpa_adapter+nf4"]["weight_mb"] < rows["sdpa_adapter+int8"]["weight_mb"] < rows["sdpa_adapter"][
-        "weight_mb"
-    ]
-    args = bench_generate.parse_args(["--out", str(tmp_path), "--prompt", "5", "--new-tokens", "3", "--batches", "1",
-                                      "--backends", "sdpa", "--quantize", "none,nf4", "--no-plot"])  # fmt: skip
+    assert (
+        rows["sdpa_adapter+nf4"]["weight_mb"]
+        < rows["sdpa_adapter+int8"]["weight_mb"]
+        < rows["sdpa_adapter"]["weight_mb"]
+    )
+    args = bench_generate.parse_args(
+        [
+            "--out",
+            str(tmp_path),
+            "--prompt",
+            "5",
+            "--new-tokens",
+            "3",
+            "--batches",
+            "1",
+            "--backends",
+            "sdpa",
+            "--quantize",
+            "none,nf4",
+            "--no-plot",
+        ]
+    )
     full, nf4 = bench_generate.run(args).rows
     assert nf4["provider"] == "sdpa_adapter+nf4" and nf4["error"] is None and nf4["gb_per_s"] > 0
     assert nf4["weight_mb"] < full["weight_mb"]
@@ -174,10 +274,25 @@ def test_summary_and_plots_from_json(tmp_path):
     rows = []
     for provider, ms in (("fused", 1.0), ("fused_noprompt", 0.8), ("sdpa_adapter", 2.0), ("eager", None)):
         error = "OOM: CUDA out of memory" if ms is None else None
-        rows.append(dict(provider=provider, mode="fwd", dtype="bf16", B=2, H=32, N=1024, D=128,
-                         Ka=0 if provider == "fused_noprompt" else 10, causal=True, ms=ms, tflops=ms and 2.0 / ms,
-                         peak_mem_mb=100.0, backend="x", error=error,
-                         rel_err=0.5 if provider == "fused" else 1e-3))  # fmt: skip
+        rows.append(
+            dict(
+                provider=provider,
+                mode="fwd",
+                dtype="bf16",
+                B=2,
+                H=32,
+                N=1024,
+                D=128,
+                Ka=0 if provider == "fused_noprompt" else 10,
+                causal=True,
+                ms=ms,
+                tflops=ms and 2.0 / ms,
+                peak_mem_mb=100.0,
+                backend="x",
+                error=error,
+                rel_err=0.5 if provider == "fused" else 1e-3,
+            )
+        )
     header = dict(bench="attention", device="h100", device_name="NVIDIA H100", torch="t", triton="t", time="now")
     path = tmp_path / "attention-h100.json"
     path.write_text(json.dumps({**header, "rows": rows}))

@@ -22,11 +22,16 @@ CASES = [
     # a query block taller than the key tile: one diagonal block per key tile, tail after it
     ("tall-query-blocks-gqa", dict(B=2, Hq=4, Hkv=2, Nq=45, Nk=61, Ka=10, kv_lens=[61, 30]), True, 32, 16),
     # three prompt tiles (40 keys), one prompt and gate per sample
-    ("three-prompt-tiles-per-sample", dict(B=2, Hq=2, Hkv=1, Nq=21, Nk=21, Ka=40, per_sample=True,
-                                           gate_per_sample=True), True, 16, 16),
+    (
+        "three-prompt-tiles-per-sample",
+        dict(B=2, Hq=2, Hkv=1, Nq=21, Nk=21, Ka=40, per_sample=True, gate_per_sample=True),
+        True,
+        16,
+        16,
+    ),
     # Nq > Nk (bottom-right causal): the first query rows see no key at all
     ("more-queries-than-keys", dict(Nq=40, Nk=13, Ka=3, kv_lens=[9]), True, 16, 16),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("kwargs,causal,block_m,block_n", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
@@ -60,9 +65,11 @@ def test_out_of_range_kv_lens_act_clamped():
     """kv_lens is not checked on a GPU (that needs a sync): values past Nk or below 0 act as Nk and 0."""
     inputs, do, _ = make_inputs(B=3, Hq=2, Hkv=1, Nq=20, Nk=29, Ka=10, seed=9)
     config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
-    wild = run_launchers(inputs, do, causal=False, kv_lens=torch.tensor([1000, -5, 17], dtype=torch.int32),
-                         config=config)  # fmt: skip
-    clamped = run_launchers(inputs, do, causal=False, kv_lens=torch.tensor([29, 0, 17], dtype=torch.int32),
-                            config=config)  # fmt: skip
+    wild = run_launchers(
+        inputs, do, causal=False, kv_lens=torch.tensor([1000, -5, 17], dtype=torch.int32), config=config
+    )
+    clamped = run_launchers(
+        inputs, do, causal=False, kv_lens=torch.tensor([29, 0, 17], dtype=torch.int32), config=config
+    )
     for a, b in zip(wild, clamped):
         assert torch.equal(a, b)

@@ -157,7 +157,7 @@ def test_auto_and_named_formats(llama3, tmp_path):
         ([SYSTEM], "a system message alone"),
         (["hi"], "messages.0. must be an object"),
     ],
-)  # fmt: skip
+)
 def test_bad_conversations(messages, message):
     with pytest.raises(ChatError, match=message):
         check_messages(messages)
@@ -192,9 +192,11 @@ def test_template_sees_transformers_variables(llama3):
     """tojson keeps non-ASCII, strftime_now exists, loop controls and namespaces work, tools is none: as in
     transformers."""
     tok, auto = llama3["hf"], llama3["auto"]
-    source = ("{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
-              "{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
-              "{{ strftime_now('%Y') | length }}{{ tools is none }}{{ eos_token }}{{ ns.n }}")  # fmt: skip
+    source = (
+        "{% set ns = namespace(n=0) %}{% for m in messages %}{% set ns.n = ns.n + 1 %}"
+        "{% if loop.index > 1 %}{% break %}{% endif %}{{ m | tojson }}{% endfor %}"
+        "{{ strftime_now('%Y') | length }}{{ tools is none }}{{ eos_token }}{{ ns.n }}"
+    )
     fmt = TemplateFormat(source)
     messages = [{"role": "user", "content": "Déjà 🦙"}, {"role": "assistant", "content": "x"}]
     expected = auto.apply_chat_template(messages, chat_template=source, tokenize=False)
@@ -225,9 +227,20 @@ def test_finetune_on_chat_data_with_an_hf_llama3_dir(llama3, tmp_path, capsys):
     set_attention_backend("reference")  # the formats are under test here, not the kernels (the interpreter is slow)
     try:
         run_args = finetune_args(
-            model_dir, data, tmp_path / "run", adapter_len=2, adapter_layers=1, epochs=1, warmup_epochs=0,
-            global_batch_size=2, micro_batch_size=2, max_seq_len=128, val_fraction=0.25, no_progress=True, max_steps=1,
-        )  # fmt: skip
+            model_dir,
+            data,
+            tmp_path / "run",
+            adapter_len=2,
+            adapter_layers=1,
+            epochs=1,
+            warmup_epochs=0,
+            global_batch_size=2,
+            micro_batch_size=2,
+            max_seq_len=128,
+            val_fraction=0.25,
+            no_progress=True,
+            max_steps=1,
+        )
         trainer = finetune(run_args)
     finally:
         set_attention_backend(previous)

@@ -47,9 +47,13 @@ def test_every_number_flag_is_checked_by_a_validation_rule():
     ],
 )
 def test_bad_numbers_are_refused_naming_the_flag(argv, message, capsys):
-    required = {"finetune": ["--model", "m", "--data", "d", "--out", "o"], "generate": ["--model", "m",
-                "--instruction", "i"], "extract-features": ["--clip", "c", "--images", "i", "--out", "o"],
-                "eval-scienceqa": ["--model", "m", "--adapter", "a", "--data", "d"], "demo": []}  # fmt: skip
+    required = {
+        "finetune": ["--model", "m", "--data", "d", "--out", "o"],
+        "generate": ["--model", "m", "--instruction", "i"],
+        "extract-features": ["--clip", "c", "--images", "i", "--out", "o"],
+        "eval-scienceqa": ["--model", "m", "--adapter", "a", "--data", "d"],
+        "demo": [],
+    }
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, *required[argv[0]]])
     assert exit_info.value.code == 2

@@ -53,8 +53,9 @@ def test_static_cache_equals_dynamic_cache():
     steps = torch.tensor(prompts_of([4, 4, 4], seed=3)).T[:, :, None]  # (4 steps, B, 1) tokens to feed
     caches = [model.new_cache(B, max_len=20), model.new_cache(B, max_len=32, static=True)]
     with torch.no_grad():
-        runs = [[model(padded, cache=c, input_pos=torch.zeros(B, dtype=torch.long), logits_pos=lengths - 1)]
-                for c in caches]  # fmt: skip
+        runs = [
+            [model(padded, cache=c, input_pos=torch.zeros(B, dtype=torch.long), logits_pos=lengths - 1)] for c in caches
+        ]
         for i, tokens in enumerate(steps):
             for run, cache in zip(runs, caches):
                 run.append(model(tokens, cache=cache, input_pos=lengths + i))

@@ -22,8 +22,13 @@ TOK = CharTokenizer()
 OK = '{"instruction": "a", "output": "b"}'
 
 
-@pytest.mark.parametrize("record", [{"instruction": "Name a color.", "output": "Red"},
-                                    {"instruction": "Add them.", "input": "2 and 3", "output": "5"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"instruction": "Name a color.", "output": "Red"},
+        {"instruction": "Add them.", "input": "2 and 3", "output": "5"},
+    ],
+)
 def test_template_and_prompt_mask(record):
     tokens, prompt_len = encode_example(TOK, record)
     prompt = alpaca_prompt(record["instruction"], record.get("input"))
@@ -53,12 +58,18 @@ def _write(tmp_path, name, text):
 
 
 def test_json_list_and_jsonl_load_the_same(tmp_path):
-    records = [{"instruction": "a", "input": None, "output": "b"}, {"instruction": "c", "input": "d", "output": "e"},
-               {"instruction": "f", "output": ""}]  # fmt: skip
+    records = [
+        {"instruction": "a", "input": None, "output": "b"},
+        {"instruction": "c", "input": "d", "output": "e"},
+        {"instruction": "f", "output": ""},
+    ]
     from_list = load_examples(_write(tmp_path, "d.json", json.dumps(records, indent=2)))
     from_lines = load_examples(_write(tmp_path, "d.jsonl", "\n".join(map(json.dumps, records)) + "\n\n"))
-    expected = [{"instruction": "a", "input": "", "output": "b"}, {"instruction": "c", "input": "d", "output": "e"},
-                {"instruction": "f", "input": "", "output": ""}]  # fmt: skip
+    expected = [
+        {"instruction": "a", "input": "", "output": "b"},
+        {"instruction": "c", "input": "d", "output": "e"},
+        {"instruction": "f", "input": "", "output": ""},
+    ]
     assert from_list == from_lines == expected
 
 
@@ -75,7 +86,7 @@ def test_json_list_and_jsonl_load_the_same(tmp_path):
         ("empty.json", "[ ]", "empty.json: the dataset is empty"),
         ("blank.jsonl", '{"instruction": "  ", "output": "b"}\n', "blank.jsonl:1: field 'instruction' is empty"),
     ],
-)  # fmt: skip
+)
 def test_malformed_data_names_file_and_line(tmp_path, name, text, message):
     with pytest.raises(DataError, match=message.replace("[", r"\[")):
         load_examples(_write(tmp_path, name, text))
@@ -87,9 +98,11 @@ def test_missing_file(tmp_path):
 
 
 def test_truncation_and_dropping_are_counted():
-    records = [{"instruction": "x", "output": "y" * 500},  # truncated, keeps some answer
-               {"instruction": "z" * 500, "output": "w"},  # prompt alone fills max_seq_len: dropped
-               {"instruction": "q", "output": "ok"}]  # fmt: skip
+    records = [
+        {"instruction": "x", "output": "y" * 500},  # truncated, keeps some answer
+        {"instruction": "z" * 500, "output": "w"},  # prompt alone fills max_seq_len: dropped
+        {"instruction": "q", "output": "ok"},
+    ]
     ds = InstructionDataset(records, TOK, max_seq_len=200)
     assert (ds.stats.truncated, ds.stats.dropped, ds.stats.examples) == (2, 1, 2)
     assert max(ds.lengths) == 200
@@ -141,16 +154,27 @@ def test_helper_examples_roundtrip():
 
 
 # ----------------------------------------------------------------------------- chat records
-CHAT = {"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi"},
-                     {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"},
-                     {"role": "assistant", "content": "Ciao"}]}  # fmt: skip
+CHAT = {
+    "messages": [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Bye"},
+        {"role": "assistant", "content": "Ciao"},
+    ]
+}
 
 
 class HeaderTokenizer(CharTokenizer):
     """CharTokenizer plus LLaMA-3's header tokens (ids 130..) written out in text, as the llama3 format needs."""
 
-    special_tokens = {"<|begin_of_text|>": 1, "<|end_of_text|>": 2, "<|start_header_id|>": 130,
-                      "<|end_header_id|>": 131, "<|eot_id|>": 132}  # fmt: skip
+    special_tokens = {
+        "<|begin_of_text|>": 1,
+        "<|end_of_text|>": 2,
+        "<|start_header_id|>": 130,
+        "<|end_header_id|>": 131,
+        "<|eot_id|>": 132,
+    }
     n_words, bos_token, eos_token = 133, "<|begin_of_text|>", "<|end_of_text|>"
 
     def token_id(self, token):
@@ -216,7 +240,7 @@ def test_chat_truncation_keeps_earlier_turns():
         ('[{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]', r"messages\[1\]: expected a assist"),
         ('"hi"', "chat.jsonl:1: messages must be a non-empty list"),
     ],
-)  # fmt: skip
+)
 def test_bad_chat_records_name_file_and_line(tmp_path, messages, message):
     with pytest.raises(DataError, match=message):
         load_examples(_write(tmp_path, "chat.jsonl", '{"messages": ' + messages + "}\n"))

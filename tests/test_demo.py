@@ -28,8 +28,9 @@ def tiny_base(tmp_path_factory, single_thread):
     texts = paragraphs + [r["instruction"] + " " + r["input"] + " " + r["output"] for r in records]
     tokenizer = Tokenizer(demo.train_tokenizer(texts, root / "tok" / "tokenizer.model", vocab_size=400))
     torch.manual_seed(0)
-    model = LLaMA(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tokenizer.n_words, multiple_of=32,
-                            max_seq_len=256))  # fmt: skip
+    model = LLaMA(
+        ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tokenizer.n_words, multiple_of=32, max_seq_len=256)
+    )
     stream = demo.corpus_stream(tokenizer, paragraphs)
     losses = demo.pretrain(model, stream, steps=8, batch=4, seq_len=32, lr=1e-2, log=lambda *a: None)
     demo.save_base(model, root / "tok" / "tokenizer.model", root / "model")
@@ -62,10 +63,34 @@ def test_saved_base_reloads_through_the_meta_loader(tiny_base):
 
 def test_finetune_cli_resumes_saves_and_reloads(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(tiny_base["data"]),
-            "--out", str(out), "--epochs", "2", "--warmup-epochs", "1", "--global-batch-size", "8",
-            "--micro-batch-size", "4", "--max-seq-len", "256", "--blr", "2.0", "--val-fraction", "0.1",
-            "--no-progress", "--adapter-layers", "30", "--adapter-len", "3"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_base["root"] / "model"),
+        "--data",
+        str(tiny_base["data"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "2",
+        "--warmup-epochs",
+        "1",
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--max-seq-len",
+        "256",
+        "--blr",
+        "2.0",
+        "--val-fraction",
+        "0.1",
+        "--no-progress",
+        "--adapter-layers",
+        "30",
+        "--adapter-len",
+        "3",
+    ]
     assert main([*argv, "--max-steps", "3"]) == 0
     printed = capsys.readouterr().out
     assert "adapting all 2" in printed and "lr 0.0625" in printed and "4 steps/epoch, 8 steps" in printed
@@ -99,8 +124,18 @@ def test_finetune_reports_bad_data_before_loading_a_model(tmp_path, capsys):
     empty = tmp_path / "empty.json"
     empty.write_text("[]", encoding="utf-8")
     with pytest.raises(DataError, match="empty"):
-        main(["--debug", "finetune", "--model", str(tmp_path / "no-such-model"), "--data", str(empty), "--out",
-              str(tmp_path)])  # fmt: skip
+        main(
+            [
+                "--debug",
+                "finetune",
+                "--model",
+                str(tmp_path / "no-such-model"),
+                "--data",
+                str(empty),
+                "--out",
+                str(tmp_path),
+            ]
+        )
 
 
 def test_finetune_defaults_fit_a_small_model_and_a_small_data_set(tiny_base, tmp_path, capsys):
@@ -108,12 +143,24 @@ def test_finetune_defaults_fit_a_small_model_and_a_small_data_set(tiny_base, tmp
     what it chose; an explicit --max-seq-len beyond the context is refused before the weights load."""
     data = tmp_path / "three.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in load_examples(tiny_base["data"])[:3]), encoding="utf-8")
-    argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(data), "--no-progress",
-            "--epochs", "1", "--val-fraction", "0"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_base["root"] / "model"),
+        "--data",
+        str(data),
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--val-fraction",
+        "0",
+    ]
     assert main([*argv, "--out", str(tmp_path / "run")]) == 0
     printed = capsys.readouterr().out
-    assert ("defaults for this model (2 layers, 256-token context): --max-seq-len 256 (the model's context), "
-            "--adapter-layers 2 (all the model's layers)") in printed  # fmt: skip
+    assert (
+        "defaults for this model (2 layers, 256-token context): --max-seq-len 256 (the model's context), "
+        "--adapter-layers 2 (all the model's layers)"
+    ) in printed
     note = "note: 3 training examples are fewer than one global batch (64); using --global-batch-size 3 --micro-"
     assert note + "batch-size 3" in printed
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
@@ -123,9 +170,28 @@ def test_finetune_defaults_fit_a_small_model_and_a_small_data_set(tiny_base, tmp
 
 def test_finetune_into_an_existing_run_is_refused_before_loading_a_model(tiny_base, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["finetune", "--model", str(tiny_base["root"] / "model"), "--data", str(tiny_base["data"]), "--out",
-            str(out), "--epochs", "1", "--global-batch-size", "8", "--micro-batch-size", "4", "--max-seq-len", "256",
-            "--no-progress", "--adapter-len", "2", "--max-steps", "1"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_base["root"] / "model"),
+        "--data",
+        str(tiny_base["data"]),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "4",
+        "--max-seq-len",
+        "256",
+        "--no-progress",
+        "--adapter-len",
+        "2",
+        "--max-steps",
+        "1",
+    ]
     assert main(argv) == 0
     checkpoint = (out / "checkpoint.pt").read_bytes()
     capsys.readouterr()
@@ -144,8 +210,17 @@ def test_finetune_into_an_existing_run_is_refused_before_loading_a_model(tiny_ba
 
 def test_generate_clamps_the_default_max_new_tokens_to_the_context(tiny_base, capsys):
     model_dir = tiny_base["root"] / "model"
-    argv = ["generate", "--model", str(model_dir), "--instruction", "Name a colour.", "--backend", "reference",
-            "--device", "cpu"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(model_dir),
+        "--instruction",
+        "Name a colour.",
+        "--backend",
+        "reference",
+        "--device",
+        "cpu",
+    ]
     assert main(argv) == 0  # default --max-new-tokens 256 > what the 256-token context leaves after the prompt
     err = capsys.readouterr().err
     prompt_len = len(tiny_base["tokenizer"].encode(alpaca_prompt("Name a colour."), bos=True, eos=False))
@@ -160,8 +235,19 @@ def test_generate_explains_an_empty_answer(tiny_base, capsys, monkeypatch):
 
     eos = tiny_base["tokenizer"].eos_id  # a model whose first token ends the answer, as the issue's demo adapter did
     monkeypatch.setattr(generation, "sample", lambda logits, *a: torch.full(logits.shape[:1], eos))
-    argv = ["generate", "--model", str(tiny_base["root"] / "model"), "--instruction", "Name a colour.",
-            "--input", "Paint", "--device", "cpu", "--max-new-tokens", "4"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_base["root"] / "model"),
+        "--instruction",
+        "Name a colour.",
+        "--input",
+        "Paint",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "4",
+    ]
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "[0 tokens in" in err
@@ -187,8 +273,23 @@ def test_demo_runs_end_to_end_at_a_tiny_size(tmp_path, capsys, monkeypatch):
 
     real_finetune = demo_command.finetune
     monkeypatch.setattr(demo_command, "finetune", lambda args: (ran_with.append(args), real_finetune(args))[1])
-    argv = ["demo", "--out", str(tmp_path), "--dim", "64", "--layers", "1", "--pretrain-steps", "3",
-            "--epochs", "1", "--vocab-size", "400", "--show", "2"]  # fmt: skip
+    argv = [
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--dim",
+        "64",
+        "--layers",
+        "1",
+        "--pretrain-steps",
+        "3",
+        "--epochs",
+        "1",
+        "--vocab-size",
+        "400",
+        "--show",
+        "2",
+    ]
     main(argv)  # too small to learn anything: only the plumbing is checked here
     printed = capsys.readouterr().out
     for section in ("[tokenizer]", "[pretrain]", "[before]", "[finetune]", "[reload]", "[after]", "[done]"):

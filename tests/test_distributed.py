@@ -19,8 +19,16 @@ pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 def _run(out_dir: str, fsdp: bool = False, dist_info=None):
     data = InstructionDataset(make_examples(20), WordTokenizer(), max_seq_len=64)
     val = InstructionDataset(make_examples(25)[20:], WordTokenizer(), max_seq_len=64)  # 3 micro-batches: uneven
-    cfg = TrainConfig(out_dir=out_dir, epochs=2, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2,
-                      blr=32.0, progress=False, fsdp=fsdp)  # fmt: skip
+    cfg = TrainConfig(
+        out_dir=out_dir,
+        epochs=2,
+        warmup_epochs=0.5,
+        global_batch_size=8,
+        micro_batch_size=2,
+        blr=32.0,
+        progress=False,
+        fsdp=fsdp,
+    )
     model = tiny_model(dtype=torch.float64, adapter_layers=2)
     history = Trainer(model, data, val, cfg, dist_info=dist_info).fit()
     # every rank generates (FSDP's forward is collective): under FSDP each layer projects its prompt itself

@@ -49,8 +49,9 @@ def check_forward(inputs, *, causal, kv_lens, config, k_v=None, **packed):
     do = torch.zeros_like(inputs["q"])
     scale = 1 / math.sqrt(inputs["q"].shape[-1])
     run_in = dict(inputs, **(k_v or {}))
-    o, lse_w, lse_a = adapter_attention_fwd(**run_in, causal=causal, sm_scale=scale, kv_lens=kv_lens, config=config,
-                                            **packed)  # fmt: skip
+    o, lse_w, lse_a = adapter_attention_fwd(
+        **run_in, causal=causal, sm_scale=scale, kv_lens=kv_lens, config=config, **packed
+    )
     exact = run_reference(inputs, do, causal=causal, kv_lens=kv_lens, cast=torch.float64, **packed)[0]
     same = run_reference(inputs, do, causal=causal, kv_lens=kv_lens, **packed)[0]
     assert o.dtype == inputs["q"].dtype and torch.isfinite(o).all()

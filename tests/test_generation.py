@@ -176,9 +176,12 @@ def test_cli_generate_prints_what_generate_returns(tmp_path, capsys):
 
     text = [alpaca_prompt(f"Name {i} colours of the rainbow.", f"list {i}") for i in range(40)]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"), vocab_size=80,
-        model_type="bpe", minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(text),
+        model_prefix=str(tmp_path / "tokenizer"),
+        vocab_size=80,
+        model_type="bpe",
+        minloglevel=2,
+    )
     tok = Tokenizer(tmp_path / "tokenizer.model")
     model = make_model(adapter=None, vocab_size=tok.n_words, max_seq_len=2048)
     with torch.no_grad():

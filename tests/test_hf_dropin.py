@@ -325,8 +325,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 0}', "adapter_layers"),
         (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4}', "adapter_layers"),
         (b'{"peft_type": "LORA", "adapter_len": 4, "adapter_layers": 2}', "peft_type"),
-        (b'{"peft_type": "ADAPTION_PROMPT", "target_modules": "mlp", "adapter_len": 4, "adapter_layers": 2}',
-         "target_modules"),
+        (
+            b'{"peft_type": "ADAPTION_PROMPT", "target_modules": "mlp", "adapter_len": 4, "adapter_layers": 2}',
+            "target_modules",
+        ),
         (b'{"peft_type": "ADAPTION_PROMPT", "adapter_len": 4, "adapter_layers": 2, "x": "\xff"}', "UTF-8"),
         (b'{"peft_type": ', "not valid JSON"),
     ],

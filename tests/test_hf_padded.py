@@ -159,8 +159,15 @@ def test_unsupported_masks_raise_clear_errors():
         with pytest.raises(ValueError, match=r"attention_mask covers 2 positions, but the attention sees 11 keys"):
             logits(ours, step, attention_mask=short, past_key_values=cache)
 
-    config = MistralConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)  # fmt: skip
+    config = MistralConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     mistral = hf.apply_adapter(MistralForCausalLM(config).double(), AdapterConfig(adapter_len=K, adapter_layers=1))
     with pytest.raises(ValueError, match="sliding_window=4 must cover all 9 keys"):
         logits(mistral, x, use_cache=False)

@@ -98,9 +98,20 @@ def index_cases(draw):
     Nk = draw(st.integers(1, 9))
     kv_lens = draw(st.none() | st.lists(st.integers(-1, Nk + 1), min_size=B, max_size=B))
     make = dict(
-        B=B, Hq=Hq, Hkv=Hkv, Nq=Nq, Nk=Nk, D=16, Ka=Ka, dtype=dtype, strided=strided, seed=seed, kv_lens=kv_lens,
-        per_sample=Ka > 0 and draw(st.booleans()), gate_per_sample=Ka > 0 and draw(st.booleans()),
-    )  # fmt: skip
+        B=B,
+        Hq=Hq,
+        Hkv=Hkv,
+        Nq=Nq,
+        Nk=Nk,
+        D=16,
+        Ka=Ka,
+        dtype=dtype,
+        strided=strided,
+        seed=seed,
+        kv_lens=kv_lens,
+        per_sample=Ka > 0 and draw(st.booleans()),
+        gate_per_sample=Ka > 0 and draw(st.booleans()),
+    )
     return make, dict(causal=causal)
 
 
@@ -142,8 +153,14 @@ def _small(Nk=6, B=2):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(B, 2, 3, 16, generator=gen)
     k = torch.randn(B, 2, Nk, 16, generator=gen)
-    return dict(q=q, k=k, v=torch.randn_like(k), adapter_k=torch.randn(2, 2, 16, generator=gen),
-                adapter_v=torch.randn(2, 2, 16, generator=gen), gate=torch.randn(2, generator=gen))  # fmt: skip
+    return dict(
+        q=q,
+        k=k,
+        v=torch.randn_like(k),
+        adapter_k=torch.randn(2, 2, 16, generator=gen),
+        adapter_v=torch.randn(2, 2, 16, generator=gen),
+        gate=torch.randn(2, generator=gen),
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

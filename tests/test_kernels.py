@@ -31,9 +31,20 @@ def _poisoned_outputs(monkeypatch):
 
 
 def make_inputs(
-    B=1, Hq=2, Hkv=2, Nq=37, Nk=37, D=16, Ka=10, dtype=torch.float32, per_sample=False, gate_per_sample=False,
-    kv_lens=None, strided=False, seed=0,
-):  # fmt: skip
+    B=1,
+    Hq=2,
+    Hkv=2,
+    Nq=37,
+    Nk=37,
+    D=16,
+    Ka=10,
+    dtype=torch.float32,
+    per_sample=False,
+    gate_per_sample=False,
+    kv_lens=None,
+    strided=False,
+    seed=0,
+):
     """Random inputs (gate fp32, as the model keeps it); `strided` gives every tensor non-unit, non-packed strides."""
     gen = torch.Generator().manual_seed(seed)
 

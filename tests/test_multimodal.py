@@ -125,8 +125,15 @@ def _tiny_clip_dir(path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                           image_size=16, patch_size=8, projection_dim=16)  # fmt: skip
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=16,
+        patch_size=8,
+        projection_dim=16,
+    )
     model = CLIPVisionModel(cfg).eval()
     model.save_pretrained(path)
     return model
@@ -145,8 +152,23 @@ def test_extract_features_with_a_tiny_random_clip(tmp_path):
     out = tmp_path / "feats.pt"
     from llama_adapter.cli import main
 
-    assert main(["extract-features", "--clip", str(tmp_path / "clip"), "--images", str(images),
-                 "--out", str(out), "--batch-size", "2", "--no-progress"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "extract-features",
+                "--clip",
+                str(tmp_path / "clip"),
+                "--images",
+                str(images),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     store = ImageFeatures(out)
     assert store.ids == ["img0", "img1", "img2"] and store.shape == (3, 32)  # M = 3 layers (1, 2, 3), C = 32
     saved = torch.load(out)
@@ -185,8 +207,15 @@ def test_trainer_feeds_image_features_to_the_projector(tmp_path):
     model = tiny_model()
     model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=1, visual_dim=6, visual_hidden=8))
     bias0 = model.visual_proj.fc2.bias.detach().clone()  # no weight decay on 1-D params: moves only with a gradient
-    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, warmup_epochs=0.5, global_batch_size=2, micro_batch_size=1,
-                      blr=64.0, progress=False)  # fmt: skip
+    cfg = TrainConfig(
+        out_dir=str(tmp_path),
+        epochs=2,
+        warmup_epochs=0.5,
+        global_batch_size=2,
+        micro_batch_size=1,
+        blr=64.0,
+        progress=False,
+    )
     Trainer(model, train_set, None, cfg).fit()
     assert (model.visual_proj.fc2.bias - bias0).abs().max() > 1e-4
 

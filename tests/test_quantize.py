@@ -35,11 +35,27 @@ from llama_adapter.quantize import (  # noqa: E402
 pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 # QLoRA (Dettmers et al. 2023, appendix E): the 16 NF4 levels, quantiles of N(0, 1) scaled to [-1, 1] with an exact 0.
-NF4_LEVELS = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float64)  # fmt: skip
+NF4_LEVELS = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float64,
+)
 
 
 def nf4_codes(w: torch.Tensor, block: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -173,8 +189,10 @@ def test_quantized_model_equals_its_dequantized_twin_and_approximates_the_origin
         exact = dequantized_copy(model, torch.float64)(tokens)
     assert (out - exact).abs().max() <= 2 * (twin - exact).abs().max() + 1e-6
     deq = {n: dequantize_weight(p).double() for n, p in model.named_parameters() if n in plain}
-    weight_err = math.sqrt(sum((deq[n] - w.double()).square().sum() for n, w in plain.items())
-                           / sum(w.double().square().sum() for w in plain.values()))  # fmt: skip
+    weight_err = math.sqrt(
+        sum((deq[n] - w.double()).square().sum() for n, w in plain.items())
+        / sum(w.double().square().sum() for w in plain.values())
+    )
     logit_err = float((out - ref).norm() / ref.norm())
     assert 0.3 * weight_err < logit_err < 3 * weight_err + 2 * own_err, (logit_err, weight_err, own_err)
     assert weight_err < (0.1 if fmt == "nf4" else 0.008), weight_err  # N(0, 1)-like weights: 9.2% / 0.70%
@@ -264,8 +282,14 @@ def test_already_quantized_checkpoints_are_refused_before_their_weights_are_read
         LLaMA.from_pretrained(tmp_path / "meta", quantize="nf4")
     hf = tmp_path / "hf"
     hf.mkdir()
-    config = dict(model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=192, vocab_size=128)  # fmt: skip
+    config = dict(
+        model_type="llama",
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=192,
+        vocab_size=128,
+    )
     config["quantization_config"] = {"quant_method": "bitsandbytes"}
     (hf / "config.json").write_text(json.dumps(config))
     (hf / "model.safetensors").write_bytes(b"not read")  # a read would fail differently
@@ -293,16 +317,55 @@ def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
     data = tmp_path / "data.json"
     data.write_text(json.dumps(make_examples(8)))
     out = tmp_path / "run"
-    argv = ["finetune", "--model", str(base), "--data", str(data), "--out", str(out), "--quantize", "nf4",
-            "--epochs", "1", "--warmup-epochs", "0", "--blr", "2.0", "--global-batch-size", "4",
-            "--micro-batch-size", "4", "--max-steps", "1", "--adapter-layers", "2", "--adapter-len", "3",
-            "--max-seq-len", "256", "--val-fraction", "0", "--no-progress"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--quantize",
+        "nf4",
+        "--epochs",
+        "1",
+        "--warmup-epochs",
+        "0",
+        "--blr",
+        "2.0",
+        "--global-batch-size",
+        "4",
+        "--micro-batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--adapter-layers",
+        "2",
+        "--adapter-len",
+        "3",
+        "--max-seq-len",
+        "256",
+        "--val-fraction",
+        "0",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     full = LLaMA.from_pretrained(base, adapter=str(out / "adapter"))  # trained on nf4, served on the full base
     assert quantization_of(full) is None and all((layer.attention.adapter_gate != 0).all() for layer in full.layers)
     capsys.readouterr()
-    argv = ["generate", "--model", str(base), "--adapter", str(out / "adapter"), "--quantize", "int8",
-            "--instruction", "Repeat cat.", "--max-new-tokens", "3"]  # fmt: skip
+    argv = [
+        "generate",
+        "--model",
+        str(base),
+        "--adapter",
+        str(out / "adapter"),
+        "--quantize",
+        "int8",
+        "--instruction",
+        "Repeat cat.",
+        "--max-new-tokens",
+        "3",
+    ]
     assert main(argv) == 0
     assert "tokens in" in capsys.readouterr().err
     with pytest.raises(SystemExit):
@@ -334,8 +397,16 @@ def _fsdp_train(out_dir, fsdp: bool, info=None):
     from llama_adapter.trainer import Trainer
 
     data = InstructionDataset(make_examples(16), WordTokenizer(), max_seq_len=64)
-    cfg = TrainConfig(out_dir=str(out_dir), epochs=1, warmup_epochs=0.5, global_batch_size=8, micro_batch_size=2,
-                      blr=32.0, progress=False, fsdp=fsdp)  # fmt: skip
+    cfg = TrainConfig(
+        out_dir=str(out_dir),
+        epochs=1,
+        warmup_epochs=0.5,
+        global_batch_size=8,
+        micro_batch_size=2,
+        blr=32.0,
+        progress=False,
+        fsdp=fsdp,
+    )
     model = _fsdp_model("nf4")
     history = Trainer(model, data, None, cfg, dist_info=info).fit()
     wq = model.layers[0].attention.wq.weight  # a DTensor under FSDP: this rank's shard of the NF4 weight
@@ -430,8 +501,18 @@ def test_fsdp_with_an_int8_base_is_refused_before_anything_is_read(tmp_path, cap
     from llama_adapter.cli import main
 
     absent = str(tmp_path / "absent")
-    argv = ["finetune", "--model", absent, "--data", absent, "--out", str(tmp_path / "out"), "--fsdp",
-            "--quantize", "int8"]  # fmt: skip
+    argv = [
+        "finetune",
+        "--model",
+        absent,
+        "--data",
+        absent,
+        "--out",
+        str(tmp_path / "out"),
+        "--fsdp",
+        "--quantize",
+        "int8",
+    ]
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("llama-adapter: error: FSDP cannot shard an int8 base (--fsdp with --quantize int8)"), err
@@ -450,8 +531,15 @@ def test_resume_refuses_a_base_quantized_otherwise_than_the_checkpoints(tmp_path
     data = InstructionDataset(make_examples(8), WordTokenizer(), max_seq_len=64)
 
     def cfg(**kw):
-        return TrainConfig(out_dir=str(tmp_path), epochs=1, warmup_epochs=0.5, global_batch_size=4,
-                           micro_batch_size=4, progress=False, **kw)  # fmt: skip
+        return TrainConfig(
+            out_dir=str(tmp_path),
+            epochs=1,
+            warmup_epochs=0.5,
+            global_batch_size=4,
+            micro_batch_size=4,
+            progress=False,
+            **kw,
+        )
 
     Trainer(quantize_model(tiny_model(), "nf4"), data, None, cfg(max_steps=1)).fit()
     for model in (tiny_model(), quantize_model(tiny_model(), "int8")):
@@ -471,7 +559,10 @@ def test_a_dtype_the_formats_cannot_hold_is_refused_before_any_weight_is_convert
     converted = []
     monkeypatch.setattr(quantize_module, "quantize_weight", lambda *a, **k: converted.append(a) or a[0])
     for dtype in (torch.float64, None):
-        with pytest.raises(ValueError, match=rf"quantize='{fmt}' needs dtype float32, bfloat16 or float16, got "
-                                             r"dtype=torch.float64"):  # fmt: skip
+        with pytest.raises(
+            ValueError,
+            match=rf"quantize='{fmt}' needs dtype float32, bfloat16 or float16, got "
+            r"dtype=torch.float64",
+        ):
             LLaMA.from_pretrained(tmp_path, quantize=fmt, dtype=dtype)
     assert converted == []

@@ -110,9 +110,13 @@ def workdir(tmp_path_factory):
     )
 
     (root / "alpaca_data.json").write_text(json.dumps(records), encoding="utf-8")
-    chat = {"messages": [{"role": "system", "content": "Answer in one word."},
-                         {"role": "user", "content": "Capital of France?"},
-                         {"role": "assistant", "content": "Paris."}]}  # fmt: skip
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": "Capital of France?"},
+            {"role": "assistant", "content": "Paris."},
+        ]
+    }
     (root / "chat.jsonl").write_text(json.dumps(chat) + "\n", encoding="utf-8")
     return root
 

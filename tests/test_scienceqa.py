@@ -18,17 +18,57 @@ pytestmark = pytest.mark.usefixtures(single_thread.__name__)
 
 # Five hand-made problems (official problems.json layout); predictions below: 1, 3, 4 right; 2, 5 wrong.
 FIVE = {
-    "101": dict(question="Which is a mammal?", choices=["whale", "shark", "trout"], answer=0, hint="",
-                image="image.png", subject="natural science", grade="grade2", split="test"),
-    "102": dict(question="What melts ice?", choices=["cold", "heat"], answer=1, hint="Think about summer.",
-                image=None, subject="natural science", grade="grade8", split="test"),
-    "103": dict(question="Which city is a capital?", choices=["Lyon", "Nice", "Paris"], answer=2, hint="",
-                image="image.png", subject="social science", grade="grade5", split="test"),
-    "104": dict(question="Which word is a noun?", choices=["dog", "run"], answer=0, hint="", image=None,
-                subject="language science", grade="grade10", split="test"),
-    "105": dict(question="Which is a continent?", choices=["Peru", "Asia"], answer=1, hint="", image="image.png",
-                subject="social science", grade="grade3", split="train"),
-}  # fmt: skip
+    "101": dict(
+        question="Which is a mammal?",
+        choices=["whale", "shark", "trout"],
+        answer=0,
+        hint="",
+        image="image.png",
+        subject="natural science",
+        grade="grade2",
+        split="test",
+    ),
+    "102": dict(
+        question="What melts ice?",
+        choices=["cold", "heat"],
+        answer=1,
+        hint="Think about summer.",
+        image=None,
+        subject="natural science",
+        grade="grade8",
+        split="test",
+    ),
+    "103": dict(
+        question="Which city is a capital?",
+        choices=["Lyon", "Nice", "Paris"],
+        answer=2,
+        hint="",
+        image="image.png",
+        subject="social science",
+        grade="grade5",
+        split="test",
+    ),
+    "104": dict(
+        question="Which word is a noun?",
+        choices=["dog", "run"],
+        answer=0,
+        hint="",
+        image=None,
+        subject="language science",
+        grade="grade10",
+        split="test",
+    ),
+    "105": dict(
+        question="Which is a continent?",
+        choices=["Peru", "Asia"],
+        answer=1,
+        hint="",
+        image="image.png",
+        subject="social science",
+        grade="grade3",
+        split="train",
+    ),
+}
 PREDICTIONS = [0, 0, 2, 0, 0]
 
 
@@ -62,17 +102,23 @@ def test_loading_formats_splits_and_prompt(tmp_path, five):
     assert five[1].context == "Think about summer."
     assert len(load_problems(tmp_path / "problems.json", split="test")) == 4
     record = to_record(five[2])
-    assert record == {"instruction": "Which city is a capital?\nOptions: (A) Lyon (B) Nice (C) Paris", "input": "",
-                      "output": "The answer is C.", "image": "103"}  # fmt: skip
+    assert record == {
+        "instruction": "Which city is a capital?\nOptions: (A) Lyon (B) Nice (C) Paris",
+        "input": "",
+        "output": "The answer is C.",
+        "image": "103",
+    }
     assert to_record(five[2], choice=0)["output"] == "The answer is A."
 
     listed = tmp_path / "list.jsonl"
     listed.write_text(json.dumps(dict(question="q", choices=["a", "b"], answer=1, image="pics/cat.png", id="x")) + "\n")
     (p,) = load_problems(listed)
     assert (p.qid, p.image, p.answer, p.context) == ("x", "cat", 1, "")
-    for bad, match in ((dict(question="q", choices=["a"], answer=0), "choices"),
-                       (dict(question="q", choices=["a", "b"], answer=2), "answer"),
-                       (dict(question="q", answer=0), "missing field 'choices'")):  # fmt: skip
+    for bad, match in (
+        (dict(question="q", choices=["a"], answer=0), "choices"),
+        (dict(question="q", choices=["a", "b"], answer=2), "answer"),
+        (dict(question="q", answer=0), "missing field 'choices'"),
+    ):
         listed.write_text(json.dumps([bad]))
         with pytest.raises(DataError, match=f"record 0.*{match}"):
             load_problems(listed)
@@ -125,25 +171,81 @@ def test_finetune_with_image_features_then_eval_through_the_cli(tmp_path, five):
 
     from llama_adapter.cli import main
 
-    ckpt = write_meta_dir(random_hf_model(tiny_hf_config(vocab_size=100, max_position_embeddings=256)),
-                          tmp_path / "ckpt", dtype=torch.float32)  # fmt: skip
+    ckpt = write_meta_dir(
+        random_hf_model(tiny_hf_config(vocab_size=100, max_position_embeddings=256)),
+        tmp_path / "ckpt",
+        dtype=torch.float32,
+    )
     train_sentencepiece(tmp_path / "ckpt")
     torch.save({"features": torch.randn(5, 2, 3), "ids": list(FIVE)}, tmp_path / "feats.pt")
     (tmp_path / "problems.json").write_text(json.dumps(FIVE))
     assert (
         main(["prepare-scienceqa", "--data", str(tmp_path / "problems.json"), "--out", str(tmp_path / "t.jsonl")]) == 0
     )
-    assert main(["finetune", "--model", ckpt, "--data", str(tmp_path / "t.jsonl"), "--out", str(tmp_path / "run"),
-                 "--image-features", str(tmp_path / "feats.pt"), "--bias-tuning", "--early-fusion", "1",
-                 "--adapter-len", "2", "--adapter-layers", "2", "--global-batch-size", "2", "--micro-batch-size", "1",
-                 "--epochs", "1", "--warmup-epochs", "0", "--val-fraction", "0", "--max-seq-len", "256",
-                 "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "finetune",
+                "--model",
+                ckpt,
+                "--data",
+                str(tmp_path / "t.jsonl"),
+                "--out",
+                str(tmp_path / "run"),
+                "--image-features",
+                str(tmp_path / "feats.pt"),
+                "--bias-tuning",
+                "--early-fusion",
+                "1",
+                "--adapter-len",
+                "2",
+                "--adapter-layers",
+                "2",
+                "--global-batch-size",
+                "2",
+                "--micro-batch-size",
+                "1",
+                "--epochs",
+                "1",
+                "--warmup-epochs",
+                "0",
+                "--val-fraction",
+                "0",
+                "--max-seq-len",
+                "256",
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["adapter"]
     assert cfg["visual_dim"] == 6 and cfg["bias_tuning"] and cfg["early_fusion"] == 1
     out = tmp_path / "report.json"
-    assert main(["eval-scienceqa", "--model", ckpt, "--adapter", str(tmp_path / "run" / "adapter"),
-                 "--data", str(tmp_path / "problems.json"), "--split", "test", "--image-features",
-                 str(tmp_path / "feats.pt"), "--out", str(out), "--no-progress", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval-scienceqa",
+                "--model",
+                ckpt,
+                "--adapter",
+                str(tmp_path / "run" / "adapter"),
+                "--data",
+                str(tmp_path / "problems.json"),
+                "--split",
+                "test",
+                "--image-features",
+                str(tmp_path / "feats.pt"),
+                "--out",
+                str(out),
+                "--no-progress",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert report["overall"]["n"] == 4 and set(report["predictions"]) == {"101", "102", "103", "104"}
     right = sum(v["predicted"] == v["answer"] for v in report["predictions"].values())

@@ -124,8 +124,12 @@ def llama3_files(tmp_path_factory):
     hf_dir = write_hf_llama3_dir(root / "hf", ranks)
     (root / "meta_auto").mkdir()
     shutil.copy(ranks, root / "meta_auto" / "tokenizer.model")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-              "eos_token": "<|end_of_text|>", "extra_special_tokens": LLAMA3_SPECIAL}  # fmt: skip
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": "<|end_of_text|>",
+        "extra_special_tokens": LLAMA3_SPECIAL,
+    }
     (root / "meta_auto" / "tokenizer_config.json").write_text(json.dumps(config))
     return {"meta": root / "meta", "hf": root / "hf", "meta_auto": root / "meta_auto", "ranks": ranks, "hf_dir": hf_dir}
 

@@ -40,7 +40,7 @@ def config(tmp_path, **kw) -> TrainConfig:
         micro_batch_size=2,
         blr=64.0,
         progress=False,
-    )  # fmt: skip  (lr = 64 * 4 / 256 = 1: visible moves in few steps)
+    )  # (lr = 64 * 4 / 256 = 1: visible moves in few steps)
     return TrainConfig(**{**base, **kw})
 
 
@@ -271,8 +271,9 @@ def test_every_checkpoint_we_write_reads_back_with_weights_only(tmp_path):
     got = (random.random(), np.random.rand(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
     with pytest.raises(TypeError, match=r"checkpoint\['meta'\]\['x'\] is a _CreatesMarker"):
-        train_state.save_checkpoint(tmp_path, adapter={}, optimizer={}, scheduler={}, step=1, rng={},
-                                    meta={"x": _CreatesMarker(tmp_path / "m")})  # fmt: skip
+        train_state.save_checkpoint(
+            tmp_path, adapter={}, optimizer={}, scheduler={}, step=1, rng={}, meta={"x": _CreatesMarker(tmp_path / "m")}
+        )
 
 
 def test_no_loader_in_the_project_may_unpickle_code():
@@ -357,7 +358,8 @@ def _without_timing(history):
 
 
 SIGNAL_CASES = [(point, signal.SIGTERM) for point in SIGNAL_POINTS] + [
-    (point, signal.SIGINT) for point in list(SIGNAL_POINTS)[:2]  # Ctrl-C takes the same path
+    (point, signal.SIGINT)
+    for point in list(SIGNAL_POINTS)[:2]  # Ctrl-C takes the same path
 ]
 
 
@@ -409,8 +411,11 @@ def test_a_second_signal_stops_at_once_and_keeps_the_last_checkpoint(tmp_path, u
 def test_an_existing_run_is_refused_without_resume_or_overwrite(tmp_path):
     Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=2)).fit()
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
-    with pytest.raises(RunDirectoryError, match=r"already holds a run \(checkpoint\.pt, metrics\.jsonl\).*--resume.*"
-                                                r"--overwrite"):  # fmt: skip
+    with pytest.raises(
+        RunDirectoryError,
+        match=r"already holds a run \(checkpoint\.pt, metrics\.jsonl\).*--resume.*"
+        r"--overwrite",
+    ):
         Trainer(tiny_model(), dataset(8), None, config(tmp_path, max_steps=1)).fit()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # nothing touched
 
@@ -431,8 +436,13 @@ def test_overwrite_and_cleanup_delete_only_files_a_run_wrote(tmp_path):
     (tmp_path / "adapter").mkdir()
     for name in ("adapter_config.json", "adapter_model.safetensors", "mine.txt"):
         (tmp_path / "adapter" / name).write_text("x")
-    theirs = [tmp_path / "adapter" / "mine.txt", tmp_path / ".tmp-notes", tmp_path / ".tmp-12-notes.txt",
-              tmp_path / f".tmp-x-{train_state.CHECKPOINT_NAME}", tmp_path / "notes.txt"]  # fmt: skip
+    theirs = [
+        tmp_path / "adapter" / "mine.txt",
+        tmp_path / ".tmp-notes",
+        tmp_path / ".tmp-12-notes.txt",
+        tmp_path / f".tmp-x-{train_state.CHECKPOINT_NAME}",
+        tmp_path / "notes.txt",
+    ]
     for path in theirs:
         path.write_text("mine")
     ours = tmp_path / f"{train_state._TMP_PREFIX}99-metrics.jsonl"

@@ -32,13 +32,25 @@ def test_split_backward_launchers_give_the_full_backward():
     """The tuner times bwd_dkdv and bwd_dq alone: with the same inputs they produce what adapter_attention_bwd
     returns (bitwise: same kernels, same config)."""
     p = tune.make_problem(N=24, B=1, H=2, D=16, Ka=3, dtype=torch.float32, device="cpu", seed=3)
-    o = tune.adapter_attention_fwd(p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], causal=True,
-                                   sm_scale=p["sm_scale"])[0]  # fmt: skip
+    o = tune.adapter_attention_fwd(
+        p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], causal=True, sm_scale=p["sm_scale"]
+    )[0]
     config = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
     dq, dk, dv, dak, dav, _ = adapter_attention_bwd(
-        p["do"], p["q"], p["k"], p["v"], p["adapter_k"], p["adapter_v"], p["gate"], o, p["lse_w"], p["lse_a"],
-        causal=True, sm_scale=p["sm_scale"], config=config,
-    )  # fmt: skip
+        p["do"],
+        p["q"],
+        p["k"],
+        p["v"],
+        p["adapter_k"],
+        p["adapter_v"],
+        p["gate"],
+        o,
+        p["lse_w"],
+        p["lse_a"],
+        causal=True,
+        sm_scale=p["sm_scale"],
+        config=config,
+    )
     cfg = (16, 16, 4, 1)
     dk_alone, dv_alone, dak_alone, dav_alone = tune.launcher("dkdv", p, cfg)()  # the prompt's grads come from dK/dV
     dq_alone = tune.launcher("dq", p, cfg)()
@@ -62,11 +74,14 @@ def test_best_configs_rank_by_geometric_mean_over_every_length():
         return dict(kernel="fwd", N=N, config=list(cfg), tflops=tflops)
 
     rows = [
-        row((128, 64, 8, 3), 1024, 100.0), row((128, 64, 8, 3), 4096, 400.0),  # geo-mean 200
-        row((64, 64, 4, 3), 1024, 150.0), row((64, 64, 4, 3), 4096, 250.0),  # geo-mean ~194
+        row((128, 64, 8, 3), 1024, 100.0),
+        row((128, 64, 8, 3), 4096, 400.0),  # geo-mean 200
+        row((64, 64, 4, 3), 1024, 150.0),
+        row((64, 64, 4, 3), 4096, 250.0),  # geo-mean ~194
         row((128, 128, 8, 3), 1024, 900.0),  # failed at 4096 (no row): not recommended
-        row((64, 32, 4, 2), 1024, None), row((64, 32, 4, 2), 4096, 300.0),
-    ]  # fmt: skip
+        row((64, 32, 4, 2), 1024, None),
+        row((64, 32, 4, 2), 4096, 300.0),
+    ]
     best = tune.best_configs(rows, "fwd")
     assert [cfg for cfg, _ in best] == [(128, 64, 8, 3), (64, 64, 4, 3)]
     assert best[0][1] == pytest.approx(200.0)

@@ -60,8 +60,15 @@ def test_bias_scale_is_exactly_the_plain_linear_with_the_same_prompts_and_open_g
 def test_the_right_parameters_train_and_get_gradients():
     model = base_model()
     model.attach_adapter(AdapterConfig(adapter_len=3, adapter_layers=2, **V2))
-    linears = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1", "feed_forward.w2",
-               "feed_forward.w3")  # fmt: skip
+    linears = (
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "feed_forward.w1",
+        "feed_forward.w2",
+        "feed_forward.w3",
+    )
     want = {f"layers.{i}.{lin}.{t}" for i in range(3) for lin in linears for t in ("bias", "scale")}
     want |= {f"layers.{i}.{n}.weight" for i in range(3) for n in ("attention_norm", "ffn_norm")} | {"norm.weight"}
     want |= {f"layers.{i}.attention.adapter_{t}" for i in (0, 1, 2) for t in ("prompt", "gate")}  # 0: early fusion

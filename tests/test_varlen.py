@@ -54,8 +54,9 @@ def _each_sequence_alone(inputs, do, lengths, causal):
         if a == b:
             continue
         rows = {n: leaves[n][:, :, a:b] for n in ("q", "k", "v")}
-        out = adapter_attention(**rows, adapter_k=leaves["adapter_k"], adapter_v=leaves["adapter_v"],
-                                gate=leaves["gate"], causal=causal)  # fmt: skip
+        out = adapter_attention(
+            **rows, adapter_k=leaves["adapter_k"], adapter_v=leaves["adapter_v"], gate=leaves["gate"], causal=causal
+        )
         out.backward(do[:, :, a:b])
         outs.append(out.detach())
     return [torch.cat(outs, dim=2)] + [t.grad for t in leaves.values() if t is not None]
@@ -84,8 +85,14 @@ def test_reference_mask_is_block_diagonal_in_float64():
     cu, _ = packing(lengths)
     packed = reference(**inputs, causal=True, sm_scale=0.25, cu_seqlens=cu)
     for a, b in zip(cu.tolist(), cu.tolist()[1:]):
-        alone = reference(*(inputs[n][:, :, a:b] for n in ("q", "k", "v")), inputs["adapter_k"], inputs["adapter_v"],
-                          inputs["gate"], causal=True, sm_scale=0.25)  # fmt: skip
+        alone = reference(
+            *(inputs[n][:, :, a:b] for n in ("q", "k", "v")),
+            inputs["adapter_k"],
+            inputs["adapter_v"],
+            inputs["gate"],
+            causal=True,
+            sm_scale=0.25,
+        )
         torch.testing.assert_close(packed[:, :, a:b], alone, rtol=0, atol=1e-12)
 
 
@@ -140,18 +147,34 @@ BAD = [
     ("2d", lambda kw: kw.update(cu_seqlens=kw["cu_seqlens"][None]), ValueError, "cu_seqlens must have shape"),
     ("list", lambda kw: kw.update(cu_seqlens=[0, 3, 7]), TypeError, "cu_seqlens must be a torch.Tensor"),
     ("with-kv-lens", lambda kw: kw.update(kv_lens=torch.tensor([7], dtype=torch.int32)), ValueError, "kv_lens"),
-    ("batch-2", lambda kw: kw.update({n: kw[n].expand(2, -1, -1, -1) for n in ("q", "k", "v")}), ValueError,
-     "packed rows"),
-    ("per-sample-prompt", lambda kw: kw.update(adapter_k=kw["adapter_k"][None], adapter_v=kw["adapter_v"][None]),
-     ValueError, "shared prompt"),
+    (
+        "batch-2",
+        lambda kw: kw.update({n: kw[n].expand(2, -1, -1, -1) for n in ("q", "k", "v")}),
+        ValueError,
+        "packed rows",
+    ),
+    (
+        "per-sample-prompt",
+        lambda kw: kw.update(adapter_k=kw["adapter_k"][None], adapter_v=kw["adapter_v"][None]),
+        ValueError,
+        "shared prompt",
+    ),
     ("per-sample-gate", lambda kw: kw.update(gate=kw["gate"][None]), ValueError, "shared prompt"),
     ("bad-max-seqlen", lambda kw: kw.update(max_seqlen=0), ValueError, "max_seqlen must be a positive int"),
-    ("wrong-total", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)), ValueError,
-     "end at T=7"),
-    ("decreasing", lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), ValueError,
-     "never decrease"),
+    (
+        "wrong-total",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([0, 3, 6], dtype=torch.int32)),
+        ValueError,
+        "end at T=7",
+    ),
+    (
+        "decreasing",
+        lambda kw: kw.update(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)),
+        ValueError,
+        "never decrease",
+    ),
     ("max-without-cu", lambda kw: kw.update(cu_seqlens=None, max_seqlen=4), ValueError, "without cu_seqlens"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("change,error,match", [b[1:] for b in BAD], ids=[b[0] for b in BAD])

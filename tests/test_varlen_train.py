@@ -111,8 +111,16 @@ def test_model_checks_a_cpu_cu_seqlens_even_with_max_seqlen(cu, max_seqlen, matc
 
 def _one_step(tmp_path, pack):
     model = tiny_model(seed=2, dtype=torch.float64)
-    cfg = TrainConfig(out_dir=str(tmp_path), epochs=1, warmup_epochs=0.5, global_batch_size=4, micro_batch_size=2,
-                      blr=64.0, progress=False, pack=pack)  # fmt: skip
+    cfg = TrainConfig(
+        out_dir=str(tmp_path),
+        epochs=1,
+        warmup_epochs=0.5,
+        global_batch_size=4,
+        micro_batch_size=2,
+        blr=64.0,
+        progress=False,
+        pack=pack,
+    )
     trainer = Trainer(model, dataset(4), None, cfg)
     return trainer, trainer.train_step([0, 1, 2, 3]), model.adapter_state_dict()
 
@@ -156,9 +164,30 @@ def test_packing_benchmark_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # benchmarks/ runs as `python -m`
     from benchmarks import bench_packing
 
-    argv = ["--size", "tiny", "--layers", "1", "--batch", "3", "--min-len", "3", "--max-len", "20", "--backend",
-            "reference", "--dtype", "fp32", "--warmup-ms", "0", "--rep-ms", "1", "--out", str(tmp_path),
-            "--budget", "0"]  # fmt: skip  (no budget: the rows must not depend on how busy the machine is)
+    argv = [
+        "--size",
+        "tiny",
+        "--layers",
+        "1",
+        "--batch",
+        "3",
+        "--min-len",
+        "3",
+        "--max-len",
+        "20",
+        "--backend",
+        "reference",
+        "--dtype",
+        "fp32",
+        "--warmup-ms",
+        "0",
+        "--rep-ms",
+        "1",
+        "--out",
+        str(tmp_path),
+        "--budget",
+        "0",
+    ]  # (no budget: the rows must not depend on how busy the machine is)
     rows = {r["mode"]: r for r in bench_packing.run(bench_packing.parse_args(argv)).rows}
     assert set(rows) == {"padded", "packed"} and all("error" not in r for r in rows.values())
     assert rows["packed"]["shape"] == [1, rows["packed"]["tokens"]] and rows["packed"]["pad_share"] == 0

@@ -21,8 +21,16 @@ def tiny_vit():
     from transformers import ViTConfig, ViTModel
 
     torch.manual_seed(0)
-    cfg = ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                    num_attention_heads=2, intermediate_size=64, attn_implementation="eager")  # fmt: skip
+    cfg = ViTConfig(
+        image_size=16,
+        patch_size=8,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        attn_implementation="eager",
+    )
     return ViTModel(cfg, add_pooling_layer=False).double().eval()
 
 
@@ -30,8 +38,15 @@ def tiny_roberta():
     from transformers import RobertaConfig, RobertaModel
 
     torch.manual_seed(0)
-    cfg = RobertaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=40, attn_implementation="eager")  # fmt: skip
+    cfg = RobertaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=40,
+        attn_implementation="eager",
+    )
     return RobertaModel(cfg, add_pooling_layer=False).double().eval()
 
 

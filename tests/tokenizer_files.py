@@ -25,10 +25,18 @@ CORPUS = [
 
 # Meta's LLaMA-3.1 special tokens at ids n_ranks + 0..10; the rest up to 256 are reserved tokens.
 LLAMA3_SPECIAL = [
-    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
-    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
-    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
-]  # fmt: skip
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|reserved_special_token_2|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+]
 LLAMA3_SPECIAL += [f"<|reserved_special_token_{i}|>" for i in range(3, 256 - len(LLAMA3_SPECIAL) + 3)]
 
 
@@ -78,8 +86,9 @@ def write_llama3_ranks(path, vocab_size: int = 400) -> str:
         [pre_tokenizers.Split(Regex(llama3_pattern()), behavior="isolated"), pre_tokenizers.ByteLevel(use_regex=False)]
     )
     tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
     tk.train_from_iterator(CORPUS * 10, trainer)
     to_byte = _byte_level_alphabet()
     lines = [
@@ -98,11 +107,17 @@ def write_hf_llama3_dir(directory, ranks_path, *, chat_template: str | None = No
 
     os.makedirs(directory, exist_ok=True)
     with no_tiktoken_cache():
-        converted = TikTokenConverter(vocab_file=os.fspath(ranks_path), pattern=llama3_pattern(),
-                                      extra_special_tokens=LLAMA3_SPECIAL).converted()  # fmt: skip
+        converted = TikTokenConverter(
+            vocab_file=os.fspath(ranks_path), pattern=llama3_pattern(), extra_special_tokens=LLAMA3_SPECIAL
+        ).converted()
     converted.save(os.path.join(directory, "tokenizer.json"))
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>", "eos_token": eos_token,
-              "model_max_length": 8192, "clean_up_tokenization_spaces": False}  # fmt: skip
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<|begin_of_text|>",
+        "eos_token": eos_token,
+        "model_max_length": 8192,
+        "clean_up_tokenization_spaces": False,
+    }
     if chat_template is not None:
         config["chat_template"] = chat_template
     with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
@@ -122,10 +137,21 @@ def train_llama2_sentencepiece(directory, vocab_size: int = 420) -> str:
 
     proto = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 20), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
-        byte_fallback=True, split_digits=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(CORPUS * 20),
+        model_writer=proto,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        split_digits=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
+    )
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, "tokenizer.model")
     with open(path, "wb") as f:

@@ -19,8 +19,11 @@ from llama_adapter.validation import ANY_INT, NON_NEGATIVE_INT, POSITIVE, POSITI
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("demo", help="pretrain a tiny LLaMA, fine-tune an adapter, show before/after (CPU)",
-                              description=demo.__doc__.splitlines()[0])  # fmt: skip
+    p = subparsers.add_parser(
+        "demo",
+        help="pretrain a tiny LLaMA, fine-tune an adapter, show before/after (CPU)",
+        description=demo.__doc__.splitlines()[0],
+    )
     p.add_argument("--out", default="demo_out", help="output directory (default ./demo_out)")
     p.add_argument("--pretrain-steps", type=POSITIVE_INT, default=1000)
     p.add_argument("--epochs", type=POSITIVE, default=30, help="adapter fine-tuning epochs")
@@ -57,25 +60,36 @@ def run_demo(args) -> int:
     base = LLaMA.from_pretrained(base_dir, quantize=args.quantize)
     heldout_set = InstructionDataset(heldout, tokenizer, base.params.max_seq_len)
     quantized = f" ({args.quantize})" if args.quantize else ""
-    base_loss = ask(base, tokenizer, heldout, heldout_set, args.show,
-                    f"[before] frozen base{quantized} on held-out instructions")  # fmt: skip
+    base_loss = ask(
+        base, tokenizer, heldout, heldout_set, args.show, f"[before] frozen base{quantized} on held-out instructions"
+    )
     trainer = finetune_adapter(args, base_dir, run_dir, base.params.max_seq_len)
 
     tuned = LLaMA.from_pretrained(base_dir, quantize=args.quantize)
     tuned.load_adapter(run_dir / "adapter")
     same = same_logits(tuned, trainer.model, heldout_set, tokenizer.pad_id)
     size = sum(f.stat().st_size for f in (run_dir / "adapter").iterdir())
-    print(f"[reload] adapter dir {run_dir / 'adapter'} ({size / 1024:.1f} KB) loaded into a fresh base: "
-          f"logits {'identical' if same else 'DIFFERENT'} to the trained model's")  # fmt: skip
-    tuned_loss = ask(tuned, tokenizer, heldout, heldout_set, args.show,
-                     f"[after] base{quantized} + adapter on held-out instructions",
-                     note=f" (base: {base_loss:.3f})")  # fmt: skip
+    print(
+        f"[reload] adapter dir {run_dir / 'adapter'} ({size / 1024:.1f} KB) loaded into a fresh base: "
+        f"logits {'identical' if same else 'DIFFERENT'} to the trained model's"
+    )
+    tuned_loss = ask(
+        tuned,
+        tokenizer,
+        heldout,
+        heldout_set,
+        args.show,
+        f"[after] base{quantized} + adapter on held-out instructions",
+        note=f" (base: {base_loss:.3f})",
+    )
     if args.quantize:  # the adapter trained on the quantized base, served on the full-precision one
         full = LLaMA.from_pretrained(base_dir)
         full.load_adapter(run_dir / "adapter")
         on_full = demo.exact_match(demo.answer(full, tokenizer, heldout), heldout)
-        print(f"[full base] the same adapter on the unquantized base: exact match {on_full:.0%}, "
-              f"loss {demo.heldout_loss(full, heldout_set, tokenizer.pad_id):.3f}")  # fmt: skip
+        print(
+            f"[full base] the same adapter on the unquantized base: exact match {on_full:.0%}, "
+            f"loss {demo.heldout_loss(full, heldout_set, tokenizer.pad_id):.3f}"
+        )
     print(
         f"[done] {time.perf_counter() - t_start:.0f}s in all; files in {out}/ (base/, finetune/adapter/, "
         "finetune/metrics.jsonl, finetune/loss.png)"
@@ -92,8 +106,10 @@ def build_tokenizer(args, out: Path, paragraphs: list[str], train_records: list[
     texts = paragraphs + [alpaca_prompt(r["instruction"], r["input"]) + " " + r["output"] for r in train_records]
     tokenizer = Tokenizer(demo.train_tokenizer(texts, out / "tokenizer.model", args.vocab_size))
     stream = demo.corpus_stream(tokenizer, paragraphs)
-    print(f"[tokenizer] SentencePiece BPE, {tokenizer.n_words} pieces, corpus = {len(stream)} tokens "
-          f"({time.perf_counter() - t:.1f}s)")  # fmt: skip
+    print(
+        f"[tokenizer] SentencePiece BPE, {tokenizer.n_words} pieces, corpus = {len(stream)} tokens "
+        f"({time.perf_counter() - t:.1f}s)"
+    )
     return tokenizer, stream
 
 
@@ -104,8 +120,10 @@ def pretrain_base(args, stream: torch.Tensor, vocab_size: int, tokenizer_model: 
     t = time.perf_counter()
     shape = {**demo.TINY, "dim": args.dim, "n_layers": args.layers, "n_heads": max(1, args.dim // 32)}  # head dim 32
     model = LLaMA(ModelArgs(vocab_size=vocab_size, **shape))
-    print(f"[pretrain] tiny LLaMA {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-          f"{args.pretrain_steps} steps on the corpus")  # fmt: skip
+    print(
+        f"[pretrain] tiny LLaMA {shape} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+        f"{args.pretrain_steps} steps on the corpus"
+    )
     demo.pretrain(model, stream, args.pretrain_steps, seed=args.seed)
     demo.save_base(model, tokenizer_model, base_dir)
     print(f"[pretrain] done in {time.perf_counter() - t:.0f}s; base checkpoint: {base_dir}")
@@ -115,8 +133,9 @@ def ask(model, tokenizer, records: list[dict], dataset: InstructionDataset, n: i
     """Steps 3 and 5: greedy answers to the held-out records, printed with exact match and loss; returns the loss."""
     answers = demo.answer(model, tokenizer, records)
     loss = demo.heldout_loss(model, dataset, tokenizer.pad_id)
-    demo.show(f"{title}: exact match {demo.exact_match(answers, records):.0%}, loss {loss:.3f}{note}", records,
-              answers, n)  # fmt: skip
+    demo.show(
+        f"{title}: exact match {demo.exact_match(answers, records):.0%}, loss {loss:.3f}{note}", records, answers, n
+    )
     return loss
 
 

@@ -38,62 +38,97 @@ FRACTION = Number(float, min=0, max=1, max_open=True)
 
 def add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-len", type=POSITIVE_INT, default=10, help="prompt tokens per adapted layer (K)")
-    p.add_argument("--adapter-layers", type=POSITIVE_INT, default=None,
-                   help="adapted top layers (default 30, or all of a smaller model's; clamped to n_layers)")
+    p.add_argument(
+        "--adapter-layers",
+        type=POSITIVE_INT,
+        default=None,
+        help="adapted top layers (default 30, or all of a smaller model's; clamped to n_layers)",
+    )
     p.add_argument("--epochs", type=POSITIVE, default=5)
     p.add_argument("--warmup-epochs", type=NON_NEGATIVE, default=2)
     p.add_argument("--global-batch-size", type=POSITIVE_INT, default=64, help="= micro x accumulation x world size")
     p.add_argument("--micro-batch-size", type=POSITIVE_INT, default=4)
-    p.add_argument("--max-seq-len", type=POSITIVE_INT, default=None,
-                   help="longer examples are truncated (and counted); default 512, or a shorter model context")
+    p.add_argument(
+        "--max-seq-len",
+        type=POSITIVE_INT,
+        default=None,
+        help="longer examples are truncated (and counted); default 512, or a shorter model context",
+    )
     p.add_argument("--blr", type=NON_NEGATIVE, default=9e-3, help="base lr; lr = blr * global_batch / 256")
     p.add_argument("--weight-decay", type=NON_NEGATIVE, default=0.02, help="on prompts; gates get none")
     p.add_argument("--seed", type=ANY_INT, default=0)
     p.add_argument("--val-fraction", type=FRACTION, default=0.02, help="held out for validation loss (0: none)")
-    p.add_argument("--eval-every", type=NON_NEGATIVE_INT, default=0,
-                   help="optimizer steps between evaluations (0: each epoch)")  # fmt: skip
-    p.add_argument("--save-every", type=NON_NEGATIVE_INT, default=0,
-                   help="optimizer steps between checkpoints (0: each epoch)")  # fmt: skip
+    p.add_argument(
+        "--eval-every", type=NON_NEGATIVE_INT, default=0, help="optimizer steps between evaluations (0: each epoch)"
+    )
+    p.add_argument(
+        "--save-every", type=NON_NEGATIVE_INT, default=0, help="optimizer steps between checkpoints (0: each epoch)"
+    )
     p.add_argument("--image-features", help="feature file/dir (extract-features): records' 'image' ids -> prompts")
     p.add_argument("--bias-tuning", action="store_true", help="V2: train bias and scale of every block linear")
     p.add_argument("--norm-tuning", action="store_true", help="V2: train the RMSNorm weights")
-    p.add_argument("--early-fusion", type=NON_NEGATIVE_INT, default=0,
-                   help="V2: image offsets only in the first N layers")  # fmt: skip
+    p.add_argument(
+        "--early-fusion", type=NON_NEGATIVE_INT, default=0, help="V2: image offsets only in the first N layers"
+    )
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="train a LLaMA-Adapter on Alpaca-format instructions",
-                              description=__doc__.splitlines()[0])  # fmt: skip
+    p = subparsers.add_parser(
+        "finetune", help="train a LLaMA-Adapter on Alpaca-format instructions", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", required=True, help="Meta or Hugging Face checkpoint directory")
     p.add_argument("--data", required=True, help="JSON list or JSONL of Alpaca records or chat {messages} records")
     # dest: TrainConfig's field (see the module's docstring)
-    p.add_argument("--out", dest="out_dir", metavar="OUT", required=True,
-                   help="output directory (checkpoint, metrics, adapter/)")  # fmt: skip
+    p.add_argument(
+        "--out", dest="out_dir", metavar="OUT", required=True, help="output directory (checkpoint, metrics, adapter/)"
+    )
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: in --model or its parent)")
-    p.add_argument("--chat-format", choices=FORMATS, default="auto",
-                   help="how examples are formatted (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
-                        "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
+    p.add_argument(
+        "--chat-format",
+        choices=FORMATS,
+        default="auto",
+        help="how examples are formatted (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
+        "vocabulary, else alpaca); see llama_adapter.chat",
+    )
     add_recipe_args(p)
     run = p.add_mutually_exclusive_group()
     run.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.pt")
-    run.add_argument("--overwrite", action="store_true",
-                     help="OUT holds a run: delete it (checkpoint, metrics, adapter/, loss.png) and start again")
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="OUT holds a run: delete it (checkpoint, metrics, adapter/, loss.png) and start again",
+    )
     p.add_argument("--max-steps", type=POSITIVE_INT, help="stop after this many optimizer steps (checkpoint written)")
-    p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
-                   help="frozen base weights (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)")  # fmt: skip
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16", "float16"),
+        default="auto",
+        help="frozen base weights (auto: bf16 on CUDA, fp16 without bf16, fp32 on CPU)",
+    )
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute adapted layers in backward")
     p.add_argument("--fsdp", action="store_true", help="shard the frozen base across ranks (FSDP2)")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                   help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--no-pack", dest="pack", action="store_const", const=False, default="auto",
-                   help="pad micro-batches (default: pack them where the fused kernels run)")  # fmt: skip
+    p.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_const",
+        const=False,
+        default="auto",
+        help="pad micro-batches (default: pack them where the fused kernels run)",
+    )
     p.set_defaults(func=run_finetune)
 
 
-def prepare_data(examples: list[dict], tokenizer, max_seq_len: int, val_fraction: float, seed: int, say=print,
-                 chat_format=None):  # fmt: skip
+def prepare_data(
+    examples: list[dict], tokenizer, max_seq_len: int, val_fraction: float, seed: int, say=print, chat_format=None
+):
     """Split and tokenize `load_examples`' records; reports truncation. Raises DataError on nothing to learn."""
     train, val = split_examples(examples, val_fraction, seed)
     train_set = InstructionDataset(train, tokenizer, max_seq_len, chat_format)
@@ -206,8 +241,10 @@ def finetune(args) -> Trainer:
         out = Path(args.out_dir)
         model.save_adapter(out / ADAPTER_DIR)
         png = plot_loss(trainer.history, out / "loss.png")
-        say(f"adapter: {out / 'adapter'}; metrics: {out / METRICS_FILE}; "
-            + (f"loss curve: {png}" if png else "no loss curve (pip install matplotlib)"))  # fmt: skip
+        say(
+            f"adapter: {out / 'adapter'}; metrics: {out / METRICS_FILE}; "
+            + (f"loss curve: {png}" if png else "no loss curve (pip install matplotlib)")
+        )
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -231,8 +268,7 @@ def load_data(args, say=print):
     chat_format = get_chat_format(args.chat_format, tokenizer)
     say(f"tokenizer: {tokenizer.kind} ({tokenizer.model_path}, {tokenizer.n_words} tokens); {chat_format.name} format")
     max_seq_len, layers = model_defaults(args, say)
-    train_set, val_set = prepare_data(examples, tokenizer, max_seq_len, args.val_fraction, args.seed, say,
-                                      chat_format)  # fmt: skip
+    train_set, val_set = prepare_data(examples, tokenizer, max_seq_len, args.val_fraction, args.seed, say, chat_format)
     adapter_config = config_from_args(AdapterConfig, args, adapter_layers=layers, visual_dim=visual_dim)
     return tokenizer, train_set, val_set, adapter_config
 
@@ -242,8 +278,9 @@ def load_model(args, adapter_config, device: torch.device):
     from llama_adapter import LLaMA
 
     # FSDP shards from host memory; DDP loads straight onto this rank's device.
-    model = LLaMA.from_pretrained(args.model, dtype=_base_dtype(args.dtype, device),
-                                  device="cpu" if args.fsdp else device, quantize=args.quantize)  # fmt: skip
+    model = LLaMA.from_pretrained(
+        args.model, dtype=_base_dtype(args.dtype, device), device="cpu" if args.fsdp else device, quantize=args.quantize
+    )
     torch.manual_seed(args.seed)
     model.attach_adapter(adapter_config)
     model.gradient_checkpointing = args.grad_checkpointing

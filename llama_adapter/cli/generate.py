@@ -22,22 +22,37 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", help="adapter to load: our dir, a PEFT adaption-prompt dir or the official .pth")
     p.add_argument("--instruction", required=True)
     p.add_argument("--input", default=None, help="optional context for the instruction")
-    p.add_argument("--chat", action="store_true",
-                   help="an instruct model: the instruction is a user turn in its chat format (error if none is found)")
-    p.add_argument("--chat-format", choices=FORMATS, default="auto",
-                   help="prompt format, as finetune's (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
-                        "vocabulary, else alpaca); see llama_adapter.chat")  # fmt: skip
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="an instruct model: the instruction is a user turn in its chat format (error if none is found)",
+    )
+    p.add_argument(
+        "--chat-format",
+        choices=FORMATS,
+        default="auto",
+        help="prompt format, as finetune's (auto: the checkpoint's chat template, else llama3 for a LLaMA-3 "
+        "vocabulary, else alpaca); see llama_adapter.chat",
+    )
     p.add_argument("--system", default=None, help="system message (chat formats)")
-    p.add_argument("--max-new-tokens", type=POSITIVE_INT, default=256, help="at most the room left in the model's "
-                   "context (clamped, with a note)")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens",
+        type=POSITIVE_INT,
+        default=256,
+        help="at most the room left in the model's context (clamped, with a note)",
+    )
     p.add_argument("--temperature", type=NON_NEGATIVE, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=TOP_P, default=1.0)
     p.add_argument("--seed", type=ANY_INT, default=None)
     p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="default: bfloat16 on CUDA, else float32")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)")
-    p.add_argument("--quantize", choices=QUANTIZATIONS, default=None,
-                   help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)")  # fmt: skip
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        default=None,
+        help="store the frozen block linears in 4-bit NF4 or int8 (needs torchao)",
+    )
     p.set_defaults(func=run_generate)
 
 
@@ -48,8 +63,11 @@ def clamp_new_tokens(requested: int, prompt_len: int, max_seq_len: int, flag: st
     if room < 1:
         raise ValueError(f"the prompt ({prompt_len} tokens) leaves no room in the model's {max_seq_len}-token context")
     if requested > room:
-        print(f"note: {flag} {requested} > the {room} tokens left in the model's {max_seq_len}-token context "
-              f"after the {prompt_len}-token prompt; generating at most {room}", file=sys.stderr)  # fmt: skip
+        print(
+            f"note: {flag} {requested} > the {room} tokens left in the model's {max_seq_len}-token context "
+            f"after the {prompt_len}-token prompt; generating at most {room}",
+            file=sys.stderr,
+        )
         return room
     return requested
 
@@ -98,9 +116,15 @@ def run_generate(args) -> int:
 
     start = time.perf_counter()
     generate(
-        model, [prompt], max_new_tokens, args.temperature, args.top_p, seed=args.seed, callback=show,
+        model,
+        [prompt],
+        max_new_tokens,
+        args.temperature,
+        args.top_p,
+        seed=args.seed,
+        callback=show,
         stop_ids=tokenizer.stop_ids,
-    )  # fmt: skip
+    )
     seconds = time.perf_counter() - start
     print(tokenizer.decode(new_ids)[len(printed) :])
     rate = len(new_ids) / seconds if seconds > 0 else float("inf")

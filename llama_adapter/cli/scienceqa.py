@@ -34,8 +34,9 @@ def run_eval(args) -> int:
     report = accuracy_report(problems, predictions)
     print(format_report(report))
     if args.out:
-        report["predictions"] = {p.qid: {"predicted": LETTERS[y], "answer": LETTERS[p.answer]}
-                                 for p, y in zip(problems, predictions)}  # fmt: skip
+        report["predictions"] = {
+            p.qid: {"predicted": LETTERS[y], "answer": LETTERS[p.answer]} for p, y in zip(problems, predictions)
+        }
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2), encoding="utf-8")
         print(f"report: {args.out}")
