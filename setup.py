@@ -37,7 +37,7 @@ setup(
             "transformers",
             "peft",
             "safetensors",
-            "ruff",
+            "ruff==0.17.6",  # `make test` checks `ruff format`: the formatter's style changes between releases
             "matplotlib",
             "torchao>=0.18",
             "hypothesis",
