@@ -9,11 +9,11 @@ plus <|eot_id|> and <|eom_id|> where the vocabulary has them, is a stop id: LLaM
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 
+from llama_adapter.files import CheckpointError, read_json_object
 from llama_adapter.tokenizer_backends import BACKENDS, EOT_TOKENS, TokenizerError, detect_kind
 
 __all__ = ["Tokenizer", "TokenizerError", "detect_kind"]
@@ -25,16 +25,13 @@ HF_TOKENIZER_FILE = "tokenizer.json"
 
 
 def _read_json(path: str) -> dict:
+    """An optional config file beside the tokenizer: {} when absent; TokenizerError naming it when unusable."""
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise TokenizerError(f"{path}: invalid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except CheckpointError as err:  # the one JSON reader's message, in the tokenizer's error class
+        raise TokenizerError(str(err)) from None
 
 
 def _token_text(value) -> str | None:

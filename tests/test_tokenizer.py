@@ -91,7 +91,7 @@ def test_config_json_that_is_not_an_object_names_the_file(tmp_path):
     (tmp_path / "tokenizer.model").write_text("IQ== 0\naGVsbG8= 1\n")
     config = tmp_path / "tokenizer_config.json"
     config.write_text('["<s>"]')
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: expected a JSON object, got list"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json holds a JSON list, expected an object"):
         Tokenizer.from_dir(tmp_path)
     config.write_text('{"bos_token": "<|begin_of_text|>"}')
     assert Tokenizer.from_dir(tmp_path).bos_id == 2  # the first special id after the two ranks
@@ -231,7 +231,7 @@ def test_config_errors(llama3_files, tmp_path):
     with pytest.raises(TokenizerError, match=r"tokenizer_config.json: eos_token '<\|nope\|>' is not in the vocabulary"):
         Tokenizer.from_dir(bad)
     (bad / "tokenizer_config.json").write_text("{oops")
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: invalid JSON"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json is not valid JSON"):
         Tokenizer.from_dir(bad)
     (bad / "tokenizer_config.json").write_text(json.dumps({"chat_template": 5}))
     with pytest.raises(TokenizerError, match="chat_template must be a string"):
