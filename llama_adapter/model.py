@@ -37,7 +37,7 @@ from llama_adapter.adapter import (
 )
 from llama_adapter.attention import adapter_attention
 from llama_adapter.layout import KVCache, Layout
-from llama_adapter.model_args import ModelArgs
+from llama_adapter.model_args import BLOCK_LINEARS, ModelArgs
 
 NO_PROMPT = (None, None, None)  # an `adapter_kv` entry for a layer that runs without its prompt
 
@@ -78,17 +78,6 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.to(_upcast(x.dtype))
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
-
-
-_TUNED_LINEARS = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-)
 
 
 class Attention(nn.Module):
@@ -201,7 +190,7 @@ class Transformer(nn.Module):
             layer.attention.remove_adapter()
             if i in adapted:
                 layer.attention.add_adapter(cfg)
-            set_bias_scale(layer, _TUNED_LINEARS, cfg.bias_tuning)
+            set_bias_scale(layer, BLOCK_LINEARS, cfg.bias_tuning)
         norms = {n: p for n, p in self.named_parameters() if n.endswith("norm.weight")}
         with torch.no_grad():
             if self._base_norms is not None:  # a fresh adapter starts from the checkpoint's norms

@@ -10,6 +10,17 @@ from typing import ClassVar
 
 from llama_adapter.validation import POSITIVE, POSITIVE_INT, ConfigError, Number, Table, check_fields
 
+# The seven linear layers of a block, in Meta's parameter names: what V2 bias/scale tuning wraps and what a
+# quantized base stores quantized.
+BLOCK_LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 _ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 

@@ -22,17 +22,9 @@ import math
 import torch
 from torch import nn
 
+from llama_adapter.model_args import BLOCK_LINEARS
+
 QUANTIZATIONS = ("nf4", "int8")
-# The block linears that are stored quantized (`LLaMA`'s names; model._TUNED_LINEARS lists the same layers).
-QUANTIZED_LINEARS = (
-    "attention.wq",
-    "attention.wk",
-    "attention.wv",
-    "attention.wo",
-    "feed_forward.w1",
-    "feed_forward.w2",
-    "feed_forward.w3",
-)
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA)
 NF4_SCALER_BLOCK = 256  # scales per double-quantization group (QLoRA); smaller where a tensor has fewer blocks
 INSTALL_HINT = "pip install torchao  (or: pip install 'llama-adapter[quant]')"
@@ -82,7 +74,7 @@ def is_quantized_linear(name: str) -> bool:
     """Whether a state-dict name (`layers.N.attention.wq.weight`, ...) is one of the weights stored quantized."""
     parts = name.split(".")
     in_block = len(parts) == 5 and parts[0] == "layers" and parts[-1] == "weight"
-    return in_block and ".".join(parts[2:4]) in QUANTIZED_LINEARS
+    return in_block and ".".join(parts[2:4]) in BLOCK_LINEARS
 
 
 def quantize_weight(weight: torch.Tensor, quantize: str, name: str = "weight") -> torch.Tensor:
@@ -134,7 +126,7 @@ def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
     precision model at all; this serves models built in memory (benchmarks, tests)."""
     check_quantize(quantize)
     for i, layer in enumerate(model.layers):
-        for path in QUANTIZED_LINEARS:
+        for path in BLOCK_LINEARS:
             parent_name, child = path.split(".")
             linear = getattr(getattr(layer, parent_name), child)
             if type(linear.weight.data) is not torch.Tensor:

@@ -20,8 +20,8 @@ pytest.importorskip("torchao")
 
 from llama_adapter import LLaMA  # noqa: E402
 from llama_adapter.loading import CheckpointError  # noqa: E402
+from llama_adapter.model_args import BLOCK_LINEARS  # noqa: E402
 from llama_adapter.quantize import (  # noqa: E402
-    QUANTIZED_LINEARS,
     QuantizationUnavailable,
     dequantize_weight,
     is_quantized_linear,
@@ -300,7 +300,7 @@ def test_already_quantized_checkpoints_are_refused_before_their_weights_are_read
 def test_quantized_linears_are_the_models_block_linears():
     model = tiny_model()
     names = {n for n, _ in model.named_parameters() if is_quantized_linear(n)}
-    assert names == {f"layers.{i}.{path}.weight" for i in range(model.params.n_layers) for path in QUANTIZED_LINEARS}
+    assert names == {f"layers.{i}.{path}.weight" for i in range(model.params.n_layers) for path in BLOCK_LINEARS}
 
 
 def test_finetune_and_generate_cli_on_a_quantized_base(tmp_path, capsys):
@@ -480,7 +480,7 @@ def test_sharded_meta_and_hf_checkpoints_quantize_as_the_plain_load(tmp_path):
     hf.save_pretrained(tmp_path / "hf")
     write_meta_dir(hf, tmp_path / "meta2", n_shards=2)
     plain = LLaMA.from_pretrained(tmp_path / "hf").state_dict()
-    for directory, deferred in (("hf", {"attention.wq", "attention.wk"}), ("meta2", set(QUANTIZED_LINEARS))):
+    for directory, deferred in (("hf", {"attention.wq", "attention.wk"}), ("meta2", set(BLOCK_LINEARS))):
         tensors = read_checkpoint(tmp_path / directory, deferred=True).tensors
         got = {
             n.split(".", 2)[2].rsplit(".", 1)[0]
