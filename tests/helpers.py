@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from llama_adapter.loading import hf_to_meta_name, unpermute_rotate_half
+from llama_adapter.checkpoint_hf import hf_to_meta_name, unpermute_rotate_half
 
 _UPCASTING_MODULES = (
     "transformers.models.llama.modeling_llama",

@@ -11,14 +11,9 @@ pytest.importorskip("transformers")
 from helpers import random_hf_model, tiny_hf_config, write_meta_dir  # noqa: E402
 
 from llama_adapter import AdapterConfig  # noqa: E402
-from llama_adapter.loading import (  # noqa: E402
-    CheckpointError,
-    hf_model_args,
-    load_pretrained,
-    meta_model_args,
-    read_checkpoint,
-    unpermute_rotate_half,
-)
+from llama_adapter.checkpoint_hf import hf_model_args, unpermute_rotate_half  # noqa: E402
+from llama_adapter.checkpoint_meta import meta_model_args  # noqa: E402
+from llama_adapter.loading import CheckpointError, load_pretrained, read_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -474,7 +474,8 @@ def test_sharded_meta_and_hf_checkpoints_quantize_as_the_plain_load(tmp_path):
     pytest.importorskip("transformers")
     from helpers import random_hf_model, tiny_hf_config, write_meta_dir
 
-    from llama_adapter.loading import Deferred, read_checkpoint
+    from llama_adapter.checkpoint import Deferred
+    from llama_adapter.loading import read_checkpoint
 
     hf = random_hf_model(tiny_hf_config(), seed=7, dtype=torch.float32)
     hf.save_pretrained(tmp_path / "hf")
