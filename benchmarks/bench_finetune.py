@@ -42,6 +42,7 @@ from benchmarks.common import (
     peak_memory_mb,
     reset_peak_memory,
     significant,
+    skip_reason,
     str_list,
     synchronize,
 )
@@ -130,10 +131,6 @@ def run_base(
     fatal: str | None,
 ) -> str | None:
     """The rows of one base (full precision, nf4 or int8) for every backend; returns the CUDA-fatal error seen."""
-    from llama_adapter.attention import set_attention_backend
-    from llama_adapter.quantize import quantize_model, weight_bytes
-
-    dev = results.device
     base = dict(
         dtype=str(dtype).removeprefix("torch."),
         N=seq,
@@ -147,22 +144,35 @@ def run_base(
         (PROVIDER.get(b, b) + ("" if quantize == "none" else f"+{quantize}"), b) for b in str_list(args.backends)
     ]
     try:
-        model = build_model(size, layers=args.layers, seq=seq + 1, device=device, dtype=dtype, adapter_len=args.ka)
-        if quantize != "none":
-            quantize_model(model, quantize)
+        model = build_model(
+            size, layers=args.layers, seq=seq + 1, device=device, dtype=dtype, adapter_len=args.ka, quantize=quantize
+        )
     except Exception as exc:
+        error = f"model build failed: {describe_error(exc)}"
         for provider, backend in providers:
-            results.add(
-                {
-                    **base,
-                    "provider": provider,
-                    "backend": backend,
-                    "error": f"model build failed: {describe_error(exc)}",
-                }
-            )
+            results.add({**base, "provider": provider, "backend": backend, "error": error})
         return fatal
+    base.update(model_columns(model))
+    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for provider, backend in providers:
+        row = {**base, "provider": provider, "backend": backend, "error": skip_reason(budget, fatal), "tried": []}
+        if row["error"] is None:
+            measure_backend(row, model, optimizer, batches, seq, device, gen, args, budget, results.device)
+            fatal = row["error"][:120] if is_fatal(row["error"]) else None
+        results.add(row)
+        log(format_row(row))
+    del model, optimizer
+    free_memory()
+    return fatal
+
+
+def model_columns(model) -> dict:
+    """The columns every row of one base shares: its shape, adapter, parameter counts and weight memory."""
+    from llama_adapter.quantize import weight_bytes
+
     p = model.params
-    base.update(
+    return dict(
         layers=p.n_layers,
         dim=p.dim,
         Ka=model.adapter_config.adapter_len,
@@ -171,29 +181,22 @@ def run_base(
         trainable=sum(w.numel() for w in model.adapter_parameters()),
         weight_mb=round(weight_bytes(model) / 2**20, 1),
     )
-    optimizer = torch.optim.AdamW(model.adapter_parameters(), lr=1e-4)
-    gen = torch.Generator(device=device).manual_seed(0)
-    for provider, backend in providers:
-        row = {**base, "provider": provider, "backend": backend, "error": None, "tried": []}
-        if fatal or budget.expired():
-            row["error"] = f"skipped: CUDA context lost earlier ({fatal})" if fatal else "skipped: time budget"
-            log(f"{row['provider']:>14}: {results.add(row)['error']}")
-            continue
-        set_attention_backend(backend)
-        B, tokens, error = largest_batch(model, optimizer, row, batches, seq, device, gen, budget)
-        row["error"] = error
-        if error is None:
-            row["B"] = B
-            row["peak_mem_mb"] = peak_memory_mb()
-            row.update(time_steps(model, optimizer, tokens, args, budget, dev))
-        del tokens
-        free_memory()
-        fatal = row["error"][:120] if is_fatal(row["error"]) else None
-        results.add(row)
-        log(format_row(row))
-    del model, optimizer
+
+
+def measure_backend(
+    row: dict, model, optimizer, batches: list[int], seq: int, device, gen, args, budget: Budget, dev
+) -> None:
+    """Fill the row of `row["backend"]`: the largest batch that fits, then the timing of its steps."""
+    from llama_adapter.attention import set_attention_backend
+
+    set_attention_backend(row["backend"])
+    B, tokens, row["error"] = largest_batch(model, optimizer, row, batches, seq, device, gen, budget)
+    if row["error"] is None:
+        row["B"] = B
+        row["peak_mem_mb"] = peak_memory_mb()
+        row.update(time_steps(model, optimizer, tokens, args, budget, dev))
+    del tokens
     free_memory()
-    return fatal
 
 
 def largest_batch(model, optimizer, row: dict, batches: list[int], seq: int, device, gen, budget: Budget):

@@ -38,6 +38,7 @@ from benchmarks.common import (
     peak_memory_mb,
     reset_peak_memory,
     significant,
+    skip_reason,
     str_list,
     synchronize,
 )
@@ -105,10 +106,8 @@ def run_base(
     fatal: str | None,
 ) -> str | None:
     """The rows of one base (full precision, nf4 or int8) for every backend and batch; returns a CUDA-fatal error."""
-    from llama_adapter.attention import set_attention_backend
-    from llama_adapter.quantize import quantize_model, weight_bytes
+    from llama_adapter.quantize import weight_bytes
 
-    dev = results.device
     base = dict(
         model=size,
         dtype=str(dtype).removeprefix("torch."),
@@ -118,9 +117,8 @@ def run_base(
     )
     model = None
     try:
-        model = build_model(size, layers=args.layers, seq=prompt_len + new_tokens, device=device, dtype=dtype)
-        if quantize != "none":
-            quantize_model(model, quantize)
+        seq = prompt_len + new_tokens
+        model = build_model(size, layers=args.layers, seq=seq, device=device, dtype=dtype, quantize=quantize)
         base.update(layers=model.params.n_layers, weight_mb=round(weight_bytes(model) / 2**20, 1))
     except Exception as exc:
         build_error = f"model build failed: {describe_error(exc)}"
@@ -133,46 +131,47 @@ def run_base(
                 "provider": PROVIDER.get(backend, backend) + suffix,
                 "backend": backend,
                 "B": B,
-                "error": None,
+                "error": build_error if model is None else skip_reason(budget, fatal),
             }
             row.update(ms_per_token=None, tokens_per_s=None)
-            if model is None:
-                row["error"] = build_error
-            elif fatal:
-                row["error"] = f"skipped: CUDA context lost earlier ({fatal})"
-            elif budget.expired():
-                row["error"] = "skipped: time budget"
-            else:
-                set_attention_backend(backend)
-                vocab = model.params.vocab_size
-                prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(B)]
-                try:
-                    timed_generate(model, prompts, 2)  # warm-up: compiles / autotunes prefill and decode
-                    reset_peak_memory()
-                    stamps = timed_generate(model, prompts, new_tokens)
-                    row["peak_mem_mb"] = peak_memory_mb()
-                except Exception as exc:
-                    row["error"] = describe_error(exc)
-                if not row["error"]:
-                    steps = [b - a for a, b in zip(stamps, stamps[1:])]
-                    step = statistics.median(steps)
-                    context = prompt_len + new_tokens / 2
-                    gbs = decode_bytes(model, B, context) / step / 1e9
-                    row.update(
-                        prefill_ms=significant(stamps[0] * 1e3),
-                        ms_per_token=significant(step * 1e3),
-                        tokens_per_s=significant(B / step),
-                        gb_per_s=significant(gbs),
-                    )
-                    if dev.bandwidth_gbs:
-                        row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
-                free_memory()
+            if row["error"] is None:
+                measure_decode(row, model, prompt_len, new_tokens, gen, results.device)
                 fatal = row["error"][:120] if is_fatal(row["error"]) else None
             results.add(row)
             log(format_row(row))
     del model
     free_memory()
     return fatal
+
+
+def measure_decode(row: dict, model, prompt_len: int, new_tokens: int, gen, dev) -> None:
+    """Fill the row of `row["backend"]` at batch `row["B"]`: prefill, per-token decode and the bandwidth it reaches;
+    an exception becomes the row's error."""
+    from llama_adapter.attention import set_attention_backend
+
+    set_attention_backend(row["backend"])
+    B, vocab = row["B"], model.params.vocab_size
+    prompts = [torch.randint(0, vocab, (prompt_len,), generator=gen).tolist() for _ in range(B)]
+    try:
+        timed_generate(model, prompts, 2)  # warm-up: compiles / autotunes prefill and decode
+        reset_peak_memory()
+        stamps = timed_generate(model, prompts, new_tokens)
+        row["peak_mem_mb"] = peak_memory_mb()
+    except Exception as exc:
+        row["error"] = describe_error(exc)
+    if not row["error"]:
+        step = statistics.median([b - a for a, b in zip(stamps, stamps[1:])])
+        context = prompt_len + new_tokens / 2  # the cache's mean length over the decode
+        gbs = decode_bytes(model, B, context) / step / 1e9
+        row.update(
+            prefill_ms=significant(stamps[0] * 1e3),
+            ms_per_token=significant(step * 1e3),
+            tokens_per_s=significant(B / step),
+            gb_per_s=significant(gbs),
+        )
+        if dev.bandwidth_gbs:
+            row["pct_bandwidth"] = round(100 * gbs / dev.bandwidth_gbs, 1)
+    free_memory()
 
 
 def format_row(row: dict) -> str:

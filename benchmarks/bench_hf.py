@@ -44,6 +44,7 @@ from benchmarks.common import (
     peak_memory_mb,
     reset_peak_memory,
     significant,
+    skip_reason,
     str_list,
     time_ms,
 )
@@ -251,20 +252,7 @@ def run(args: argparse.Namespace) -> Results:
     previous_backend = get_attention_backend()
     set_attention_backend(args.backend)
     modes = str_list(args.modes)
-    base_row = dict(
-        dtype=args.dtype,
-        size=args.size,
-        B=args.batch,
-        N=args.seq,
-        layers=args.layers,
-        Ka=args.ka,
-        adapter_layers=args.layers,
-        ms=None,
-        tokens=None,
-        tokens_per_s=None,
-        peak_mem_mb=None,
-        speedup_vs_peft=None,
-    )
+    base_row = shared_columns(args)
     log(
         f"bench_hf on {results.device.name}: {args.size} layers={args.layers} B={args.batch} N={args.seq} "
         f"{args.dtype} -> {results.path}"
@@ -283,33 +271,58 @@ def run(args: argparse.Namespace) -> Results:
     fused = resolve_backend(device)
     backends = {"peft": f"peft+{models['peft'].config._attn_implementation}", "peft_fused": fused, "ours": fused}
     for mode in modes:
-        peft_ms = expected = None
-        for provider in PROVIDERS:
-            model = models[provider]
-            model.train(mode.startswith("train"))
-            row = {"provider": provider, "mode": mode, **base_row, "backend": backends[provider], "error": None}
-            if budget.expired():
-                row["error"] = "skipped: time budget"
-                results.add(row)
-                continue
-            try:
-                got = outputs(model, mode, inputs, args)
-                expected = got if provider == "peft" else expected
-                row.update(parity(got, expected, base_logits[mode == "train_padded"]))
-                del got
-                free_memory()
-                ms = time_mode(row, model, mode, inputs, args)
-                if provider == "peft":
-                    peft_ms = ms
-                if peft_ms:
-                    row["speedup_vs_peft"] = significant(peft_ms / ms)
-            except Exception as exc:  # a failing provider is a row, not the end of the run
-                row["error"] = describe_error(exc)
-            model.zero_grad(set_to_none=True)
-            results.add(row)
-            log(format_row(row))
+        measure_mode(results, mode, models, backends, base_row, inputs, base_logits, args, budget)
     set_attention_backend(previous_backend)
     return results
+
+
+def shared_columns(args) -> dict:
+    """The columns of every row: the problem's shape, and the measurements still empty."""
+    return dict(
+        dtype=args.dtype,
+        size=args.size,
+        B=args.batch,
+        N=args.seq,
+        layers=args.layers,
+        Ka=args.ka,
+        adapter_layers=args.layers,
+        ms=None,
+        tokens=None,
+        tokens_per_s=None,
+        peak_mem_mb=None,
+        speedup_vs_peft=None,
+    )
+
+
+def measure_mode(
+    results: Results, mode: str, models: dict, backends: dict, base_row: dict, inputs, base_logits, args, budget
+) -> None:
+    """Every provider's row of `mode`, peft first: the others' parity and speedup are measured against its."""
+    peft_ms = expected = None
+    for provider in PROVIDERS:
+        model = models[provider]
+        model.train(mode.startswith("train"))
+        row = {"provider": provider, "mode": mode, **base_row, "backend": backends[provider]}
+        row["error"] = skip_reason(budget)
+        if row["error"] is not None:
+            results.add(row)
+            continue
+        try:
+            got = outputs(model, mode, inputs, args)
+            expected = got if provider == "peft" else expected
+            row.update(parity(got, expected, base_logits[mode == "train_padded"]))
+            del got
+            free_memory()
+            ms = time_mode(row, model, mode, inputs, args)
+            if provider == "peft":
+                peft_ms = ms
+            if peft_ms:
+                row["speedup_vs_peft"] = significant(peft_ms / ms)
+        except Exception as exc:  # a failing provider is a row, not the end of the run
+            row["error"] = describe_error(exc)
+        model.zero_grad(set_to_none=True)
+        results.add(row)
+        log(format_row(row))
 
 
 def format_row(row: dict) -> str:

@@ -170,6 +170,16 @@ class Budget:
         return self.left() <= 0
 
 
+def skip_reason(budget: Budget, fatal: str | None = None) -> str | None:
+    """Why the next row is not measured: a CUDA error earlier in the process (`fatal`), or the budget is spent;
+    None to measure it."""
+    if fatal:
+        return f"skipped: CUDA context lost earlier ({fatal})"
+    if budget.expired():
+        return "skipped: time budget"
+    return None
+
+
 class Results:
     """benchmarks/results/<bench>-<device>.json: {"device", "torch", "triton", "rows": [...]}, rewritten per row."""
 
@@ -228,8 +238,19 @@ def attention_flops(B: int, H: int, Nq: int, Nk: int, D: int, *, causal: bool, m
     return fwd * {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}[mode]
 
 
-def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapter_len: int = 10, adapter_layers=30):
-    """A LLaMA of a `ModelArgs.from_name` shape ("7B", "tiny", ...), random weights and an adapter, on `device`.
+def build_model(
+    size: str,
+    *,
+    layers: int | None,
+    seq: int,
+    device,
+    dtype,
+    adapter_len: int = 10,
+    adapter_layers=30,
+    quantize: str = "none",
+):
+    """A LLaMA of a `ModelArgs.from_name` shape ("7B", "tiny", ...), random weights and an adapter, on `device`;
+    quantize "nf4" or "int8" stores its frozen block linears so (`llama_adapter.quantize`, torchao).
 
     Gates are set to 0.1 rather than their zero init so every path carries real values, as mid-training."""
     from llama_adapter import AdapterConfig, LLaMA, ModelArgs
@@ -245,4 +266,8 @@ def build_model(size: str, *, layers: int | None, seq: int, device, dtype, adapt
         for name, p in model.named_parameters():
             if name.endswith("adapter_gate"):
                 p.fill_(0.1)
+    if quantize != "none":
+        from llama_adapter.quantize import quantize_model
+
+        quantize_model(model, quantize)
     return model

@@ -195,14 +195,7 @@ def format_table(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> dict:
     dev = device_info()
-    if HAS_CUDA:
-        device = torch.device("cuda")
-        arch, smem = _common.device_arch(device)
-        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-        lists = {k: candidates(k, args.head_dim, arch, smem)[: args.max_configs] for k in KERNELS}
-    else:  # interpreter dry run: fp32 (no bf16 arithmetic there), blocks the tiny problem still splits
-        device, arch, smem, dtype = torch.device("cpu"), 80, 0, torch.float32
-        lists = {k: [(16, 16, 4, 1), (32, 16, 4, 1)] for k in KERNELS}
+    device, arch, dtype, lists = plan(args)
     out = Path(args.out) if args.out else default_results_dir() / f"tune_attention-{dev.slug}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     import triton
@@ -228,15 +221,45 @@ def run(args: argparse.Namespace) -> dict:
         out.write_text(json.dumps(result, indent=1) + "\n")
 
     budget = Budget(args.budget)
+    problems = make_problems(args, dtype, device, lists["fwd"])
+    sweep(problems, lists, args, budget, result["rows"], write)
+    result["recommendation"] = recommendation(result["rows"], arch, args.head_dim, dev.name)
+    write()
+    log(format_table(result["rows"]))
+    log(result["recommendation"])
+    log(f"wrote {out}")
+    return result
+
+
+def plan(args) -> tuple[torch.device, int, torch.dtype, dict[str, list[tuple]]]:
+    """(device, arch, dtype, {kernel: configs to try}) for this machine."""
+    if HAS_CUDA:
+        device = torch.device("cuda")
+        arch, smem = _common.device_arch(device)
+        dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
+        return device, arch, dtype, {k: candidates(k, args.head_dim, arch, smem)[: args.max_configs] for k in KERNELS}
+    # interpreter dry run: fp32 (no bf16 arithmetic there), blocks the tiny problem still splits
+    return torch.device("cpu"), 80, torch.float32, {k: [(16, 16, 4, 1), (32, 16, 4, 1)] for k in KERNELS}
+
+
+def make_problems(args, dtype, device, fwd_candidates: list[tuple]) -> dict[int, dict]:
+    """{N: problem} for every --seqlens length whose inputs could be built (B * N = --tokens); the forward that
+    makes them runs at the first forward candidate."""
     problems = {}
     for N in args.seqlens:
         try:
             B, H = max(1, args.tokens // N), args.heads
-            problems[N] = make_problem(N, B, H, args.head_dim, args.ka, dtype, device, fwd_config=lists["fwd"][0])
+            problems[N] = make_problem(N, B, H, args.head_dim, args.ka, dtype, device, fwd_config=fwd_candidates[0])
         except Exception as exc:
             log(f"N={N}: could not build the problem: {describe_error(exc)}")
-    # Kernels take turns, one config each (measured at every N: it compiles once), so a short budget still
-    # tunes all three at every length.
+    return problems
+
+
+def sweep(problems: dict[int, dict], lists: dict[str, list[tuple]], args, budget: Budget, rows: list, write) -> None:
+    """Time the configs in `lists` at every problem into `rows`, calling `write` after each row.
+
+    Kernels take turns, one config each (measured at every N: it compiles once), so a short budget still tunes
+    all three at every length."""
     queues = {k: list(lists[k]) for k in KERNELS}
     while problems and any(queues.values()) and not budget.expired():
         for kernel in KERNELS:
@@ -246,25 +269,24 @@ def run(args: argparse.Namespace) -> dict:
             for N, problem in problems.items():
                 if budget.expired():
                     break
-                B = problem["q"].shape[0]
-                row = dict(kernel=kernel, N=N, B=B, config=list(cfg), ms=None, tflops=None, error=None)
-                start = time.perf_counter()
-                try:
-                    row["ms"] = time_ms(launcher(kernel, problem, cfg), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
-                    row["tflops"] = kernel_flops(kernel, B, args.heads, N, args.head_dim) / row["ms"] / 1e9
-                except Exception as exc:  # a config that cannot compile or launch is a finding, not a crash
-                    row["error"] = describe_error(exc)
-                row["seconds"] = round(time.perf_counter() - start, 2)
-                result["rows"].append(row)
+                rows.append(measure_config(kernel, cfg, N, problem, args))
                 write()
     if budget.expired():
         log(f"budget of {args.budget:.0f} s spent; untried: {sum(map(len, queues.values()))} configs")
-    result["recommendation"] = recommendation(result["rows"], arch, args.head_dim, dev.name)
-    write()
-    log(format_table(result["rows"]))
-    log(result["recommendation"])
-    log(f"wrote {out}")
-    return result
+
+
+def measure_config(kernel: str, cfg: tuple, N: int, problem: dict, args) -> dict:
+    """The row of one kernel at one config and length; a config that fails to compile or launch gets its error."""
+    B = problem["q"].shape[0]
+    row = dict(kernel=kernel, N=N, B=B, config=list(cfg), ms=None, tflops=None, error=None)
+    start = time.perf_counter()
+    try:
+        row["ms"] = time_ms(launcher(kernel, problem, cfg), warmup_ms=args.warmup_ms, rep_ms=args.rep_ms)
+        row["tflops"] = kernel_flops(kernel, B, args.heads, N, args.head_dim) / row["ms"] / 1e9
+    except Exception as exc:  # a config that cannot compile or launch is a finding, not a crash
+        row["error"] = describe_error(exc)
+    row["seconds"] = round(time.perf_counter() - start, 2)
+    return row
 
 
 def parse_args(argv=None) -> argparse.Namespace:
