@@ -13,7 +13,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["llama_adapter", "llama_adapter.kernels"],
+    packages=["llama_adapter", "llama_adapter.cli", "llama_adapter.kernels"],
     package_dir={"llama_adapter": "llama_adapter", "llama_adapter.kernels": "kernels"},
     package_data={"llama_adapter": ["demo_data/*"]},
     include_package_data=True,
