@@ -146,7 +146,7 @@ def compile_spec(
 
     score_tile: the two constexpr names whose product is the score tile one iteration of the kernel's main loop
     exponentiates (kernel_report checks one exp2 per element); None keeps kernel_report's default, BLOCK_M by
-    the first of BLOCK_N, BLOCK_A, BLOCK_KA present.
+    the first of BLOCK_N, BLOCK_A present.
     """
     unit = [a for a in fn.arg_names if a.startswith("stride_") and (a.endswith("d") or a == "stride_gh")]
     constexprs = {**dict.fromkeys(unit, 1), **constexprs}

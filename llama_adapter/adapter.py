@@ -217,8 +217,9 @@ def copy_in(params: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], s
 
 
 # ----------------------------------------------------------------------------- PEFT's files
-PEFT_CONFIG_FILE = "adapter_config.json"
-PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
+# An adapter directory's two files: PEFT's names, which our own format (adapter_io) uses too.
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
 _PEFT_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.self_attn\.adaption_(prompt|gate)$")
 
 
@@ -254,7 +255,7 @@ def peft_sizes(config_path: str, config: dict) -> tuple[int, int]:
 
 def peft_weights_path(directory: str) -> str:
     """adapter_model.safetensors, or PEFT's older adapter_model.bin when only that one is there."""
-    weights = os.path.join(directory, PEFT_WEIGHTS_FILE)
+    weights = os.path.join(directory, WEIGHTS_FILE)
     legacy = os.path.join(directory, "adapter_model.bin")
     return legacy if not os.path.isfile(weights) and os.path.isfile(legacy) else weights
 
@@ -263,7 +264,7 @@ def read_peft(directory, n_layers: int, dim: int, config: dict | None = None) ->
     """A PEFT AdaptionPrompt directory for a model of n_layers and width dim: prompts on its top adapter_layers
     layers. `config`: adapter_config.json when the caller has read it already. Nothing is installed."""
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, PEFT_CONFIG_FILE)
+    config_path = os.path.join(directory, CONFIG_FILE)
     K, L = peft_sizes(config_path, read_json_object(config_path) if config is None else config)
     if L > n_layers:  # unlike a fresh adapter, trained prompts cannot be moved to other layers
         raise CheckpointError(

@@ -24,15 +24,21 @@ import re
 
 import torch
 
-from llama_adapter.adapter import AdapterConfig, check_tensors, copy_in, is_adapter_param, read_peft
+from llama_adapter.adapter import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    AdapterConfig,
+    check_tensors,
+    copy_in,
+    is_adapter_param,
+    read_peft,
+)
 from llama_adapter.files import CheckpointError, fsync_dir, read_json_object, read_tensor_file
 from llama_adapter.model import Transformer
 from llama_adapter.validation import Number, check_arg
 
 FORMAT = "llama_adapter"
 FORMAT_VERSION = 1
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 OFFICIAL_ADAPTER_LEN = 10
 
 _OFFICIAL_GATE = re.compile(r"^layers\.(\d+)\.attention\.gate$")

@@ -32,8 +32,6 @@ from llama_adapter.hf_layout import PackedSequences, attend_padded, check_window
 
 ATTN_IMPLEMENTATION = "llama_adapter"
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # PeftModel -> AdaptionPromptModel -> the transformers model
 PROMPT_OWNER_KWARG = "llama_adapter_prompt_owner"  # how a PEFT AdaptedAttention hands its prompt to the attention
 
@@ -67,7 +65,7 @@ def adapter_attention_forward(
     prompt = {}
     if getattr(owner, "adaption_prompt", None) is not None:
         prompt_k, prompt_v = prompt_keys_values(module, owner.adaption_prompt, query.dtype)
-        prompt = dict(adapter_k=prompt_k, adapter_v=prompt_v, gate=effective_gate(owner, query.shape[1]))
+        prompt = dict(adapter_k=prompt_k, adapter_v=prompt_v, gate=_gate_of(owner, query.shape[1]))
 
     def attend(q, k, v, **extra):
         return adapter_attention(q, k, v, causal=True, sm_scale=scaling, **prompt, **extra)
@@ -103,7 +101,7 @@ def prompt_keys_values(module, prompt: torch.Tensor, dtype: torch.dtype) -> tupl
     return keys.to(dtype), values.to(dtype)
 
 
-def effective_gate(owner, n_heads: int) -> torch.Tensor:
+def _gate_of(owner, n_heads: int) -> torch.Tensor:
     """gate_act(adaption_gate) expanded to (Hq,): what the op multiplies each head's prompt output by.
 
     `owner` holds adaption_gate: one of our adapted attention modules, or a PEFT AdaptedAttention (no gate_act)."""
@@ -204,16 +202,16 @@ def save_peft(model, directory: str | os.PathLike) -> None:
         "inference_mode": True,
         "revision": None,
     }
-    with open(os.path.join(directory, PEFT_CONFIG_NAME), "w") as f:
+    with open(os.path.join(directory, adapter.CONFIG_FILE), "w") as f:
         json.dump(peft_config, f, indent=2)
     tensors = {PEFT_PREFIX + name: t.detach().contiguous() for name, t in adapter_state_dict(model).items()}
-    save_file(tensors, os.path.join(directory, PEFT_WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, os.path.join(directory, adapter.WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def load_peft(model, directory: str | os.PathLike):
     """Read a PEFT adaption-prompt directory into `model` (adding the adapter first if it has none). Returns model."""
     directory = os.fspath(directory)
-    config_path = os.path.join(directory, PEFT_CONFIG_NAME)
+    config_path = os.path.join(directory, adapter.CONFIG_FILE)
     if not os.path.isfile(config_path):
         raise ValueError(f"{config_path} not found: not a PEFT adapter directory")
     layers = [(name, m) for name, m in model.named_modules() if name.endswith(".self_attn")]  # attention_modules

@@ -16,6 +16,7 @@ call, never across calls, so training never sees stale ones; an AdapterBank give
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from dataclasses import replace
@@ -248,26 +249,21 @@ class Transformer(nn.Module):
     def print_trainable_parameters(self) -> None:
         print(self.trainable_summary())
 
-    def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list | None:
+    def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list:
         """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters, for a
-        caller that runs several forwards with the same prompts (generation). None when the adapted layers'
-        wk, wv are FSDP shards: each layer then projects its own prompt inside its forward, where they are whole."""
+        caller that runs several forwards with the same prompts (generation). On an FSDP-sharded model each
+        adapted layer's weights are gathered for its projection (`gathered`), so every rank must call this."""
         if prompt_offset is not None:
             self._check_prompt_offset(prompt_offset, batch)
-        if any(_is_shard(layer.attention.wk.weight) for layer in self.layers):
-            if prompt_offset is not None:
-                raise ValueError(
-                    "prompt_offset cannot be projected ahead on an FSDP-sharded model: pass it to forward, whose "
-                    "layers project their prompts themselves"
-                )
-            return None
         visual = set(self.visual_layers())
-        return [
-            layer.attention.prompt_kv(prompt_offset if i in visual else None)
-            if layer.attention.adapter_prompt is not None
-            else None
-            for i, layer in enumerate(self.layers)
-        ]
+        entries = []
+        for i, layer in enumerate(self.layers):
+            if layer.attention.adapter_prompt is None:
+                entries.append(None)
+                continue
+            with gathered(layer):
+                entries.append(layer.attention.prompt_kv(prompt_offset if i in visual else None))
+        return entries
 
     def _check_prompt_offset(self, prompt_offset: torch.Tensor, batch: int | None) -> None:
         cfg = self.adapter_config
@@ -374,10 +370,16 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-def _is_shard(t: torch.Tensor) -> bool:
-    """An FSDP2 shard (a DTensor): whole only inside its module's forward."""
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
+@contextlib.contextmanager
+def gathered(block: nn.Module):
+    """`block`'s own weights whole while the body runs. A block that FSDP2 sharded (`fully_shard`) all-gathers
+    them, a collective every rank must enter in the same order, and frees them after; any other block is whole
+    already. For work outside the block's forward, such as projecting prompts once for a whole generate call."""
+    if not (callable(getattr(block, "unshard", None)) and callable(getattr(block, "reshard", None))):
+        yield
+        return
+    block.unshard()
+    try:
+        yield
+    finally:
+        block.reshard()

@@ -27,6 +27,7 @@ import torch
 
 from llama_adapter.adapter import AdapterConfig, gate_value, param_dtype
 from llama_adapter.adapter_io import check_adapter_tensors, read_adapter
+from llama_adapter.model import gathered
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so a bank can key rows by the object itself
@@ -164,7 +165,8 @@ class AdapterBank:
         prompts, gates = (t.index_select(1, index) for t in self._stacked)  # (L, B, K, dim), (L, B, n_heads)
         out = [None] * n_layers
         for j, i in enumerate(self._adapted_layers()):
-            ak, av = self.model.layers[i].attention.project_prompt(prompts[j])  # (B, Hkv, K, D)
+            with gathered(self.model.layers[i]):  # FSDP: this layer's wk, wv whole for the projection
+                ak, av = self.model.layers[i].attention.project_prompt(prompts[j])  # (B, Hkv, K, D)
             out[i] = (ak, av, gates[j])
         return out
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from llama_adapter import train_state
-from llama_adapter.adapter_io import CONFIG_FILE, WEIGHTS_FILE
+from llama_adapter.adapter import CONFIG_FILE, WEIGHTS_FILE
 from llama_adapter.loading import CheckpointError
 
 

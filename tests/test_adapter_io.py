@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llama_adapter import AdapterConfig, LLaMA, ModelArgs
-from llama_adapter.adapter_io import CONFIG_FILE, WEIGHTS_FILE, load_adapter, save_adapter
+from llama_adapter.adapter import CONFIG_FILE, WEIGHTS_FILE
+from llama_adapter.adapter_io import load_adapter, save_adapter
 from llama_adapter.loading import CheckpointError
 
 PEFT_PREFIX = "base_model.model.model.layers"

@@ -10,6 +10,7 @@ from train_helpers import WordTokenizer, make_examples, single_thread, spawn_glo
 from llama_adapter.data import InstructionDataset
 from llama_adapter.distributed import adapter_tensors
 from llama_adapter.generation import generate
+from llama_adapter.multi_adapter import Adapter
 from llama_adapter.recipe import TrainConfig
 from llama_adapter.trainer import Trainer
 
@@ -31,8 +32,17 @@ def _run(out_dir: str, fsdp: bool = False, dist_info=None):
     )
     model = tiny_model(dtype=torch.float64, adapter_layers=2)
     history = Trainer(model, data, val, cfg, dist_info=dist_info).fit()
-    # every rank generates (FSDP's forward is collective): under FSDP each layer projects its prompt itself
-    generated = generate(model, [[5, 6, 7], [9]], 3)
+    # Every rank generates (FSDP's forward is collective). Plain generation projects each layer's prompt once per
+    # call; under FSDP the layer's wk, wv are gathered for it (model.gathered), as for an AdapterBank's per-row
+    # prompts (one row the trained adapter, one the base model) and for a per-row prompt offset (image prompts).
+    prompts = [[5, 6, 7], [9]]
+    trained = Adapter(model.adapter_config, {k: v.detach().clone() for k, v in adapter_tensors(model).items()})
+    offset = torch.randn(2, 1, model.params.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    generated = [
+        generate(model, prompts, 3),
+        generate(model, prompts, 3, adapters=[trained, None]),
+        generate(model, prompts, 3, prompt_offset=offset),
+    ]
     attention = model.layers[1].attention  # an adapted layer
     kinds = {name: type(getattr(attention, name).weight).__name__ for name in ("wq", "wk", "wv")}
     kinds["adapter_prompt"] = type(attention.adapter_prompt).__name__
@@ -48,6 +58,8 @@ def _worker(info, out_dir: str):
 def test_two_gloo_processes_equal_one_with_ddp_and_fsdp(tmp_path):
     single_history, single_adapter, single_generated, _ = _run(str(tmp_path / "single"))
     assert len(single_history) == 4 and (single_adapter["layers.1.attention.adapter_gate"] != 0).all()
+    plain, per_row, offset = single_generated
+    assert per_row[0] == plain[0] and offset != plain  # the cases differ, so equal results below mean something
     spawn_gloo(_worker, 2, tmp_path, str(tmp_path))
     results = torch.load(tmp_path / "results.pt", weights_only=True)
     for mode, (history, adapter, generated, kinds) in results.items():

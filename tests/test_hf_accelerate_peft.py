@@ -18,6 +18,7 @@ from test_hf_padded import KernelCounter, grads, padding  # noqa: E402
 from test_hf_parity import _peft_model as stock_peft  # noqa: E402
 
 from llama_adapter import hf  # noqa: E402
+from llama_adapter.adapter import WEIGHTS_FILE  # noqa: E402
 from llama_adapter.attention import set_attention_backend  # noqa: E402
 
 B, N = 3, 9
@@ -75,8 +76,8 @@ def test_peft_parameters_state_dict_and_checkpoints_unchanged(tmp_path, peft_flo
     fast.save_pretrained(tmp_path / "fast")
     from safetensors.torch import load_file
 
-    saved_stock = load_file(tmp_path / "stock" / hf.PEFT_WEIGHTS_NAME)
-    saved_fast = load_file(tmp_path / "fast" / hf.PEFT_WEIGHTS_NAME)
+    saved_stock = load_file(tmp_path / "stock" / WEIGHTS_FILE)
+    saved_fast = load_file(tmp_path / "fast" / WEIGHTS_FILE)
     assert saved_fast.keys() == saved_stock.keys() and len(saved_fast) == 2 * L
     assert all(torch.equal(saved_fast[k], saved_stock[k]) for k in saved_fast)
 
