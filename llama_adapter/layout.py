@@ -33,14 +33,15 @@ class Layout:
         return cls(torch.arange(n, device=device)[None])
 
     @classmethod
-    def packed(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> Layout:
-        """Sequences cu_seqlens[s] .. cu_seqlens[s+1] - 1 of one row. A CPU cu_seqlens (what collate makes) is
-        checked here for free; on a device, reading its total is one sync, and it is checked only when
-        max_seqlen must be read from it (the op checks it otherwise)."""
+    def packed(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None, total: int | None = None) -> Layout:
+        """Sequences cu_seqlens[s] .. cu_seqlens[s+1] - 1 of one row of `total` tokens (None: cu_seqlens[-1]). A
+        CPU cu_seqlens (what collate makes) is checked here for free. On a device it is checked only when
+        max_seqlen must be read from it (the op checks it otherwise), and with max_seqlen and total both given
+        building the layout costs no device sync."""
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             got = getattr(cu_seqlens, "shape", type(cu_seqlens).__name__)
             raise ValueError(f"cu_seqlens must be a tensor (S+1,) of sequence boundaries, got {got}")
-        total = int(cu_seqlens[-1])
+        total = int(cu_seqlens[-1]) if total is None else total
         if max_seqlen is None or cu_seqlens.device.type == "cpu":
             longest = packed_max_seqlen(cu_seqlens, total)
             if max_seqlen is not None and max_seqlen < longest:

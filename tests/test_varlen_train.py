@@ -109,6 +109,15 @@ def test_model_checks_a_cpu_cu_seqlens_even_with_max_seqlen(cu, max_seqlen, matc
         model(torch.ones(1, 9, dtype=torch.long), layout=Layout.packed(torch.tensor(cu, dtype=torch.int32), max_seqlen))
 
 
+def test_a_packed_layout_given_its_total_is_the_same_layout():
+    """`total` spares a device cu_seqlens its sync; on the CPU it is checked against cu_seqlens like the rest."""
+    cu = torch.tensor([0, 3, 9, 10], dtype=torch.int32)
+    given, read = Layout.packed(cu, 6, total=10), Layout.packed(cu)
+    assert torch.equal(given.positions, read.positions) and given.max_seqlen == read.max_seqlen == 6
+    with pytest.raises(ValueError, match="end at T=12"):
+        Layout.packed(cu, 6, total=12)
+
+
 def _one_step(tmp_path, pack):
     model = tiny_model(seed=2, dtype=torch.float64)
     cfg = TrainConfig(
