@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch loads only with a tensor file: the tokenizer reads JSON through here
+    import torch
 
 
 class CheckpointError(ValueError):
@@ -33,6 +35,8 @@ def read_json_object(path) -> dict:
 
 
 def _torch_load(path: str) -> dict:
+    import torch
+
     try:
         sd = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:  # truncated zips raise RuntimeError or OSError depending on where they end

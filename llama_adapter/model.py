@@ -2,7 +2,8 @@
 
 `Transformer` is the network alone, as Meta's own code keeps `Transformer` apart from `Llama` (loading and
 generation): this module imports only the attention op, the adapter (`llama_adapter.adapter`), the batch
-layout and validation, so nothing here reaches up into loading, files of adapters or generation.
+layout and the network's shape (`model_args`), so nothing here reaches up into loading, adapter files or
+generation.
 `llama_adapter.api.LLaMA` (the package's `LLaMA`) adds `from_pretrained`, `generate`, `save_adapter` and
 `load_adapter` on top.
 
@@ -252,7 +253,8 @@ class Transformer(nn.Module):
     def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list:
         """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters, for a
         caller that runs several forwards with the same prompts (generation). On an FSDP-sharded model each
-        adapted layer's weights are gathered for its projection (`gathered`), so every rank must call this."""
+        adapted layer's weights are gathered for its projection (`gathered`), so every rank must call this, and
+        the results carry no gradient to the sharded weights (training lets each layer project its own)."""
         if prompt_offset is not None:
             self._check_prompt_offset(prompt_offset, batch)
         visual = set(self.visual_layers())
@@ -261,7 +263,7 @@ class Transformer(nn.Module):
             if layer.attention.adapter_prompt is None:
                 entries.append(None)
                 continue
-            with gathered(layer):
+            with gathered(self, i):
                 entries.append(layer.attention.prompt_kv(prompt_offset if i in visual else None))
         return entries
 
@@ -371,15 +373,23 @@ class Transformer(nn.Module):
 
 
 @contextlib.contextmanager
-def gathered(block: nn.Module):
-    """`block`'s own weights whole while the body runs. A block that FSDP2 sharded (`fully_shard`) all-gathers
-    them, a collective every rank must enter in the same order, and frees them after; any other block is whole
-    already. For work outside the block's forward, such as projecting prompts once for a whole generate call."""
-    if not (callable(getattr(block, "unshard", None)) and callable(getattr(block, "reshard", None))):
+def gathered(model: Transformer, layer: int):
+    """Layer `layer`'s weights whole while the body runs, for work outside its forward (projecting prompts once
+    for a whole generate call). Under FSDP2 (`fully_shard`) they live in the layer's own unit or, when only the
+    root was sharded, in the root's: that unit is all-gathered on entry and resharded on exit (also when it was
+    whole on entry). Both are collectives, so every rank must enter the same layers in the same order, as
+    generation under FSDP does. What the body computes is for inference: no gradient reaches the shards."""
+    unit = next((m for m in (model.layers[layer], model) if _is_fsdp_unit(m)), None)
+    if unit is None:
         yield
         return
-    block.unshard()
+    unit.unshard()
     try:
         yield
     finally:
-        block.reshard()
+        unit.reshard()
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    """A module `fully_shard` made a unit of its own (torch's FSDPModule: unshard / reshard)."""
+    return callable(getattr(module, "unshard", None)) and callable(getattr(module, "reshard", None))

@@ -15,6 +15,8 @@ prompt length, and every row must adapt the same layers. Their gate forms may di
 or not): the bank keeps each as effective per-head values. Rows differ in prompts and gates only, so adapters
 that also tune biases, scales or norms (V2) or take images are refused. Prompt keys/values come from the base's
 current wk, wv at every `adapter_kv` call and are never kept, like the model's own (`Transformer.adapter_kv`).
+On an FSDP-sharded model that projection gathers each adapted layer's weights, a collective: every rank must hold
+the same adapters (add them up front) and make the same `adapter_kv` calls.
 """
 
 from __future__ import annotations
@@ -165,7 +167,7 @@ class AdapterBank:
         prompts, gates = (t.index_select(1, index) for t in self._stacked)  # (L, B, K, dim), (L, B, n_heads)
         out = [None] * n_layers
         for j, i in enumerate(self._adapted_layers()):
-            with gathered(self.model.layers[i]):  # FSDP: this layer's wk, wv whole for the projection
+            with gathered(self.model, i):  # FSDP: this layer's wk, wv whole for the projection
                 ak, av = self.model.layers[i].attention.project_prompt(prompts[j])  # (B, Hkv, K, D)
             out[i] = (ak, av, gates[j])
         return out

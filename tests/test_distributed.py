@@ -74,3 +74,42 @@ def test_two_gloo_processes_equal_one_with_ddp_and_fsdp(tmp_path):
             assert a.get("val_loss", 0) == pytest.approx(b.get("val_loss", 0), rel=1e-12), mode
         for name, t in single_adapter.items():
             torch.testing.assert_close(adapter[name], t, rtol=1e-10, atol=1e-12, msg=f"{mode} {name}")
+
+
+def _gated_model():
+    """The tiny model with gates open (so prompts change the tokens), and a snapshot of its adapter."""
+    model = tiny_model(dtype=torch.float64, adapter_layers=2)
+    with torch.no_grad():
+        for layer in model.layers:
+            if layer.attention.adapter_gate is not None:
+                layer.attention.adapter_gate.fill_(0.8)
+    return model, Adapter(model.adapter_config, {k: v.detach().clone() for k, v in adapter_tensors(model).items()})
+
+
+def _generations(model, adapter) -> list:
+    """Greedy tokens of plain, per-row-adapter and prompt-offset generation."""
+    prompts = [[5, 6, 7], [9]]
+    offset = torch.randn(2, 1, model.params.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    return [
+        generate(model, prompts, 3),
+        generate(model, prompts, 3, adapters=[adapter, None]),
+        generate(model, prompts, 3, prompt_offset=offset),
+    ]
+
+
+def _root_sharded_worker(info, out_dir: str):
+    from torch.distributed.fsdp import fully_shard
+
+    model, adapter = _gated_model()
+    fully_shard(model)  # the root only: every layer's weights (the adapter's too) live in the root's unit
+    generations = _generations(model, adapter)
+    if info.is_main:
+        torch.save(generations, os.path.join(out_dir, "root_sharded.pt"))
+
+
+def test_generation_on_a_model_sharded_only_at_the_root(tmp_path):
+    """Prompt projections ahead of the forward gather the unit that holds the layer, here the root's."""
+    want = _generations(*_gated_model())
+    assert want[1] != want[0] and want[2] != want[0]  # each case's prompts change the tokens
+    spawn_gloo(_root_sharded_worker, 2, tmp_path, str(tmp_path))
+    assert torch.load(tmp_path / "root_sharded.pt", weights_only=True) == want

@@ -27,6 +27,13 @@ def _modules() -> dict[str, pathlib.Path]:
 MODULES = _modules()
 
 
+def _ours(name: str) -> str | None:
+    """Our module a dotted name refers to; kernels/ is installed as llama_adapter.kernels (setup.py)."""
+    if name == "llama_adapter.kernels" or name.startswith("llama_adapter.kernels."):
+        name = name[len("llama_adapter.") :]
+    return name if name in MODULES else None
+
+
 def _imported(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
     """Our modules that one import statement names (a `from pkg import name` may name a submodule)."""
     if isinstance(node, ast.Import):
@@ -41,16 +48,24 @@ def _imported(module: str, node: ast.Import | ast.ImportFrom) -> set[str]:
         else:
             prefix = node.module or ""
         names = [prefix] + [f"{prefix}.{alias.name}" for alias in node.names]
-    return {name for name in names if name in MODULES and name != module}
+    return {_ours(name) for name in names} - {None, module}
+
+
+def _named(module: str, tree: ast.Module) -> set[str]:
+    """Our modules named by a string constant: what `importlib.import_module(name)` tables load on first use
+    (the op's backends). A package's own lazy table is its public face, above everything, so it is skipped."""
+    if MODULES[module].name == "__init__.py":
+        return set()
+    strings = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)}
+    return {_ours(s) for s in strings} - {None, module}
 
 
 def import_graph() -> dict[str, set[str]]:
     graph = {}
     for module, path in MODULES.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
-        graph[module] = set().union(
-            *(_imported(module, n) for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)))
-        )
+        statements = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+        graph[module] = set().union(_named(module, tree), *(_imported(module, n) for n in statements))
     return graph
 
 
@@ -87,6 +102,8 @@ def test_the_graph_sees_known_edges():
     graph = import_graph()
     assert "llama_adapter.attention" in graph["llama_adapter.model"]
     assert "kernels._common" in graph["kernels.attention_fwd"]
+    assert "kernels.attention_fwd" in graph["llama_adapter.ops"]  # installed as llama_adapter.kernels
+    assert "llama_adapter.ops" in graph["llama_adapter.attention"]  # a backend loaded by name on first use
     assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
