@@ -17,7 +17,6 @@ call, never across calls, so training never sees stale ones; an AdapterBank give
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
 from dataclasses import replace
@@ -253,18 +252,15 @@ class Transformer(nn.Module):
     def adapter_kv(self, prompt_offset: torch.Tensor | None = None, batch: int | None = None) -> list:
         """Per layer: None, or (prompt keys, prompt values, effective gate) from the current parameters, for a
         caller that runs several forwards with the same prompts (generation). On an FSDP-sharded model each
-        adapted layer's weights are gathered for its projection (`gathered`), so every rank must call this, and
+        adapted layer's weights are gathered for its projection (`whole_layers`), so every rank must call this, and
         the results carry no gradient to the sharded weights (training lets each layer project its own)."""
         if prompt_offset is not None:
             self._check_prompt_offset(prompt_offset, batch)
         visual = set(self.visual_layers())
-        entries = []
-        for i, layer in enumerate(self.layers):
-            if layer.attention.adapter_prompt is None:
-                entries.append(None)
-                continue
-            with gathered(self, i):
-                entries.append(layer.attention.prompt_kv(prompt_offset if i in visual else None))
+        entries = [None] * len(self.layers)
+        adapted = [i for i, layer in enumerate(self.layers) if layer.attention.adapter_prompt is not None]
+        for i in whole_layers(self, adapted):
+            entries[i] = self.layers[i].attention.prompt_kv(prompt_offset if i in visual else None)
         return entries
 
     def _check_prompt_offset(self, prompt_offset: torch.Tensor, batch: int | None) -> None:
@@ -372,22 +368,29 @@ class Transformer(nn.Module):
         return self.output(self.norm(h))
 
 
-@contextlib.contextmanager
-def gathered(model: Transformer, layer: int):
-    """Layer `layer`'s weights whole while the body runs, for work outside its forward (projecting prompts once
-    for a whole generate call). Under FSDP2 (`fully_shard`) they live in the layer's own unit or, when only the
-    root was sharded, in the root's: that unit is all-gathered on entry and resharded on exit (also when it was
-    whole on entry). Both are collectives, so every rank must enter the same layers in the same order, as
-    generation under FSDP does. What the body computes is for inference: no gradient reaches the shards."""
-    unit = next((m for m in (model.layers[layer], model) if _is_fsdp_unit(m)), None)
-    if unit is None:
-        yield
-        return
-    unit.unshard()
+def whole_layers(model: Transformer, layers):
+    """Yield each index in `layers` with that layer's weights whole, for work outside its forward (projecting
+    prompts once for a whole generate call). Under FSDP2 (`fully_shard`), a layer that is a unit of its own is
+    all-gathered for its turn and resharded after it; layers held by the root's unit (only the root sharded) are
+    gathered once, with the root, for the whole loop. These are collectives: every rank must run the same loop.
+    What the loop computes is for inference: no gradient reaches the shards."""
+    layers = list(layers)
+    root = _is_fsdp_unit(model) and not all(_is_fsdp_unit(model.layers[i]) for i in layers)
+    if root:
+        model.unshard()
     try:
-        yield
+        for i in layers:
+            unit = model.layers[i] if _is_fsdp_unit(model.layers[i]) else None
+            if unit is not None:
+                unit.unshard()
+            try:
+                yield i
+            finally:
+                if unit is not None:
+                    unit.reshard()
     finally:
-        unit.reshard()
+        if root:
+            model.reshard()
 
 
 def _is_fsdp_unit(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from llama_adapter.adapter import AdapterConfig, gate_value, param_dtype
 from llama_adapter.adapter_io import check_adapter_tensors, read_adapter
-from llama_adapter.model import gathered
+from llama_adapter.model import whole_layers
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: hashed by identity, so a bank can key rows by the object itself
@@ -166,9 +166,9 @@ class AdapterBank:
         index = torch.tensor(slots, dtype=torch.long, device=w.device)
         prompts, gates = (t.index_select(1, index) for t in self._stacked)  # (L, B, K, dim), (L, B, n_heads)
         out = [None] * n_layers
-        for j, i in enumerate(self._adapted_layers()):
-            with gathered(self.model, i):  # FSDP: this layer's wk, wv whole for the projection
-                ak, av = self.model.layers[i].attention.project_prompt(prompts[j])  # (B, Hkv, K, D)
+        # FSDP: each layer's wk, wv whole for its projection
+        for j, i in enumerate(whole_layers(self.model, self._adapted_layers())):
+            ak, av = self.model.layers[i].attention.project_prompt(prompts[j])  # (B, Hkv, K, D)
             out[i] = (ak, av, gates[j])
         return out
 

@@ -33,7 +33,7 @@ def _run(out_dir: str, fsdp: bool = False, dist_info=None):
     model = tiny_model(dtype=torch.float64, adapter_layers=2)
     history = Trainer(model, data, val, cfg, dist_info=dist_info).fit()
     # Every rank generates (FSDP's forward is collective). Plain generation projects each layer's prompt once per
-    # call; under FSDP the layer's wk, wv are gathered for it (model.gathered), as for an AdapterBank's per-row
+    # call; under FSDP the layer's wk, wv are gathered for it (model.whole_layers), as for an AdapterBank's per-row
     # prompts (one row the trained adapter, one the base model) and for a per-row prompt offset (image prompts).
     prompts = [[5, 6, 7], [9]]
     trained = Adapter(model.adapter_config, {k: v.detach().clone() for k, v in adapter_tensors(model).items()})
@@ -113,3 +113,23 @@ def test_generation_on_a_model_sharded_only_at_the_root(tmp_path):
     assert want[1] != want[0] and want[2] != want[0]  # each case's prompts change the tokens
     spawn_gloo(_root_sharded_worker, 2, tmp_path, str(tmp_path))
     assert torch.load(tmp_path / "root_sharded.pt", weights_only=True) == want
+
+
+def test_prompt_projection_gathers_each_fsdp_unit_once():
+    """Layers that are units of their own are gathered one at a time; the root's unit once for the whole loop.
+    FSDP units are stood in for by their unshard / reshard methods (what `whole_layers` calls)."""
+    calls = []
+
+    def as_unit(module, name):
+        module.unshard = lambda: calls.append(f"unshard {name}")
+        module.reshard = lambda: calls.append(f"reshard {name}")
+
+    model, _ = _gated_model()  # 2 layers, both adapted
+    as_unit(model, "root")
+    model.adapter_kv()
+    assert calls == ["unshard root", "reshard root"]  # only the root sharded: one gather, not one per layer
+    calls.clear()
+    as_unit(model.layers[0], "0")
+    as_unit(model.layers[1], "1")
+    model.adapter_kv()
+    assert calls == ["unshard 0", "reshard 0", "unshard 1", "reshard 1"]  # each layer its own unit, in turn
